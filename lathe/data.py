@@ -1,0 +1,171 @@
+"""The raw-data layout (the contract for a plant's own data), its reader, and data sources.
+
+Raw layout::
+
+    data/raw/
+      images/<name>.png          8-bit grayscale (or RGB, converted) cell images, any square-ish size
+      labels.csv                 header: file,defect_probability,cell_type
+                                 file: path relative to data/raw (e.g. images/cell0001.png)
+                                 defect_probability: one of 0, 1/3, 2/3, 1 (as decimals)
+                                 cell_type: mono | poly
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lathe.errors import DataError
+from lathe.io import write_bytes, write_text
+
+LABEL_COLUMNS = ("file", "defect_probability", "cell_type")
+LABELS_FILE = "labels.csv"
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One row of labels.csv."""
+
+    file: str  # relative to the raw root, forward slashes
+    defect_probability: float
+    cell_type: str
+
+
+def read_labels(raw_dir: Path) -> list[RawSample]:
+    """Parse `raw_dir/labels.csv`; errors name the line and file at fault."""
+    path = Path(raw_dir) / LABELS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: labels file not found (expected columns {','.join(LABEL_COLUMNS)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; header is {reader.fieldnames}")
+    samples, problems = [], []
+    for line_no, row in enumerate(reader, start=2):
+        file = (row.get("file") or "").strip()
+        where = f"{path}:{line_no} ({file or 'no file name'})"
+        prob_text = (row.get("defect_probability") or "").strip()
+        cell_type = (row.get("cell_type") or "").strip()
+        if not file:
+            problems.append(f"{where}: empty file name")
+            continue
+        if not prob_text:
+            problems.append(f"{where}: empty defect_probability")
+            continue
+        try:
+            prob = float(prob_text)
+        except ValueError:
+            problems.append(f"{where}: defect_probability {prob_text!r} is not a number")
+            continue
+        if not math.isfinite(prob):
+            problems.append(f"{where}: defect_probability {prob_text!r} is not finite")
+            continue
+        if not cell_type:
+            problems.append(f"{where}: empty cell_type")
+            continue
+        samples.append(RawSample(file=file, defect_probability=prob, cell_type=cell_type))
+    if problems:
+        raise DataError(f"{len(problems)} bad row(s) in {path}:\n" + "\n".join(problems))
+    if not samples:
+        raise DataError(f"{path}: no samples listed")
+    return samples
+
+
+def write_labels(raw_dir: Path, samples: list[RawSample], prob_texts: list[str] | None = None) -> None:
+    """Write labels.csv; `prob_texts` keeps the source's exact decimal spelling when given."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(LABEL_COLUMNS)
+    for i, s in enumerate(samples):
+        prob = prob_texts[i] if prob_texts is not None else repr(s.defect_probability)
+        writer.writerow([s.file, prob, s.cell_type])
+    write_text(Path(raw_dir) / LABELS_FILE, buf.getvalue())
+
+
+def elpv_source_dir() -> Path:
+    """The data folder of the installed `elpv-dataset` package."""
+    try:
+        import elpv_dataset
+    except ImportError as exc:  # pragma: no cover - it is a locked dependency
+        raise DataError("the elpv-dataset package is not installed (pip install elpv-dataset)") from exc
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+def import_elpv(dest: Path, source: Path | None = None) -> int:
+    """Copy ELPV into the raw layout at `dest`, byte for byte; returns the sample count.
+
+    Deterministic: image bytes are copied unchanged and labels.csv keeps the package's spelling
+    of each probability, so the folder's DVC md5 is the same on every machine.
+    """
+    source = Path(source) if source is not None else elpv_source_dir()
+    labels = source / LABELS_FILE
+    if not labels.is_file():
+        raise DataError(f"{labels}: ELPV labels not found")
+    samples, texts = [], []
+    for line_no, line in enumerate(labels.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise DataError(f"{labels}:{line_no}: expected 'path probability type', got {line!r}")
+        rel, prob, cell_type = parts
+        samples.append(RawSample(file=rel, defect_probability=float(prob), cell_type=cell_type))
+        texts.append(prob)
+    dest = Path(dest)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for s in samples:
+        src = source / s.file
+        if not src.is_file():
+            raise DataError(f"{src}: listed in {labels} but missing")
+        target = dest / s.file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+    write_labels(dest, samples, texts)
+    return len(samples)
+
+
+def synth_image(rng: np.random.Generator, size: int, severity: int, cell_type: str) -> np.ndarray:
+    """A toy EL cell image, (size, size) uint8: busbars, texture, and `severity` dark cracks."""
+    base = 150.0 if cell_type == "mono" else 120.0
+    img = np.full((size, size), base, dtype=np.float32)
+    if cell_type == "poly":  # grain texture
+        img += rng.normal(0, 12, (size, size)).astype(np.float32)
+    img += rng.normal(0, 4, (size, size)).astype(np.float32)
+    for x in (size // 3, 2 * size // 3):  # busbars
+        img[:, x - 1 : x + 1] = 40
+    for _ in range(severity * 2):  # dark crack segments and dead areas
+        r, c = rng.integers(2, size - 8, 2)
+        length = int(rng.integers(size // 4, size // 2))
+        thick = 1 + severity
+        img[r : r + thick, c : min(size, c + length)] *= 0.25
+        if severity == 3:
+            img[r : r + size // 5, c : c + size // 5] = 15
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def generate_raw(dest: Path, per_class_type: int = 6, size: int = 48, seed: int = 0) -> int:
+    """Write a small deterministic raw-layout dataset (4 classes x 2 types x `per_class_type`)."""
+    rng = np.random.default_rng(seed)
+    dest = Path(dest)
+    samples = []
+    for cls in range(4):
+        for cell_type in ("mono", "poly"):
+            for k in range(per_class_type):
+                name = f"images/c{cls}_{cell_type}_{k:03d}.png"
+                buf = io.BytesIO()
+                Image.fromarray(synth_image(rng, size, cls, cell_type)).save(buf, format="PNG")
+                write_bytes(dest / name, buf.getvalue())
+                samples.append(RawSample(name, cls / 3, cell_type))
+    write_labels(dest, samples)
+    return len(samples)

@@ -1,0 +1,19 @@
+"""Errors a user can act on. Stages print their message (no traceback) and exit non-zero."""
+
+from __future__ import annotations
+
+
+class LatheError(Exception):
+    """Base class: the message must say what is wrong and where (file, sample or key)."""
+
+
+class ConfigError(LatheError):
+    """A params section is missing, mistyped or out of range."""
+
+
+class DataError(LatheError):
+    """Input data cannot be used; the message names the file(s) at fault."""
+
+
+class ValidationFailed(LatheError):
+    """The data gate rejected the prepared data; the message lists failed expectations."""

@@ -1,0 +1,63 @@
+"""Export torch models to a single self-contained ONNX file and check it."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from lathe.io import write_bytes
+
+INPUT_NAME = "image"  # (N, 1, S, S) float32 in [0, 1]
+OUTPUT_NAME = "logits"  # (N, num_classes) float32
+OPSET = 20
+
+
+def export_onnx(model: nn.Module, image_size: int, in_channels: int = 1, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize `model` to ONNX bytes: one file (no external data), dynamic batch axis."""
+    model.eval()
+    example = torch.zeros(2, in_channels, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: batch}}, opset_version=OPSET, external_data=False,
+            dynamo=True, verbose=False, optimize=True,
+        )
+        proto = onnx.load(str(path))
+    proto.producer_name, proto.producer_version = "lathe", "0.1"
+    if metadata:
+        set_metadata(proto, metadata)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Replace/insert metadata_props entries, kept sorted for byte-stable files."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(metadata)
+    del proto.metadata_props[:]
+    for k in sorted(props):
+        proto.metadata_props.add(key=k, value=props[k])
+
+
+def save_onnx(dest: Path, model_bytes: bytes) -> None:
+    """Atomically write an ONNX model file."""
+    write_bytes(dest, model_bytes)
+
+
+def max_abs_diff_vs_torch(model: nn.Module, model_bytes: bytes, x: np.ndarray) -> float:
+    """Largest |onnxruntime - torch| over the logits for input `x` (N, C, S, S) float32."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {INPUT_NAME: x})[0]
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(x)).numpy()
+    return float(np.abs(got - want).max())

@@ -1,0 +1,58 @@
+"""Classification metrics in plain numpy (shared by training, evaluation and packaging)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts; rows are true classes, columns predictions."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def per_class_recall(cm: np.ndarray) -> np.ndarray:
+    """Recall per true class; NaN-free: a class with no samples gets 0."""
+    support = cm.sum(axis=1)
+    return np.divide(np.diag(cm), support, out=np.zeros(len(cm)), where=support > 0)
+
+
+def accuracy(cm: np.ndarray) -> float:
+    """Fraction of correct predictions."""
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else 0.0
+
+
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean recall over the classes that have samples."""
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float(per_class_recall(cm)[present].mean()) if present.any() else 0.0
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Unweighted mean F1 over classes that appear in truth or predictions."""
+    tp = np.diag(cm).astype(float)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    denom = 2 * tp + fp + fn
+    present = denom > 0
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def binary_defect_metrics(y_true: np.ndarray, y_pred: np.ndarray, defective_from: int) -> dict[str, float]:
+    """Defective (class >= defective_from) vs functional: recall, precision, escape and false-reject rates."""
+    t = np.asarray(y_true) >= defective_from
+    p = np.asarray(y_pred) >= defective_from
+    tp, fn = int((t & p).sum()), int((t & ~p).sum())
+    fp, tn = int((~t & p).sum()), int((~t & ~p).sum())
+    return {
+        "defective_recall": tp / (tp + fn) if tp + fn else 0.0,
+        "defective_precision": tp / (tp + fp) if tp + fp else 0.0,
+        # escape: a defective cell judged functional, the error a plant fears most
+        "escape_rate": fn / (tp + fn) if tp + fn else 0.0,
+        "false_reject_rate": fp / (fp + tn) if fp + tn else 0.0,
+        "binary_accuracy": (tp + tn) / len(t) if len(t) else 0.0,
+    }

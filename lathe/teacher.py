@@ -1,0 +1,105 @@
+"""Train the teacher and write its artifacts: weights, architecture JSON, ONNX, history."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from lathe.config import ArchSpec, TrainParams
+from lathe.determinism import make_deterministic
+from lathe.errors import DataError, LatheError
+from lathe.export import export_onnx, max_abs_diff_vs_torch, save_onnx
+from lathe.ingest import load_split
+from lathe.io import write_bytes, write_json
+from lathe.models import build_model, count_params
+from lathe.train import Progress, TrainResult, fit, to_tensor
+
+ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| on logits
+
+
+@dataclass(frozen=True)
+class ModelArtifacts:
+    """File names inside a model folder (models/<variant>/)."""
+
+    weights: str = "weights.safetensors"
+    arch: str = "arch.json"
+    onnx: str = "model.onnx"
+    summary: str = "train.json"
+
+
+FILES = ModelArtifacts()
+
+
+def check_trainable(train: dict[str, np.ndarray], val: dict[str, np.ndarray], num_classes: int) -> None:
+    """Refuse data the model cannot learn from, naming what is missing."""
+    if len(train["labels"]) < 2:
+        raise DataError(f"train split has {len(train['labels'])} sample(s); need at least 2")
+    if len(val["labels"]) == 0:
+        raise DataError("val split is empty; model selection needs validation samples")
+    bad = sorted(set(np.unique(train["labels"]).tolist()) - set(range(num_classes)))
+    if bad:
+        raise DataError(f"train labels {bad} are outside 0..{num_classes - 1}")
+
+
+def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | None = None) -> tuple[nn.Module, TrainResult, int]:
+    """Deterministically train the teacher on the train split, selecting on val."""
+    gen = make_deterministic(cfg.seed, cfg.threads)
+    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    check_trainable(train, val, cfg.arch.num_classes)
+    image_size = int(train["images"].shape[1])
+    model = build_model(cfg.arch, image_size)
+    result = fit(model, train, val, cfg, gen, progress=progress)
+    return model, result, image_size
+
+
+def arch_document(spec: ArchSpec, image_size: int) -> dict:
+    """The JSON that rebuilds the network with `build_model` (no pickled modules)."""
+    return {"family": "resnet_like", "image_size": image_size, "spec": spec.model_dump()}
+
+
+def load_model(model_dir: Path) -> nn.Module:
+    """Rebuild a model from arch.json + weights.safetensors."""
+    model_dir = Path(model_dir)
+    try:
+        doc = json.loads((model_dir / FILES.arch).read_text())
+        model = build_model(ArchSpec.model_validate(doc["spec"]), int(doc["image_size"]))
+        model.load_state_dict(load_tensors((model_dir / FILES.weights).read_bytes()))
+    except FileNotFoundError as exc:
+        raise LatheError(f"{exc.filename}: model file missing") from exc
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise LatheError(f"{model_dir}: cannot rebuild the model ({exc})") from exc
+    return model.eval()
+
+
+def history_csv(history: list[dict]) -> str:
+    """Training history as CSV for `dvc plots`."""
+    if not history:
+        return ""
+    cols = list(history[0])
+    lines = [",".join(cols)] + [",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in cols) for row in history]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_dir(out_dir: Path, model: nn.Module, spec: ArchSpec, image_size: int, result: TrainResult,
+                    check_images: np.ndarray) -> dict:
+    """Write weights, arch, ONNX (checked against torch) and history; returns the summary."""
+    out_dir = Path(out_dir)
+    onnx_bytes = export_onnx(model, image_size, spec.in_channels)
+    diff = max_abs_diff_vs_torch(model, onnx_bytes, to_tensor(check_images).numpy())
+    if diff > ONNX_TOLERANCE:
+        raise LatheError(f"ONNX export differs from torch by {diff:.2e} (> {ONNX_TOLERANCE}); not writing {out_dir}")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_bytes(out_dir / FILES.weights, save_tensors(state))
+    write_json(out_dir / FILES.arch, arch_document(spec, image_size))
+    save_onnx(out_dir / FILES.onnx, onnx_bytes)
+    summary = {"params": count_params(model), "best_epoch": result.best_epoch,
+               "best_val": {k: round(v, 6) for k, v in result.best_val.items()},
+               "onnx_max_abs_diff": diff, "epochs_run": len(result.history)}
+    write_json(out_dir / FILES.summary, summary)
+    return summary

@@ -1,0 +1,178 @@
+"""Deterministic supervised training of a classifier on prepared EL cell images."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lathe.config import AugmentParams, TrainParams
+from lathe.metrics import accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix
+
+Progress = Callable[[dict], None]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, S, S) uint8 -> (N, 1, S, S) float32 in [0, 1]."""
+    return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor:
+    """Loss weights against class imbalance, normalised to mean 1 over present classes."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    if mode == "none":
+        w = np.ones(num_classes)
+    else:
+        inv = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+        w = np.sqrt(inv) if mode == "sqrt_inverse" else inv
+    present = counts > 0
+    w = w / w[present].mean() if present.any() else w
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def augment(x: torch.Tensor, cfg: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """Label-preserving EL augmentations on a batch (N, 1, S, S) in [0, 1].
+
+    Cells are near-symmetric, so flips keep the label; gain/contrast mimic exposure changes
+    between EL imaging stations; small shifts mimic cell segmentation jitter.
+    """
+    n = x.shape[0]
+
+    def coin() -> torch.Tensor:
+        return (torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1)
+
+    if cfg.hflip:
+        x = torch.where(coin(), x.flip(3), x)
+    if cfg.vflip:
+        x = torch.where(coin(), x.flip(2), x)
+    if cfg.rot180:
+        x = torch.where(coin(), x.flip(2).flip(3), x)
+    if cfg.brightness > 0 or cfg.contrast > 0:
+        gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * cfg.brightness
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        con = 1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * cfg.contrast
+        x = ((x - mean) * con + mean) * gain
+    if cfg.max_shift_px > 0:
+        s = cfg.max_shift_px
+        padded = F.pad(x, (s, s, s, s), mode="replicate")
+        dx, dy = (int(v) for v in torch.randint(0, 2 * s + 1, (2,), generator=gen))
+        x = padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
+    return x.clamp(0, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits (N, K) in eval mode."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def score(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy and defective recall of logits against labels."""
+    pred = logits.argmax(1).numpy()
+    cm = confusion_matrix(labels, pred, num_classes)
+    return {
+        "accuracy": accuracy(cm),
+        "balanced_accuracy": balanced_accuracy(cm),
+        "defective_recall": binary_defect_metrics(labels, pred, 2)["defective_recall"],
+    }
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val: dict = field(default_factory=dict)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_loss(weights: torch.Tensor, smoothing: float) -> LossFn:
+    """Weighted, label-smoothed cross-entropy; the extra argument (inputs) is unused."""
+
+    def loss(logits: torch.Tensor, target: torch.Tensor, _x: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, weight=weights, label_smoothing=smoothing)
+
+    return loss
+
+
+def selection_score(val: dict[str, float]) -> float:
+    """Model selection on val: accuracy, with defective recall as a tie-breaker."""
+    return val["accuracy"] + 0.25 * val["balanced_accuracy"] + 0.25 * val["defective_recall"]
+
+
+def fit(
+    model: nn.Module,
+    train: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    cfg: TrainParams,
+    gen: torch.Generator,
+    loss_fn: LossFn | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train `model` with AdamW + one-cycle cosine LR; keep the weights that score best on val.
+
+    `loss_fn(logits, target, x)` defaults to weighted cross-entropy; distillation passes its own.
+    """
+    num_classes = cfg.arch.num_classes
+    x_train, y_train = to_tensor(train["images"]), torch.from_numpy(train["labels"])
+    x_val = to_tensor(val["images"])
+    if loss_fn is None:
+        loss_fn = cross_entropy_loss(class_weights(train["labels"], num_classes, cfg.class_weighting), cfg.label_smoothing)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    ema = copy.deepcopy(model) if cfg.ema_decay > 0 else None
+    result = TrainResult(model=model)
+    best_state, best_score = copy.deepcopy(model.state_dict()), -math.inf
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        total, seen = 0.0, 0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs more than one sample
+                continue
+            xb = augment(x_train[idx], cfg.augment, gen)
+            loss = loss_fn(model(xb), y_train[idx], xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:
+                update_ema(ema, model, cfg.ema_decay)
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        judged = ema if ema is not None else model
+        val_scores = score(predict_logits(judged, x_val), val["labels"], num_classes)
+        row = {"epoch": epoch, "train_loss": round(total / max(seen, 1), 6), "lr": sched.get_last_lr()[0],
+               **{f"val_{k}": round(v, 6) for k, v in val_scores.items()}}
+        result.history.append(row)
+        s = selection_score(val_scores)
+        if s > best_score:
+            best_score, result.best_epoch, result.best_val = s, epoch, val_scores
+            best_state = copy.deepcopy(judged.state_dict())
+        if progress is not None:
+            progress(row)
+    model.load_state_dict(best_state)
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Exponential moving average of parameters; buffers (BN statistics) are copied."""
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(m.detach(), alpha=1 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        e.copy_(m)

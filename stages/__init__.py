@@ -1,0 +1,1 @@
+"""Thin DVC stage entry points: read argv paths and one params section, call lathe, write declared outs."""

@@ -1,0 +1,30 @@
+"""DVC stage `ingest`: data/raw -> data/prepared (split arrays + manifest.csv)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+from lathe.config import IngestParams
+from lathe.ingest import ingest, write_prepared
+from stages.common import parse_args, run, section
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(__doc__, argv, "raw_dir", "out_dir")
+
+    def body() -> None:
+        cfg = section(args, "ingest", IngestParams)
+        rows, images = ingest(args.raw_dir, cfg)
+        write_prepared(args.out_dir, rows, images, cfg)
+        counts = Counter(r.split for r in rows)
+        log.info("%d samples -> %s (%s)", len(rows), args.out_dir, ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+    run("ingest", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+import pytest
+
+from lathe.data import RawSample, generate_raw, import_elpv, read_labels, write_labels
+from lathe.errors import DataError
+from lathe.io import sha256_file
+
+
+def test_generate_raw_is_deterministic(tmp_path):
+    n = generate_raw(tmp_path / "a", per_class_type=2, size=32)
+    generate_raw(tmp_path / "b", per_class_type=2, size=32)
+    assert n == 16
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 17  # 16 images + labels.csv
+    for f in files:
+        assert sha256_file(tmp_path / "a" / f) == sha256_file(tmp_path / "b" / f)
+    labels = read_labels(tmp_path / "a")
+    assert {round(3 * s.defect_probability) for s in labels} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ("images/x.png,,mono", "empty defect_probability"),
+        ("images/x.png,abc,mono", "is not a number"),
+        ("images/x.png,0.0,", "empty cell_type"),
+        (",0.0,mono", "empty file name"),
+        ("images/x.png,nan,mono", "not finite"),
+    ],
+)
+def test_bad_label_rows_name_the_line_and_file(tmp_path, row, expected):
+    (tmp_path / "labels.csv").write_text(f"file,defect_probability,cell_type\nimages/ok.png,0.0,mono\n{row}\n")
+    with pytest.raises(DataError) as err:
+        read_labels(tmp_path)
+    assert expected in str(err.value) and "labels.csv:3" in str(err.value)
+
+
+def test_missing_columns_and_missing_file_are_reported(tmp_path):
+    with pytest.raises(DataError, match="labels file not found"):
+        read_labels(tmp_path)
+    (tmp_path / "labels.csv").write_text("file,prob\nimages/x.png,0\n")
+    with pytest.raises(DataError, match="missing column"):
+        read_labels(tmp_path)
+
+
+def test_labels_round_trip_keeps_exact_spelling(tmp_path):
+    write_labels(tmp_path, [RawSample("images/a.png", 1 / 3, "poly")], ["0.3333333333333333"])
+    assert (tmp_path / "labels.csv").read_text().splitlines()[1] == "images/a.png,0.3333333333333333,poly"
+    assert read_labels(tmp_path)[0].defect_probability == 1 / 3
+
+
+def test_import_elpv_copies_bytes_and_labels(tmp_path):
+    src = tmp_path / "pkg"
+    generate_raw(tmp_path / "gen", per_class_type=1, size=32)
+    (src / "images").mkdir(parents=True)
+    lines = []
+    for s in read_labels(tmp_path / "gen"):
+        (src / s.file).write_bytes((tmp_path / "gen" / s.file).read_bytes())
+        lines.append(f"{s.file}  {s.defect_probability!r}   {s.cell_type}")
+    (src / "labels.csv").write_text("\n".join(lines) + "\n")
+    n = import_elpv(tmp_path / "raw", source=src)
+    assert n == 8
+    samples = read_labels(tmp_path / "raw")
+    assert [s.file for s in samples] == [s.file for s in read_labels(tmp_path / "gen")]
+    assert sha256_file(tmp_path / "raw" / samples[0].file) == sha256_file(src / samples[0].file)
+
+
+def test_import_elpv_names_a_missing_image(tmp_path):
+    src = tmp_path / "pkg"
+    src.mkdir()
+    (src / "labels.csv").write_text("images/gone.png  1.0  mono\n")
+    with pytest.raises(DataError, match="gone.png"):
+        import_elpv(tmp_path / "raw", source=src)

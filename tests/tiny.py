@@ -1,0 +1,79 @@
+"""Tiny, fast settings and workspaces shared by tests (real tools, small data)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Params small enough for a 2-core machine: 16 px images, a two-stage CNN, two epochs.
+TINY_PARAMS = {
+    "ingest": {"image_size": 16, "seed": 0, "val_fraction": 0.2, "test_fraction": 0.25},
+    "validate": {"min_rows": 20, "min_per_class_per_split": 1},
+    "train_teacher": {
+        "seed": 0, "threads": 1, "epochs": 2, "batch_size": 16, "lr": 0.003,
+        "arch": {"stem_channels": 8, "stem_stride": 1, "widths": [8, 16], "blocks": [1, 1]},
+    },
+    "evaluate": {"latency_warmup": 1, "latency_runs": 5, "throughput_batch": 8, "throughput_runs": 1},
+}
+
+PROJECT_FILES = ["lathe", "stages", "flows", "dvc.yaml"]
+
+
+def tiny_params(**overrides: dict) -> dict:
+    """TINY_PARAMS with per-section overrides merged in."""
+    params = copy.deepcopy(TINY_PARAMS)
+    for name, values in overrides.items():
+        params.setdefault(name, {}).update(values)
+    return params
+
+
+def offline_env() -> dict[str, str]:
+    """The environment the Makefile sets: venv first on PATH, telemetry off."""
+    env = dict(os.environ)
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "ORT_DISABLE_TELEMETRY": "1", "GX_ANALYTICS_ENABLED": "false",
+    })
+    return env
+
+
+def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in `cwd` with the offline env; output captured as text."""
+    res = subprocess.run(cmd, cwd=cwd, env=offline_env(), capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 6) -> Path:
+    """A real git + DVC repo holding the project code, tiny params and generated raw data, committed."""
+    from lathe.data import generate_raw
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
+    generate_raw(dest / "data" / "raw", per_class_type=raw_per_class_type, size=32, seed=0)
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "config", "user.email", "test@lathe.invalid")
+    sh(dest, "git", "config", "user.name", "lathe tests")
+    sh(dest, "dvc", "init", "-q")
+    sh(dest, "dvc", "config", "core.analytics", "false")
+    sh(dest, "dvc", "add", "-q", "data/raw")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-q", "-m", "tiny workspace")
+    return dest
