@@ -37,21 +37,30 @@ class IngestParams(Section):
 
 
 class ValidateParams(Section):
+    """The data gate's thresholds; every one becomes a Great Expectations expectation."""
+
     min_rows: int = Field(20, ge=1)
     max_rows: int = Field(1_000_000, ge=1)
     min_per_class_per_split: int = Field(1, ge=0, description="samples of each class in each split")
-    class_values: list[int] = [0, 1, 2, 3]
-    defect_probabilities: list[float] = [0.0, 1 / 3, 2 / 3, 1.0]
-    cell_types: list[str] = ["mono", "poly"]
+    class_values: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
+    defect_probabilities: list[float] = Field(
+        default_factory=lambda: [0.0, 1 / 3, 2 / 3, 1.0], min_length=1,
+        description="allowed values; compared after rounding both sides to 6 decimals",
+    )
+    cell_types: list[str] = Field(default_factory=lambda: ["mono", "poly"], min_length=1)
     pixel_mean_min: float = Field(5.0, description="per-image mean of the 8-bit source pixels")
     pixel_mean_max: float = 250.0
-    pixel_std_min: float = Field(1.0, description="below this an image is (nearly) blank")
+    pixel_std_min: float = Field(1.0, ge=0, description="below this an image is (nearly) blank")
     source_min_side: int = Field(32, ge=1, description="smallest accepted source image side in px")
 
     @model_validator(mode="after")
-    def _row_bounds(self) -> "ValidateParams":
+    def _bounds(self) -> "ValidateParams":
         if self.min_rows > self.max_rows:
             raise ValueError(f"min_rows ({self.min_rows}) is larger than max_rows ({self.max_rows})")
+        if self.pixel_mean_min > self.pixel_mean_max:
+            raise ValueError(
+                f"pixel_mean_min ({self.pixel_mean_min}) is larger than pixel_mean_max ({self.pixel_mean_max})"
+            )
         return self
 
 
@@ -62,6 +71,7 @@ class ArchSpec(Section):
     num_classes: int = Field(4, ge=2)
     stem_channels: int = Field(32, ge=1)
     stem_stride: int = Field(2, ge=1, le=4)
+    stem_kernel: int = Field(3, ge=1, le=9, description="odd; >= stem_stride so no pixel is skipped")
     widths: list[int] = Field(default_factory=lambda: [32, 64, 128, 256])
     blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1])
     dropout: float = Field(0.1, ge=0, lt=1)
@@ -72,6 +82,10 @@ class ArchSpec(Section):
             raise ValueError(
                 f"widths ({len(self.widths)} entries) and blocks ({len(self.blocks)} entries) "
                 "must be non-empty and of equal length: one entry per stage"
+            )
+        if self.stem_kernel % 2 == 0 or self.stem_kernel < self.stem_stride:
+            raise ValueError(
+                f"stem_kernel {self.stem_kernel} must be odd and >= stem_stride {self.stem_stride}"
             )
         if any(w < 1 for w in self.widths) or any(b < 1 for b in self.blocks):
             raise ValueError("every stage needs width >= 1 and blocks >= 1")

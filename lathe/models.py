@@ -30,14 +30,14 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-def conv_out(size: int, stride: int) -> int:
-    """Spatial size after a 3x3 conv with padding 1."""
-    return (size - 1) // stride + 1
+def conv_out(size: int, stride: int, kernel: int = 3) -> int:
+    """Spatial size after a conv with odd `kernel` and padding kernel // 2."""
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
 
 
 def final_feature_size(spec: ArchSpec, image_size: int) -> int:
     """Side of the last feature map, for the full-window pooling."""
-    size = conv_out(image_size, spec.stem_stride)
+    size = conv_out(image_size, spec.stem_stride, spec.stem_kernel)
     for i in range(1, len(spec.widths)):
         size = conv_out(size, 2)
     return size
@@ -51,7 +51,8 @@ class ResNetLike(nn.Module):
         self.spec = spec
         self.image_size = image_size
         self.stem = nn.Sequential(
-            nn.Conv2d(spec.in_channels, spec.stem_channels, 3, spec.stem_stride, 1, bias=False),
+            nn.Conv2d(spec.in_channels, spec.stem_channels, spec.stem_kernel, spec.stem_stride,
+                      spec.stem_kernel // 2, bias=False),
             nn.BatchNorm2d(spec.stem_channels),
             nn.ReLU(inplace=True),
         )

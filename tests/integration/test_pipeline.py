@@ -1,0 +1,127 @@
+"""End to end in a real git + DVC repo on generated raw data: reruns, params and bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.tiny import make_workspace, sh, tiny_params
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["ingest", "validate", "train_teacher", "evaluate@teacher"]
+
+
+def ran_stages(output: str) -> list[str]:
+    """Stage names DVC reports as run ("Running stage 'x':")."""
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A tiny workspace after one full `dvc repro`."""
+    ws = make_workspace(tmp_path_factory.mktemp("ws") / "repo", tiny_params())
+    res = sh(ws, "dvc", "repro")
+    assert ran_stages(res.stdout) == STAGES, res.stdout
+    return ws
+
+
+@pytest.fixture()
+def ws(built, tmp_path) -> Path:
+    """A private copy of the built workspace (git history and DVC cache included)."""
+    dest = tmp_path / "repo"
+    shutil.copytree(built, dest, symlinks=True)
+    return dest
+
+
+def test_pipeline_produces_every_declared_output(built):
+    for path in ["data/prepared/manifest.csv", "data/validation/result.json", "models/teacher/model.onnx",
+                 "reports/teacher/metrics.json", "reports/teacher/confusion.csv", "reports/training/teacher.csv"]:
+        assert (built / path).is_file(), path
+    metrics = yaml.safe_load((built / "reports/teacher/metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and "defective_recall" in metrics and "balanced_accuracy" in metrics
+
+
+def test_second_repro_runs_no_stage(ws):
+    res = sh(ws, "dvc", "repro")
+    assert ran_stages(res.stdout) == [], res.stdout
+    assert "up to date" in sh(ws, "dvc", "status").stdout
+
+
+def test_evaluate_only_param_reruns_only_evaluate(ws):
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["evaluate"]["latency_runs"] = 7
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    models_before = tree_digest(ws / "models")
+    res = sh(ws, "dvc", "repro")
+    assert ran_stages(res.stdout) == ["evaluate@teacher"], res.stdout
+    assert tree_digest(ws / "models") == models_before
+
+
+def corrupt_image(raw: Path, victim: str) -> None:
+    (raw / victim).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+
+
+def remove_image(raw: Path, victim: str) -> None:
+    (raw / victim).unlink()
+
+
+def duplicate_image(raw: Path, victim: str) -> None:
+    twin = sorted((raw / "images").iterdir())[-1]
+    shutil.copyfile(raw / victim, twin)
+
+
+def blank_image(raw: Path, victim: str) -> None:
+    buf = io.BytesIO()
+    Image.new("L", (32, 32), 128).save(buf, format="PNG")
+    (raw / victim).write_bytes(buf.getvalue())
+
+
+def relabel(value: str, column: int):
+    def edit(raw: Path, victim: str) -> None:
+        lines = (raw / "labels.csv").read_text().splitlines()
+        for i, line in enumerate(lines):
+            cells = line.split(",")
+            if cells[0] == victim:
+                cells[column] = value
+                lines[i] = ",".join(cells)
+        (raw / "labels.csv").write_text("\n".join(lines) + "\n")
+
+    return edit
+
+
+BAD_INPUTS = {
+    "unreadable image": corrupt_image,
+    "missing file": remove_image,
+    "duplicate image": duplicate_image,
+    "blank image": blank_image,
+    "label outside the set": relabel("0.5", 1),
+    "empty label": relabel("", 1),
+    "unknown cell type": relabel("cigs", 2),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_stops_the_pipeline_naming_the_file_and_keeps_models(ws, kind):
+    victim = (ws / "data/raw/labels.csv").read_text().splitlines()[5].split(",")[0]
+    models_before = tree_digest(ws / "models")
+    BAD_INPUTS[kind](ws / "data/raw", victim)
+    sh(ws, "dvc", "add", "-q", "data/raw")
+    res = sh(ws, "dvc", "repro", check=False)
+    assert res.returncode != 0, f"{kind}: pipeline did not stop\n{res.stdout}"
+    assert Path(victim).name in res.stderr + res.stdout, f"{kind}: message does not name {victim}\n{res.stderr}"
+    assert "train_teacher" not in ran_stages(res.stdout)
+    assert tree_digest(ws / "models") == models_before

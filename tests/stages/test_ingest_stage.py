@@ -1,0 +1,41 @@
+import pytest
+import yaml
+
+from lathe.data import generate_raw
+from stages import ingest as stage
+from tests.tiny import tiny_params
+
+
+def write_params(tmp_path, params):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_stage_writes_declared_outputs(tmp_path):
+    generate_raw(tmp_path / "raw", per_class_type=3, size=32)
+    params = write_params(tmp_path, tiny_params())
+    stage.main([str(tmp_path / "raw"), str(tmp_path / "prep"), "--params", str(params)])
+    assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == [
+        "manifest.csv", "test.safetensors", "train.safetensors", "val.safetensors"]
+
+
+def test_unreadable_image_exits_1_naming_the_file(tmp_path, capsys):
+    generate_raw(tmp_path / "raw", per_class_type=3, size=32)
+    victim = sorted((tmp_path / "raw" / "images").iterdir())[0]
+    victim.write_bytes(b"\x89PNG garbage")
+    params = write_params(tmp_path, tiny_params())
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main([str(tmp_path / "raw"), str(tmp_path / "prep"), "--params", str(params)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "[ingest] FAILED" in err and victim.name in err
+    assert not (tmp_path / "prep").exists()
+
+
+def test_params_typo_exits_1_naming_the_key(tmp_path, capsys):
+    generate_raw(tmp_path / "raw", per_class_type=3, size=32)
+    params = write_params(tmp_path, tiny_params(ingest={"imagesize": 16}))
+    with pytest.raises(SystemExit):
+        stage.main([str(tmp_path / "raw"), str(tmp_path / "prep"), "--params", str(params)])
+    assert "ingest.imagesize" in capsys.readouterr().err
