@@ -1,0 +1,1 @@
+"""Prefect flows that run the dvc.yaml stages. Prefect orchestrates, DVC decides."""
