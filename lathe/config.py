@@ -96,6 +96,7 @@ class AugmentParams(Section):
     hflip: bool = True
     vflip: bool = True
     rot180: bool = True
+    rot90: bool = Field(False, description="quarter turns; turns busbars, so off unless cells vary in orientation")
     brightness: float = Field(0.1, ge=0, le=1, description="max relative gain change")
     contrast: float = Field(0.1, ge=0, le=1)
     max_shift_px: int = Field(2, ge=0)
@@ -116,11 +117,13 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for latency")
-    latency_warmup: int = Field(20, ge=0)
-    latency_runs: int = Field(300, ge=1)
-    throughput_batch: int = Field(64, ge=1)
-    throughput_runs: int = Field(5, ge=1)
+    """How every model variant is judged through onnxruntime (quality on the test split, speed)."""
+
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads (inter-op is 1, sequential)")
+    latency_warmup: int = Field(20, ge=0, description="untimed batch-1 calls before timing")
+    latency_runs: int = Field(300, ge=1, description="timed batch-1 calls; p50/p95 are taken over these")
+    throughput_batch: int = Field(64, ge=1, le=4096, description="images per call for throughput (export allows <= 4096)")
+    throughput_runs: int = Field(5, ge=1, description="timed calls at throughput_batch; the median is reported")
     defective_from_class: int = Field(2, ge=1, description="class >= this counts as defective")
 
 

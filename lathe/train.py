@@ -53,6 +53,8 @@ def augment(x: torch.Tensor, cfg: AugmentParams, gen: torch.Generator) -> torch.
         x = torch.where(coin(), x.flip(2), x)
     if cfg.rot180:
         x = torch.where(coin(), x.flip(2).flip(3), x)
+    if cfg.rot90:
+        x = torch.where(coin(), x.transpose(2, 3), x)  # with the flips above: all 8 symmetries
     if cfg.brightness > 0 or cfg.contrast > 0:
         gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * cfg.brightness
         mean = x.mean(dim=(2, 3), keepdim=True)

@@ -1,0 +1,33 @@
+"""DVC stage `evaluate` (foreach variant): models/<variant> + data/prepared -> reports/<variant>
+(metrics.json, confusion.csv, predictions.csv)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from lathe.config import EvaluateParams
+from lathe.evaluate import evaluate_model, write_reports
+from stages.common import parse_args, run, section
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(__doc__, argv, "model_dir", "prepared_dir", "out_dir")
+
+    def body() -> None:
+        cfg = section(args, "evaluate", EvaluateParams)
+        result = evaluate_model(args.model_dir, args.prepared_dir, cfg)
+        write_reports(args.out_dir, result)
+        m = result.metrics
+        log.info("%s: acc %.4f  bal %.4f  def-recall %.4f  escape %.4f | %d B, %d params, %d MACs, "
+                 "p50 %.3f ms, %.0f img/s -> %s", args.model_dir, m["accuracy"], m["balanced_accuracy"],
+                 m["defective_recall"], m["escape_rate"], m["size_bytes"], m["params"], m["macs"],
+                 m["latency_p50_ms"], m["throughput_ips"], args.out_dir)
+
+    run("evaluate", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+import csv
+import json
+
+import pytest
+import yaml
+
+from stages import evaluate as stage
+from tests.lathe.test_evaluate import write_model_dir, write_test_split
+from tests.tiny import tiny_params
+
+
+def run(tmp_path, params=None):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params or tiny_params()))
+    stage.main([str(tmp_path / "models" / "teacher"), str(tmp_path / "prepared"), str(tmp_path / "reports" / "teacher"),
+                "--params", str(path)])
+    return tmp_path / "reports" / "teacher"
+
+
+def test_stage_writes_metrics_confusion_and_predictions(tmp_path):
+    write_model_dir(tmp_path / "models" / "teacher")
+    write_test_split(tmp_path / "prepared", n=10)
+    out = run(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.csv", "metrics.json", "predictions.csv"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_test"] == 10 and metrics["params"] > 0 and metrics["macs"] > 0
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    with open(out / "confusion.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 10 and set(rows[0]) == {"actual", "predicted"}
+    with open(out / "predictions.csv", newline="") as fh:
+        preds = list(csv.DictReader(fh))
+    assert [int(r["sample_id"]) for r in preds] == list(range(100, 110))
+
+
+def test_missing_model_exits_1_naming_the_file(tmp_path, capsys):
+    (tmp_path / "models" / "teacher").mkdir(parents=True)
+    write_test_split(tmp_path / "prepared")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "[evaluate] FAILED" in err and "teacher/model.onnx" in err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_image_size_mismatch_exits_1_with_both_sizes(tmp_path, capsys):
+    write_model_dir(tmp_path / "models" / "teacher")
+    write_test_split(tmp_path / "prepared", size=24)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "model.onnx" in err and "16x16" in err and "24x24" in err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_params_typo_exits_1_naming_the_key(tmp_path, capsys):
+    write_model_dir(tmp_path / "models" / "teacher")
+    write_test_split(tmp_path / "prepared")
+    with pytest.raises(SystemExit):
+        run(tmp_path, tiny_params(evaluate={"latency_run": 3}))
+    assert "evaluate.latency_run" in capsys.readouterr().err
