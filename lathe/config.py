@@ -108,7 +108,8 @@ class TrainParams(Section):
     arch: ArchSpec = ArchSpec()
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0, description="peak of the one-cycle schedule")
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weighting: Literal["none", "sqrt_inverse", "inverse"] = "sqrt_inverse"

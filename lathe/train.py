@@ -106,6 +106,13 @@ def cross_entropy_loss(weights: torch.Tensor, smoothing: float) -> LossFn:
     return loss
 
 
+def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
+    """AdamW, or SGD with Nesterov momentum."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def selection_score(val: dict[str, float]) -> float:
     """Model selection on val: accuracy, with defective recall as a tie-breaker."""
     return val["accuracy"] + 0.25 * val["balanced_accuracy"] + 0.25 * val["defective_recall"]
@@ -129,7 +136,7 @@ def fit(
     x_val = to_tensor(val["images"])
     if loss_fn is None:
         loss_fn = cross_entropy_loss(class_weights(train["labels"], num_classes, cfg.class_weighting), cfg.label_smoothing)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15

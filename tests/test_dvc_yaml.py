@@ -1,0 +1,60 @@
+"""dvc.yaml is the one source of paths: every stage depends on the code it runs."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def local_imports(path: Path) -> set[str]:
+    """Modules of this project (lathe.*, stages.*) that a file imports at any depth."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n for n in names if n.split(".")[0] in ("lathe", "stages")}
+
+
+def code_closure(module: str) -> set[str]:
+    """Source files (relative paths) reached from `module` through project imports."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        mod = todo.pop()
+        rel = mod.replace(".", "/") + ".py"
+        if rel in seen or not (ROOT / rel).is_file():
+            continue
+        seen.add(rel)
+        todo.extend(local_imports(ROOT / rel))
+    return seen
+
+
+def stage_entries() -> dict[str, dict]:
+    """Stage name -> definition, with foreach bodies taken as their template."""
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    return {name: stage.get("do", stage) for name, stage in doc["stages"].items()}
+
+
+def test_every_stage_depends_on_all_code_it_imports():
+    for name, stage in stage_entries().items():
+        module = re.search(r"python -m (stages\.\w+)", stage["cmd"]).group(1)
+        needed = code_closure(module) - {"lathe/__init__.py", "stages/__init__.py", "lathe/errors.py"}
+        missing = needed - set(stage["deps"])
+        assert not missing, f"stage {name}: code it imports is not a dep: {sorted(missing)}"
+
+
+def test_every_stage_reads_only_declared_params_sections():
+    for name, stage in stage_entries().items():
+        module = re.search(r"python -m stages\.(\w+)", stage["cmd"]).group(1)
+        source = (ROOT / "stages" / f"{module}.py").read_text()
+        sections = set(re.findall(r'section\(args, "(\w+)"', source))
+        declared = {p.split(".")[0] for p in stage["params"]}
+        assert sections <= declared, f"stage {name} reads params {sections - declared} it does not declare"
