@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup run test data lock clean-venv
+.PHONY: setup run test bench data lock clean-venv
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ run: data
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Compression against what a user would do instead (needs the models from `make run`):
+# writes reports/bench.md and reports/bench.json.
+bench: run
+	$(BIN)/python -m bench.run
 
 # Re-resolve requirements.in into exact pins in a throwaway venv.
 lock:

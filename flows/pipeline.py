@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 METRICS_ARTIFACT_KEY = "lathe-metrics"
+COMPARISON_JSON = "compare.json"  # the compare stage's metrics file; compare.md sits beside it
 FAILURE_ARTIFACT_KEY = "lathe-failure"
 PROJECT_FILE = "dvc.yaml"
 
@@ -241,6 +242,17 @@ def metrics_markdown(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def metrics_report(root: Path, metrics: Mapping[str, Mapping[str, Any]], results: Sequence[Mapping[str, Any]]) -> str:
+    """The run's markdown artifact: the comparison table when the pipeline wrote one, every
+    per-variant metrics file, then the stages. The comparison's JSON (one nested document over all
+    variants) is left out of the per-file table; its markdown twin is the readable form."""
+    per_file = {path: values for path, values in metrics.items() if Path(path).name != COMPARISON_JSON}
+    comparisons = [root / Path(p).with_suffix(".md") for p in metrics if Path(p).name == COMPARISON_JSON]
+    parts = ["# Lathe metrics\n"] + [c.read_text() for c in comparisons if c.is_file()]
+    parts += [f"## Every metrics file\n\n{metrics_markdown(per_file)}", f"## Stages\n\n{stages_markdown(results)}"]
+    return "\n".join(parts)
+
+
 def stages_markdown(results: Sequence[Mapping[str, Any]], not_run: Sequence[str] = ()) -> str:
     lines = ["| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {_cell(r['stage'])} | {r['status']} | {r['seconds']:.1f} |" for r in results]
@@ -293,7 +305,7 @@ def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retr
     metrics = read_metrics(root)
     create_markdown_artifact(
         key=METRICS_ARTIFACT_KEY,
-        markdown=f"# Lathe metrics\n\n{metrics_markdown(metrics)}\n## Stages\n\n{stages_markdown(results)}",
+        markdown=metrics_report(root, metrics, results),
         description="Metrics of every variant after the pipeline run",
     )
     ran = [r["stage"] for r in results if r["ran"]]

@@ -75,6 +75,51 @@ class ArchSpec(Section):
     widths: list[int] = Field(default_factory=lambda: [32, 64, 128, 256])
     blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1])
     dropout: float = Field(0.1, ge=0, lt=1)
+    # Optional per-block detail written by compression passes (pruning, low-rank). Left out of
+    # model_dump() when unset, so an unpruned spec's arch.json stays byte-identical.
+    mid_channels: list[int] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="conv1 output channels of every block, in order (default: the block's width)",
+    )
+    projection: list[bool] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="per block: 1x1 conv-BN shortcut (true) or identity (false); default: projection "
+                    "where the block changes stride or width",
+    )
+    ranks: dict[str, int] | None = Field(
+        None, exclude_if=lambda v: v is None,
+        description="low-rank factorisation: conv/linear layer name (e.g. features.0.conv1) -> rank",
+    )
+
+    def block_shapes(self) -> list[tuple[int, int, int]]:
+        """(cin, cout, stride) of every block, in order."""
+        shapes, cin = [], self.stem_channels
+        for i, (width, blocks) in enumerate(zip(self.widths, self.blocks)):
+            for b in range(blocks):
+                shapes.append((cin, width, 2 if (i > 0 and b == 0) else 1))
+                cin = width
+        return shapes
+
+    @model_validator(mode="after")
+    def _per_block_lists(self) -> "ArchSpec":
+        if len(self.widths) != len(self.blocks):
+            return self  # _stages_match reports it
+        n = sum(self.blocks)
+        for key in ("mid_channels", "projection"):
+            value = getattr(self, key)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{key} has {len(value)} entries but blocks {self.blocks} make {n} blocks: "
+                                 "one entry per block, in order")
+        if self.mid_channels is not None and any(c < 1 for c in self.mid_channels):
+            raise ValueError(f"mid_channels {self.mid_channels}: every block needs at least 1 channel")
+        if self.projection is not None:
+            for j, ((cin, cout, stride), proj) in enumerate(zip(self.block_shapes(), self.projection)):
+                if not proj and (cin != cout or stride != 1):
+                    raise ValueError(f"projection[{j}] is false (identity shortcut) but block {j} changes shape "
+                                     f"({cin} -> {cout} channels, stride {stride}); it needs a projection")
+        if self.ranks is not None and any(r < 1 for r in self.ranks.values()):
+            raise ValueError(f"ranks {self.ranks}: every rank must be >= 1")
+        return self
 
     @model_validator(mode="after")
     def _stages_match(self) -> "ArchSpec":
@@ -102,10 +147,11 @@ class AugmentParams(Section):
     max_shift_px: int = Field(2, ge=0)
 
 
-class TrainParams(Section):
+class FitParams(Section):
+    """How a network is trained or fine-tuned (shared by the teacher, pruning, distillation, low-rank)."""
+
     seed: int = 0
     threads: int = Field(2, ge=1)
-    arch: ArchSpec = ArchSpec()
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -115,6 +161,71 @@ class TrainParams(Section):
     class_weighting: Literal["none", "sqrt_inverse", "inverse"] = "sqrt_inverse"
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0 disables the weight EMA")
     augment: AugmentParams = AugmentParams()
+
+
+class TrainParams(FitParams):
+    """The teacher: an architecture plus how to train it."""
+
+    arch: ArchSpec = ArchSpec()
+
+
+Importance = Literal["l1", "l2", "random"]
+
+
+class PruneParams(Section):
+    """Structured channel pruning of the teacher (Li et al. 2017), iterative prune + fine-tune."""
+
+    importance: Importance = Field("l1", description="filter importance: l1 / l2 norm, or random (a control)")
+    target: Literal["macs", "channels"] = Field("macs", description="what `ratio` removes a fraction of")
+    ratio: float = Field(0.5, gt=0, lt=1, description="fraction of MACs (or channels) to remove")
+    steps: int = Field(3, ge=1, description="prune + fine-tune rounds that reach `ratio` together")
+    round_to: int = Field(1, ge=1, description="kept channels per layer are a multiple of this")
+    finetune: FitParams = FitParams(epochs=2, lr=5e-4)
+
+
+class DistillParams(FitParams):
+    """Knowledge distillation (Hinton et al. 2015) into a small student.
+
+    Read by two stages: `distill`, and the control (`--control`) that trains the same student on the
+    same budget without the teacher; the control ignores `temperature` and `alpha`.
+    """
+
+    student: ArchSpec = Field(
+        ArchSpec(stem_channels=16, widths=[16, 24, 48, 64]),  # 115k params, ~11x below the 1.23M teacher
+        description="the student's architecture; ignored when init is 'pruned' (the pruned arch.json decides)",
+    )
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft (teacher) loss; 1 - alpha on the labels")
+    init: Literal["scratch", "pruned"] = Field("scratch", description="start the student from scratch or from models/pruned")
+
+
+class LowRankParams(Section):
+    """Truncated-SVD factorisation of conv/linear layers plus fine-tune."""
+
+    energy: float = Field(0.9, gt=0, le=1, description="keep the smallest rank holding this fraction of squared singular values")
+    min_channels: int = Field(16, ge=1, description="layers with fewer output channels are left whole")
+    finetune: FitParams = FitParams(epochs=3, lr=5e-4)
+
+
+class QuantizeParams(Section):
+    """onnxruntime static INT8 (QDQ) after quant_pre_process, calibrated on a seeded train subset."""
+
+    seed: int = 0
+    calibration_size: int = Field(256, ge=1, description="train samples used for calibration")
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=50, le=100, description="method=percentile: keep this % of |values|")
+    histogram_bins: int = Field(2048, ge=256, le=16384,
+                                description="entropy/percentile histogram bins; entropy's search time grows with it")
+    per_channel: bool = True
+    activation_type: Literal["quint8", "qint8"] = Field("quint8", description="quint8 fuses residual convs here (measured)")
+    weight_type: Literal["qint8", "quint8"] = "qint8"
+
+    @model_validator(mode="after")
+    def _supported_types(self) -> "QuantizeParams":
+        if self.activation_type == "qint8" and self.weight_type == "quint8":
+            raise ValueError("activation_type qint8 with weight_type quint8 is not supported by onnxruntime; "
+                             "use weight_type qint8")
+        return self
 
 
 class EvaluateParams(Section):
@@ -182,3 +293,24 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
 def load_section(path: Path, name: str, model: type[S]) -> S:
     """Load one validated section of a params file."""
     return parse_section(load_params(path), name, model, source=str(path))
+
+
+class CompareParams(Section):
+    """The side-by-side table of evaluated variants (reports/compare.*) and its Pareto plot."""
+
+    pareto_metric: Literal["accuracy", "balanced_accuracy", "defective_recall"] = Field(
+        "accuracy", description="quality axis of the Pareto front and plot (higher is better)")
+    plot_dpi: int = Field(120, ge=50, le=600, description="resolution of reports/pareto.png")
+
+
+class BenchParams(Section):
+    """`make bench`: pipeline INT8 variants against the FP32 teacher and do-it-yourself baselines, one machine."""
+
+    threads: int = Field(1, ge=1, description="onnxruntime intra-op threads for latency and the int8 matmul probe")
+    warmup: int = Field(50, ge=0, description="untimed round-robin rounds before timing")
+    runs: int = Field(300, ge=300, description="timed round-robin rounds; p50 is the median of these (>= 300 by design)")
+    matmul_repeats: int = Field(50, ge=5, description="timed calls per shape of the int8 matmul probe (median)")
+    min_size_ratio: float = Field(25.0, gt=0, description="acceptance: teacher bytes / variant bytes at least this")
+    min_latency_ratio: float = Field(5.0, gt=0, description="acceptance: teacher p50 / variant p50 at least this")
+    max_accuracy_drop_pt: float = Field(1.0, ge=0, description="acceptance: 4-class accuracy drop vs teacher, points")
+    max_recall_drop_pt: float = Field(1.0, ge=0, description="acceptance: defective-recall drop vs teacher, points")

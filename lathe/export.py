@@ -32,10 +32,30 @@ def export_onnx(model: nn.Module, image_size: int, in_channels: int = 1, metadat
         )
         proto = onnx.load(str(path))
     proto.producer_name, proto.producer_version = "lathe", "0.1"
+    strip_stack_traces(proto)
     if metadata:
         set_metadata(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node Python stack traces.
+
+    They hold absolute source paths and line numbers, so the same model exported from another
+    checkout (a rebuild in a temporary worktree) would otherwise differ byte for byte.
+    """
+    graphs = [proto.graph] + [f for f in proto.functions]
+    for g in graphs:
+        for node in g.node:
+            kept = [(m.key, m.value) for m in node.metadata_props if m.key != STACK_TRACE_KEY]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                for k, v in kept:
+                    node.metadata_props.add(key=k, value=v)
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:

@@ -54,7 +54,7 @@ def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | Non
     check_trainable(train, val, cfg.arch.num_classes)
     image_size = int(train["images"].shape[1])
     model = build_model(cfg.arch, image_size)
-    result = fit(model, train, val, cfg, gen, progress=progress)
+    result = fit(model, train, val, cfg, gen, cfg.arch.num_classes, progress=progress)
     return model, result, image_size
 
 

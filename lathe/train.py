@@ -12,15 +12,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lathe.config import AugmentParams, TrainParams
+from lathe.config import AugmentParams, FitParams
 from lathe.metrics import accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix
 
 Progress = Callable[[dict], None]
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N, S, S) uint8 -> (N, 1, S, S) float32 in [0, 1]."""
-    return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    """(N, S, S) or (N, C, S, S) uint8 -> (N, C, S, S) float32 in [0, 1]."""
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    return x.unsqueeze(1) if x.ndim == 3 else x
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor:
@@ -106,7 +107,7 @@ def cross_entropy_loss(weights: torch.Tensor, smoothing: float) -> LossFn:
     return loss
 
 
-def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: FitParams) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
@@ -122,8 +123,9 @@ def fit(
     model: nn.Module,
     train: dict[str, np.ndarray],
     val: dict[str, np.ndarray],
-    cfg: TrainParams,
+    cfg: FitParams,
     gen: torch.Generator,
+    num_classes: int,
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
@@ -131,7 +133,6 @@ def fit(
 
     `loss_fn(logits, target, x)` defaults to weighted cross-entropy; distillation passes its own.
     """
-    num_classes = cfg.arch.num_classes
     x_train, y_train = to_tensor(train["images"]), torch.from_numpy(train["labels"])
     x_val = to_tensor(val["images"])
     if loss_fn is None:

@@ -16,12 +16,18 @@ S = TypeVar("S", bound=Section)
 PARAMS_FILE = Path("params.yaml")
 
 
-def parse_args(description: str, argv: Sequence[str] | None, *names: str) -> argparse.Namespace:
-    """Positional path arguments named `names`, plus --params (default params.yaml)."""
+def parse_args(description: str, argv: Sequence[str] | None, *names: str, section: str | None = None) -> argparse.Namespace:
+    """Positional path arguments named `names`, plus --params (default params.yaml).
+
+    With `section`, also --section (default `section`): the params section to read, so one stage
+    module can serve two dvc.yaml entries with their own settings.
+    """
     parser = argparse.ArgumentParser(description=description)
     for name in names:
         parser.add_argument(name, type=Path)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)
+    if section is not None:
+        parser.add_argument("--section", default=section, help=f"params section to read (default {section})")
     return parser.parse_args(argv)
 
 

@@ -23,6 +23,17 @@ TINY_PARAMS = {
         "arch": {"stem_channels": 8, "stem_stride": 1, "widths": [8, 16], "blocks": [1, 1]},
     },
     "evaluate": {"latency_warmup": 1, "latency_runs": 5, "throughput_batch": 8, "throughput_runs": 1},
+    "prune": {"ratio": 0.5, "steps": 2, "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
+    "prune_baseline": {"target": "channels", "ratio": 0.5, "steps": 1,
+                       "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
+    # every key the distill_control stage lists in dvc.yaml must be present
+    "distill": {"seed": 0, "threads": 1, "epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.003,
+                "weight_decay": 0.0005, "label_smoothing": 0.05, "class_weighting": "sqrt_inverse", "ema_decay": 0.0,
+                "augment": {"hflip": True, "vflip": True}, "init": "scratch",
+                "student": {"stem_channels": 4, "stem_stride": 1, "widths": [4, 8], "blocks": [1, 1]}},
+    "lowrank": {"energy": 0.8, "min_channels": 4, "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
+    "quantize": {"seed": 0, "calibration_size": 8},
+    "compare": {"pareto_metric": "accuracy"},
 }
 
 PROJECT_FILES = ["lathe", "stages", "flows", "dvc.yaml"]

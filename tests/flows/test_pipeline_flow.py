@@ -23,6 +23,7 @@ from flows.pipeline import (  # imported before prefect: applies the offline env
     METRICS_ARTIFACT_KEY,
     StageFailed,
     metrics_markdown,
+    metrics_report,
     plan_stages,
     run_pipeline,
 )
@@ -230,3 +231,17 @@ def test_cli_exits_nonzero_with_the_stage_message(prefect_server: None, tmp_path
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "lathe pipeline: stage 'b' failed: [b] FAILED: bad file x.png" in proc.stderr
     assert not (repo / "c.txt").exists()
+
+
+def test_metrics_report_shows_the_comparison_markdown_instead_of_its_json(tmp_path: Path) -> None:
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/compare.md").write_text("| variant | size |\n|---|---|\n| student | 173 KB |\n")
+    metrics = {"reports/teacher/metrics.json": {"accuracy": 0.7},
+               "reports/compare.json": {"variants.teacher.metrics.accuracy": 0.7}}
+
+    report = metrics_report(tmp_path, metrics, [{"stage": "compare", "status": "ran", "seconds": 1.0}])
+
+    assert "| student | 173 KB |" in report
+    assert "| teacher | 0.7 |" in report
+    assert "variants.teacher" not in report
+    assert "| compare | ran | 1.0 |" in report

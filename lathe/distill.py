@@ -1,0 +1,237 @@
+"""Knowledge distillation (Hinton et al. 2015) of the teacher into a small student, and its control.
+
+The control trains the same student (same init, seed, batches, augmentation and budget) with plain
+cross-entropy and no teacher, so the benefit of distillation is measured rather than assumed: with
+alpha = 0 a distilled student is bit-identical to its control.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lathe.config import ArchSpec, DistillParams
+from lathe.determinism import make_deterministic
+from lathe.errors import ConfigError, LatheError
+from lathe.ingest import load_split
+from lathe.io import sha256_file, write_json
+from lathe.models import build_model, count_params
+from lathe.teacher import FILES, check_trainable, load_model, write_model_dir
+from lathe.train import LossFn, Progress, TrainResult, class_weights, cross_entropy_loss, fit, predict_logits, score, to_tensor
+
+log = logging.getLogger(__name__)
+
+RECORD = "distill.json"  # what distillation (or the control) did, beside FILES.summary
+STUDENT_KEY = "distill.student"  # the params key that describes a scratch student
+
+TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # (N, C, S, S) float32 -> (N, K) logits
+
+
+def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch.
+
+    The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones when T
+    changes (Hinton et al. 2015, section 2). Teacher logits are detached: no gradient reaches them.
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * (t * t)
+
+
+def frozen_teacher(teacher: nn.Module) -> TeacherFn:
+    """The teacher as a logits function: eval mode (no dropout, BN running stats), no autograd graph."""
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        teacher.eval()
+        with torch.no_grad():
+            return teacher(x)
+
+    return logits
+
+
+def kd_loss(teacher_logits: TeacherFn, temperature: float, alpha: float, weights: torch.Tensor,
+            smoothing: float) -> LossFn:
+    """alpha * soft_loss(student, teacher(x), T) + (1 - alpha) * weighted, smoothed CE on the labels.
+
+    A `LossFn` for `lathe.train.fit`: `x` is the augmented batch the student saw, so the teacher
+    judges exactly the same pixels. `teacher_logits` may also return precomputed logits (tests).
+    Class weights apply to the label term only; the soft term follows the teacher's distribution.
+    """
+    hard = cross_entropy_loss(weights, smoothing)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ce = hard(logits, target, x)
+        if alpha == 0:  # skip the teacher's forward pass; the loss is then exactly the control's
+            return ce
+        return alpha * soft_loss(logits, teacher_logits(x), temperature) + (1 - alpha) * ce
+
+    return loss
+
+
+def distill(teacher: nn.Module, student: nn.Module, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
+            cfg: DistillParams, gen: torch.Generator, num_classes: int, progress: Progress | None = None) -> TrainResult:
+    """Train `student` on `train` against the frozen `teacher`'s soft targets plus the labels; select on val."""
+    weights = class_weights(train["labels"], num_classes, cfg.class_weighting)
+    loss = kd_loss(frozen_teacher(teacher), cfg.temperature, cfg.alpha, weights, cfg.label_smoothing)
+    return fit(student, train, val, cfg, gen, num_classes, loss_fn=loss, progress=progress)
+
+
+def train_control(student: nn.Module, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: DistillParams,
+                  gen: torch.Generator, num_classes: int, progress: Progress | None = None) -> TrainResult:
+    """The control: the same student and budget trained with fit's default weighted CE, no teacher."""
+    return fit(student, train, val, cfg, gen, num_classes, progress=progress)
+
+
+def load_model_dir(model_dir: Path) -> tuple[nn.Module, ArchSpec, int]:
+    """A model folder's network (eval mode), its ArchSpec and image size; missing files are named."""
+    model = load_model(model_dir)  # raises naming arch.json / weights.safetensors if absent
+    doc = json.loads((Path(model_dir) / FILES.arch).read_text())
+    return model, ArchSpec.model_validate(doc["spec"]), int(doc["image_size"])
+
+
+def image_channels(images: np.ndarray) -> int:
+    """Channels of a prepared image array: (N, S, S) -> 1, (N, C, S, S) -> C."""
+    return 1 if images.ndim == 3 else int(images.shape[1])
+
+
+def check_fits(spec: ArchSpec, name: str, channels: int, teacher_classes: int | None = None) -> None:
+    """`spec` (a params key like distill.student, or an arch.json path) must fit the data and the teacher."""
+    key = f"{name}: spec" if name.endswith(".json") else name
+    if spec.in_channels != channels:
+        raise ConfigError(f"{key}.in_channels is {spec.in_channels} but the prepared images have {channels} channel(s)")
+    if teacher_classes is not None and spec.num_classes != teacher_classes:
+        raise ConfigError(f"{key}.num_classes is {spec.num_classes} but the teacher predicts {teacher_classes} classes")
+
+
+def check_smaller(student_params: int, teacher_params: int, name: str, teacher_dir: Path) -> None:
+    """Distillation is compression: the student must have fewer parameters than the teacher."""
+    if student_params >= teacher_params:
+        raise ConfigError(
+            f"{name} has {student_params:,} parameters, not fewer than the teacher's {teacher_params:,} "
+            f"({teacher_dir}); make the student smaller (widths, stem_channels, blocks)"
+        )
+
+
+def init_dir_for(cfg: DistillParams, init_dir: Path | None) -> Path | None:
+    """The folder to start the student from: `init_dir` when `distill.init` is 'pruned', else None."""
+    if cfg.init == "pruned":
+        if init_dir is None:
+            raise ConfigError("distill.init is 'pruned' but no pruned model folder was given (--init-dir models/pruned)")
+        return Path(init_dir)
+    if init_dir is not None:
+        log.info("distill.init is 'scratch': %s is not used", init_dir)
+    return None
+
+
+@dataclass
+class Student:
+    """A student network before training and where its architecture came from."""
+
+    model: nn.Module
+    spec: ArchSpec
+    source: str  # "distill.student", or "<init_dir>/arch.json" for a pruned start
+    init_sha256: str | None = None  # weights.safetensors of the pruned start
+
+
+def make_student(cfg: DistillParams, image_size: int, init_dir: Path | None) -> Student:
+    """Build `cfg.student` from scratch (global torch RNG), or load the pruned model in `init_dir`.
+
+    From a pruned start `cfg.student` is ignored: the architecture is the pruned folder's arch.json.
+    """
+    if init_dir is None:
+        return Student(build_model(cfg.student, image_size), cfg.student, STUDENT_KEY)
+    model, spec, size = load_model_dir(init_dir)
+    source = str(Path(init_dir) / FILES.arch)
+    if size != image_size:
+        raise LatheError(f"{source}: built for {size} px images but the prepared data is {image_size} px")
+    log.info("student starts from %s (%d params); %s is ignored", init_dir, count_params(model), STUDENT_KEY)
+    return Student(model, spec, source, sha256_file(Path(init_dir) / FILES.weights))
+
+
+@dataclass
+class StudentRun:
+    """A trained student (distilled or control) and the record that goes into distill.json."""
+
+    model: nn.Module
+    spec: ArchSpec
+    image_size: int
+    result: TrainResult
+    record: dict
+
+
+def _record(mode: str, cfg: DistillParams, student: Student, result: TrainResult) -> dict:
+    """Fields shared by the distilled student's and the control's distill.json."""
+    return {
+        "mode": mode, "init": cfg.init, "student_arch_source": student.source,
+        "student_arch_ignored": STUDENT_KEY if student.source != STUDENT_KEY else None,
+        "init_weights_sha256": student.init_sha256, "student_params": count_params(student.model),
+        "seed": cfg.seed, "epochs": cfg.epochs, "best_epoch": result.best_epoch,
+        "best_val": {k: round(v, 6) for k, v in result.best_val.items()},
+    }
+
+
+def distill_student(teacher_dir: Path, prepared_dir: Path, cfg: DistillParams, init_dir: Path | None = None,
+                    progress: Progress | None = None) -> StudentRun:
+    """Load the teacher and the data, check the student against both, distill deterministically."""
+    init_dir = init_dir_for(cfg, init_dir)
+    # Loaded before seeding: rebuilding the teacher draws from the global RNG, and the control
+    # (which has no teacher) must see the same RNG stream for the student's init and dropout.
+    teacher, teacher_spec, teacher_size = load_model_dir(teacher_dir)
+    gen = make_deterministic(cfg.seed, cfg.threads)
+    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    image_size, channels = int(train["images"].shape[-1]), image_channels(train["images"])
+    num_classes = teacher_spec.num_classes
+    check_fits(teacher_spec, str(Path(teacher_dir) / FILES.arch), channels)
+    if teacher_size != image_size:
+        raise LatheError(f"{Path(teacher_dir) / FILES.arch}: teacher built for {teacher_size} px images "
+                         f"but the prepared data is {image_size} px")
+    check_trainable(train, val, num_classes)
+    student = make_student(cfg, image_size, init_dir)
+    check_fits(student.spec, student.source, channels, num_classes)
+    teacher_params, student_params = count_params(teacher), count_params(student.model)
+    check_smaller(student_params, teacher_params, student.source, Path(teacher_dir))
+    result = distill(teacher, student.model, train, val, cfg, gen, num_classes, progress)
+    record = _record("distill", cfg, student, result) | {
+        "teacher_params": teacher_params, "compression_ratio": round(teacher_params / student_params, 3),
+        "temperature": cfg.temperature, "alpha": cfg.alpha,
+        "teacher_weights_sha256": sha256_file(Path(teacher_dir) / FILES.weights),
+        "teacher_val": {k: round(v, 6) for k, v in
+                        score(predict_logits(teacher, to_tensor(val["images"])), val["labels"], num_classes).items()},
+    }
+    return StudentRun(student.model, student.spec, image_size, result, record)
+
+
+def control_student(prepared_dir: Path, cfg: DistillParams, init_dir: Path | None = None,
+                    progress: Progress | None = None) -> StudentRun:
+    """The control: the student `distill_student` would train, on the same budget, without a teacher."""
+    init_dir = init_dir_for(cfg, init_dir)
+    gen = make_deterministic(cfg.seed, cfg.threads)
+    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    image_size, channels = int(train["images"].shape[-1]), image_channels(train["images"])
+    student = make_student(cfg, image_size, init_dir)
+    num_classes = student.spec.num_classes
+    check_fits(student.spec, student.source, channels)
+    check_trainable(train, val, num_classes)
+    result = train_control(student.model, train, val, cfg, gen, num_classes, progress)
+    record = _record("control", cfg, student, result) | {
+        "teacher_params": None, "compression_ratio": None, "temperature": None, "alpha": None,
+        "teacher_weights_sha256": None, "teacher_val": None,
+    }
+    return StudentRun(student.model, student.spec, image_size, result, record)
+
+
+def write_student_dir(out_dir: Path, run: StudentRun, check_images: np.ndarray) -> dict:
+    """write_model_dir (weights, arch, ONNX checked vs torch, train.json) plus distill.json; returns the record."""
+    summary = write_model_dir(out_dir, run.model, run.spec, run.image_size, run.result, check_images)
+    record = run.record | {"onnx_max_abs_diff": summary["onnx_max_abs_diff"]}
+    write_json(Path(out_dir) / RECORD, record)
+    return record
