@@ -40,8 +40,8 @@ from lathe.compare import fmt_bytes, fmt_count, fmt_ms, fmt_pct
 from lathe.config import BenchParams
 from lathe.errors import DataError, LatheError
 from lathe.evaluate import (
-    LATENCY_SEED, MODEL_FILE, check_input, count_onnx_macs, count_onnx_params, input_spec, load_proto, load_session,
-    model_size_bytes, predict, quality_metrics, to_input,
+    MODEL_FILE, check_input, count_onnx_macs, count_onnx_params, fixed_batch, load_proto, load_session,
+    model_size_bytes, predict, quality_metrics, timing_input, to_input,
 )
 from lathe.ingest import load_split
 from lathe.io import write_bytes
@@ -77,15 +77,6 @@ class BenchModel:
 # Timing
 
 
-def _timing_feed(session: ort.InferenceSession, image_size: int) -> dict[str, np.ndarray]:
-    """One seeded (B, C, S, S) float32 image, B = 1 or the model's fixed batch: the same pixels for every model."""
-    name, shape = input_spec(session)
-    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1
-    channels = shape[1] if isinstance(shape[1], int) else 1
-    rng = np.random.default_rng(LATENCY_SEED)
-    return {name: rng.random((batch, channels, image_size, image_size), dtype=np.float32)}
-
-
 def interleaved_latency(sessions: Mapping[str, ort.InferenceSession], image_size: int, warmup: int,
                         runs: int) -> dict[str, tuple[float, float]]:
     """(p50, p95) milliseconds per model of single-image calls, timed round-robin.
@@ -99,7 +90,8 @@ def interleaved_latency(sessions: Mapping[str, ort.InferenceSession], image_size
     if runs < 1 or warmup < 0:
         raise LatheError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     names = list(sessions)
-    feeds = {n: _timing_feed(sessions[n], image_size) for n in names}
+    # one seeded image per call (or the model's fixed batch of them): the same pixels for every model
+    feeds = {n: timing_input(sessions[n], image_size, fixed_batch(sessions[n]) or 1) for n in names}
     times = {n: np.empty(runs) for n in names}  # seconds
     for r in range(warmup + runs):
         k = r % len(names)

@@ -7,7 +7,6 @@ alpha = 0 a distilled student is bit-identical to its control.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,11 +90,10 @@ def train_control(student: nn.Module, train: dict[str, np.ndarray], val: dict[st
     return fit(student, train, val, cfg, gen, num_classes, progress=progress)
 
 
-def load_model_dir(model_dir: Path) -> tuple[nn.Module, ArchSpec, int]:
+def load_model_dir(model_dir: Path, role: str = "model") -> tuple[nn.Module, ArchSpec, int]:
     """A model folder's network (eval mode), its ArchSpec and image size; missing files are named."""
-    model = load_model(model_dir)  # raises naming arch.json / weights.safetensors if absent
-    doc = json.loads((Path(model_dir) / FILES.arch).read_text())
-    return model, ArchSpec.model_validate(doc["spec"]), int(doc["image_size"])
+    model = load_model(model_dir, role)  # raises naming the folder, arch.json or weights if absent or bad
+    return model, model.spec, model.image_size
 
 
 def image_channels(images: np.ndarray) -> int:
@@ -149,7 +147,7 @@ def make_student(cfg: DistillParams, image_size: int, init_dir: Path | None) -> 
     """
     if init_dir is None:
         return Student(build_model(cfg.student, image_size), cfg.student, STUDENT_KEY)
-    model, spec, size = load_model_dir(init_dir)
+    model, spec, size = load_model_dir(init_dir, "pruned model")
     source = str(Path(init_dir) / FILES.arch)
     if size != image_size:
         raise LatheError(f"{source}: built for {size} px images but the prepared data is {image_size} px")
@@ -185,7 +183,7 @@ def distill_student(teacher_dir: Path, prepared_dir: Path, cfg: DistillParams, i
     init_dir = init_dir_for(cfg, init_dir)
     # Loaded before seeding: rebuilding the teacher draws from the global RNG, and the control
     # (which has no teacher) must see the same RNG stream for the student's init and dropout.
-    teacher, teacher_spec, teacher_size = load_model_dir(teacher_dir)
+    teacher, teacher_spec, teacher_size = load_model_dir(teacher_dir, "teacher")
     gen = make_deterministic(cfg.seed, cfg.threads)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     image_size, channels = int(train["images"].shape[-1]), image_channels(train["images"])

@@ -301,7 +301,8 @@ def check_input(session: ort.InferenceSession, image_size: int, model_path: Path
                          f"{image_size}x{image_size}; train and evaluate with the same ingest.image_size")
 
 
-def _fixed_batch(session: ort.InferenceSession) -> int | None:
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The model's fixed batch dimension, or None when the batch dimension is dynamic."""
     dim = input_spec(session)[1][0]
     return dim if isinstance(dim, int) and dim > 0 else None
 
@@ -317,7 +318,7 @@ def predict(session: ort.InferenceSession, images_uint8: np.ndarray, batch: int 
     A model with a fixed batch dimension is fed chunks of exactly that size (the tail zero-padded).
     """
     name = input_spec(session)[0]
-    fixed = _fixed_batch(session)
+    fixed = fixed_batch(session)
     step = fixed or batch
     outs = []
     for start in range(0, len(images_uint8), step):
@@ -341,7 +342,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def _timing_input(session: ort.InferenceSession, image_size: int, batch: int) -> dict[str, np.ndarray]:
+def timing_input(session: ort.InferenceSession, image_size: int, batch: int) -> dict[str, np.ndarray]:
+    """A feed of `batch` seeded (C, S, S) float32 images for timing: the same pixels for every model."""
     name, shape = input_spec(session)
     channels = shape[1] if isinstance(shape[1], int) else 1
     rng = np.random.default_rng(LATENCY_SEED)
@@ -350,7 +352,7 @@ def _timing_input(session: ort.InferenceSession, image_size: int, batch: int) ->
 
 def measure_latency(session: ort.InferenceSession, image_size: int, warmup: int, runs: int) -> tuple[float, float]:
     """(p50, p95) milliseconds of single-image calls, after `warmup` untimed calls."""
-    feed = _timing_input(session, image_size, _fixed_batch(session) or 1)
+    feed = timing_input(session, image_size, fixed_batch(session) or 1)
     for _ in range(warmup):
         session.run(None, feed)
     times = np.empty(runs)
@@ -367,8 +369,8 @@ def measure_throughput(session: ort.InferenceSession, image_size: int, batch: in
 
     A model with a fixed batch dimension is timed at that batch instead.
     """
-    batch = _fixed_batch(session) or batch
-    feed = _timing_input(session, image_size, batch)
+    batch = fixed_batch(session) or batch
+    feed = timing_input(session, image_size, batch)
     session.run(None, feed)
     rates = []
     for _ in range(runs):

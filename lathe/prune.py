@@ -12,7 +12,6 @@ exactly as large and as slow as before.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch_pruning as tp
-from pydantic import ValidationError
-from safetensors import SafetensorError
 from torch import nn
 
 from lathe.config import ArchSpec, PruneParams
@@ -295,29 +292,9 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
 
 def load_source(model_dir: Path, role: str = "teacher") -> ResNetLike:
     """Rebuild the model to compress from its folder; every failure names the folder or file."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise LatheError(f"{model_dir}: {role} folder not found (run the stage that writes it first)")
-    arch = model_dir / FILES.arch
-    try:
-        doc = json.loads(arch.read_text())
-    except FileNotFoundError as exc:
-        raise LatheError(f"{arch}: {role} file missing") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LatheError(f"{arch}: {role} architecture is not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict) or not {"spec", "image_size"} <= set(doc):
-        raise LatheError(f"{arch}: expected a JSON object with keys 'spec' and 'image_size'")
-    try:
-        ArchSpec.model_validate(doc["spec"])
-    except ValidationError as exc:
-        raise LatheError(f"{arch}: invalid 'spec': {exc.errors()[0]['msg']} at "
-                         f"{'.'.join(str(p) for p in exc.errors()[0]['loc'])}") from exc
-    try:
-        model = load_model(model_dir)
-    except SafetensorError as exc:
-        raise LatheError(f"{model_dir / FILES.weights}: unreadable safetensors file ({exc})") from exc
+    model = load_model(model_dir, role)
     if not isinstance(model, ResNetLike):
-        raise LatheError(f"{arch}: not a resnet_like model")
+        raise LatheError(f"{Path(model_dir) / FILES.arch}: not a resnet_like model")
     return model
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
@@ -63,17 +65,34 @@ def arch_document(spec: ArchSpec, image_size: int) -> dict:
     return {"family": "resnet_like", "image_size": image_size, "spec": spec.model_dump()}
 
 
-def load_model(model_dir: Path) -> nn.Module:
-    """Rebuild a model from arch.json + weights.safetensors."""
+def load_model(model_dir: Path, role: str = "model") -> nn.Module:
+    """Rebuild a model from arch.json + weights.safetensors; every failure names the folder or file."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LatheError(f"{model_dir}: {role} folder not found (run the stage that writes it first)")
+    arch, weights = model_dir / FILES.arch, model_dir / FILES.weights
     try:
-        doc = json.loads((model_dir / FILES.arch).read_text())
-        model = build_model(ArchSpec.model_validate(doc["spec"]), int(doc["image_size"]))
-        model.load_state_dict(load_tensors((model_dir / FILES.weights).read_bytes()))
+        doc = json.loads(arch.read_text())
     except FileNotFoundError as exc:
-        raise LatheError(f"{exc.filename}: model file missing") from exc
+        raise LatheError(f"{arch}: {role} file missing") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LatheError(f"{arch}: {role} architecture is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or not {"spec", "image_size"} <= set(doc):
+        raise LatheError(f"{arch}: expected a JSON object with keys 'spec' and 'image_size'")
+    try:
+        spec = ArchSpec.model_validate(doc["spec"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise LatheError(f"{arch}: invalid 'spec': {first['msg']} at {'.'.join(str(p) for p in first['loc'])}") from exc
+    try:
+        model = build_model(spec, int(doc["image_size"]))
+        model.load_state_dict(load_tensors(weights.read_bytes()))
+    except FileNotFoundError as exc:
+        raise LatheError(f"{exc.filename}: {role} file missing") from exc
+    except SafetensorError as exc:
+        raise LatheError(f"{weights}: unreadable safetensors file ({exc})") from exc
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise LatheError(f"{model_dir}: cannot rebuild the model ({exc})") from exc
+        raise LatheError(f"{model_dir}: cannot rebuild the {role} from {arch.name} + {weights.name} ({exc})") from exc
     return model.eval()
 
 

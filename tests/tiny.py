@@ -47,6 +47,35 @@ def tiny_params(**overrides: dict) -> dict:
     return params
 
 
+def make_prepared(root: Path, params: dict | None = None) -> Path:
+    """Generated raw data at root/raw, ingested to root/prepared (returned).
+
+    `params` is the ingest section, TINY_PARAMS["ingest"] when None.
+    """
+    from lathe.config import IngestParams
+    from lathe.data import generate_raw
+    from lathe.ingest import ingest, write_prepared
+
+    generate_raw(root / "raw", per_class_type=6, size=32)
+    cfg = IngestParams(**(TINY_PARAMS["ingest"] if params is None else params))
+    rows, images = ingest(root / "raw", cfg)
+    write_prepared(root / "prepared", rows, images, cfg)
+    return root / "prepared"
+
+
+def make_teacher(root: Path, prepared: Path, epochs: int = 1) -> Path:
+    """A tiny teacher trained on `prepared` with TINY_PARAMS["train_teacher"] for `epochs`, written as a
+    full model folder (weights, arch, ONNX checked on the val images, summary) at root/teacher (returned)."""
+    from lathe.config import TrainParams
+    from lathe.ingest import load_split
+    from lathe.teacher import train_teacher, write_model_dir
+
+    cfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": epochs})
+    model, result, size = train_teacher(prepared, cfg)
+    write_model_dir(root / "teacher", model, cfg.arch, size, result, load_split(prepared, "val")["images"])
+    return root / "teacher"
+
+
 def offline_env() -> dict[str, str]:
     """The environment the Makefile sets: venv first on PATH, telemetry off."""
     env = dict(os.environ)

@@ -6,17 +6,16 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.nn import functional as F
 
-from lathe.config import ArchSpec, DistillParams, IngestParams, TrainParams, parse_section
-from lathe.data import generate_raw
+from lathe.config import ArchSpec, DistillParams, TrainParams, parse_section
 from lathe.distill import (RECORD, control_student, distill_student, frozen_teacher, kd_loss, make_student, soft_loss,
                            write_student_dir)
 from lathe.errors import ConfigError, LatheError
-from lathe.ingest import ingest, load_split, write_prepared
+from lathe.ingest import load_split
 from lathe.io import write_bytes, write_json
 from lathe.models import build_model
 from lathe.teacher import FILES, arch_document, load_model, train_teacher
 from lathe.train import to_tensor
-from tests.tiny import TINY_PARAMS
+from tests.tiny import TINY_PARAMS, make_prepared
 
 
 def write_arch_and_weights(folder, model, spec, image_size):
@@ -33,12 +32,10 @@ def tiny_cfg(**overrides) -> DistillParams:
 def inputs(tmp_path_factory):
     """Tiny prepared data (16 px) and a tiny teacher folder (5k params, one epoch of training)."""
     root = tmp_path_factory.mktemp("distill")
-    generate_raw(root / "raw", per_class_type=6, size=32)
-    cfg = IngestParams(**TINY_PARAMS["ingest"])
-    rows, images = ingest(root / "raw", cfg)
-    write_prepared(root / "prepared", rows, images, cfg)
+    prepared = make_prepared(root)
+    # trained like tests.tiny.make_teacher, but only arch + weights are written (no ONNX export)
     tcfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 1})
-    teacher, _, size = train_teacher(root / "prepared", tcfg)
+    teacher, _, size = train_teacher(prepared, tcfg)
     write_arch_and_weights(root / "teacher", teacher, tcfg.arch, size)
     return root
 
@@ -172,7 +169,7 @@ def test_student_must_match_the_teachers_classes_and_the_data_channels(inputs):
 
 
 def test_missing_teacher_is_named(inputs, tmp_path):
-    with pytest.raises(LatheError, match=r"nowhere/arch\.json: model file missing"):
+    with pytest.raises(LatheError, match=r"nowhere: teacher folder not found"):
         distill_student(tmp_path / "nowhere", inputs / "prepared", tiny_cfg())
 
 

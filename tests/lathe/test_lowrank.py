@@ -5,16 +5,15 @@ import onnx
 import pytest
 import torch
 
-from lathe.config import ArchSpec, IngestParams, LowRankParams, TrainParams, parse_section
-from lathe.data import generate_raw
+from lathe.config import ArchSpec, LowRankParams, parse_section
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
-from lathe.ingest import ingest, load_split, write_prepared
+from lathe.ingest import load_split
 from lathe.lowrank import RECORD, choose_rank, factorize, lowrank, lowrank_teacher, plan_ranks, write_lowrank
 from lathe.models import LowRankConv, build_model, count_macs, count_params
-from lathe.teacher import FILES, load_model, train_teacher, write_model_dir
+from lathe.teacher import FILES, load_model
 from lathe.train import to_tensor
-from tests.tiny import TINY_PARAMS
+from tests.tiny import TINY_PARAMS, make_prepared, make_teacher
 
 SPEC = ArchSpec(**TINY_PARAMS["train_teacher"]["arch"])
 
@@ -23,14 +22,8 @@ SPEC = ArchSpec(**TINY_PARAMS["train_teacher"]["arch"])
 def teacher(tmp_path_factory):
     """A tiny trained teacher folder and its prepared data: (teacher_dir, prepared_dir)."""
     root = tmp_path_factory.mktemp("lowrank")
-    generate_raw(root / "raw", per_class_type=6, size=32)
-    cfg = IngestParams(**TINY_PARAMS["ingest"])
-    rows, images = ingest(root / "raw", cfg)
-    write_prepared(root / "prepared", rows, images, cfg)
-    tcfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 1})
-    model, result, size = train_teacher(root / "prepared", tcfg)
-    write_model_dir(root / "teacher", model, tcfg.arch, size, result, load_split(root / "prepared", "val")["images"])
-    return root / "teacher", root / "prepared"
+    prepared = make_prepared(root)
+    return make_teacher(root, prepared), prepared
 
 
 def tiny_cfg(**overrides) -> LowRankParams:

@@ -9,7 +9,7 @@ from lathe.config import ArchSpec, TrainParams, parse_section
 from lathe.errors import ConfigError
 from lathe.evaluate import count_onnx_macs
 from lathe.export import export_onnx, max_abs_diff_vs_torch
-from lathe.models import (BasicBlock, LowRankConv, ResNetLike, build_model, count_macs, count_params,
+from lathe.models import (LowRankConv, build_model, count_macs, count_params,
                           final_feature_size, spec_macs, spec_of)
 
 SPEC = ArchSpec(stem_channels=4, stem_stride=1, widths=[4, 8], blocks=[1, 1])

@@ -6,31 +6,24 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lathe.config import ArchSpec, IngestParams, PruneParams, TrainParams, parse_section
-from lathe.data import generate_raw
+from lathe.config import ArchSpec, PruneParams, parse_section
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.ingest import ingest, load_split, write_prepared
+from lathe.ingest import load_split
 from lathe.models import build_model, count_macs, count_params
 from lathe.prune import (RECORD, channel_groups, make_importance, prune, prune_teacher, prune_to_counts,
                          search_counts, write_pruned)
-from lathe.teacher import FILES, load_model, train_teacher, write_model_dir
+from lathe.teacher import FILES, load_model
 from lathe.train import to_tensor
-from tests.tiny import TINY_PARAMS
+from tests.tiny import TINY_PARAMS, make_prepared, make_teacher
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A tiny trained teacher folder and its prepared data: (teacher_dir, prepared_dir)."""
     root = tmp_path_factory.mktemp("prune")
-    generate_raw(root / "raw", per_class_type=6, size=32)
-    cfg = IngestParams(**TINY_PARAMS["ingest"])
-    rows, images = ingest(root / "raw", cfg)
-    write_prepared(root / "prepared", rows, images, cfg)
-    tcfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 1})
-    model, result, size = train_teacher(root / "prepared", tcfg)
-    write_model_dir(root / "teacher", model, tcfg.arch, size, result, load_split(root / "prepared", "val")["images"])
-    return root / "teacher", root / "prepared"
+    prepared = make_prepared(root)
+    return make_teacher(root, prepared), prepared
 
 
 def tiny_cfg(**overrides) -> PruneParams:
@@ -191,12 +184,9 @@ def test_missing_or_broken_teacher_files_are_named(teacher, tmp_path):
 
 
 def test_images_of_another_size_are_refused(teacher, tmp_path):
-    generate_raw(tmp_path / "raw", per_class_type=6, size=32)
-    cfg = IngestParams(**{**TINY_PARAMS["ingest"], "image_size": 24})
-    rows, images = ingest(tmp_path / "raw", cfg)
-    write_prepared(tmp_path / "prepared24", rows, images, cfg)
+    prepared24 = make_prepared(tmp_path, {**TINY_PARAMS["ingest"], "image_size": 24})
     with pytest.raises(DataError, match=r"train.safetensors: images are 24 px but .* built for 16 px"):
-        prune_teacher(teacher[0], tmp_path / "prepared24", tiny_cfg())
+        prune_teacher(teacher[0], prepared24, tiny_cfg())
 
 
 def test_a_factorised_model_is_not_pruned():

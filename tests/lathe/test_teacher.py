@@ -2,23 +2,17 @@ import numpy as np
 import pytest
 import torch
 
-from lathe.config import IngestParams, TrainParams
-from lathe.data import generate_raw
+from lathe.config import TrainParams
 from lathe.errors import DataError
-from lathe.ingest import ingest, load_split, write_prepared
+from lathe.ingest import load_split
 from lathe.teacher import FILES, check_trainable, load_model, train_teacher, write_model_dir
 from lathe.train import class_weights, to_tensor
-from tests.tiny import TINY_PARAMS
+from tests.tiny import TINY_PARAMS, make_prepared
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    generate_raw(root / "raw", per_class_type=6, size=32)
-    cfg = IngestParams(**TINY_PARAMS["ingest"])
-    rows, images = ingest(root / "raw", cfg)
-    write_prepared(root / "prepared", rows, images, cfg)
-    return root / "prepared"
+    return make_prepared(tmp_path_factory.mktemp("teacher"))
 
 
 def test_class_weights_favour_rare_classes():

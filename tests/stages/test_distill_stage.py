@@ -5,14 +5,12 @@ import pytest
 import yaml
 from safetensors.torch import save as save_tensors
 
-from lathe.config import IngestParams, TrainParams
-from lathe.data import generate_raw
-from lathe.ingest import ingest, write_prepared
+from lathe.config import TrainParams
 from lathe.io import write_bytes, write_json
 from lathe.models import build_model
 from lathe.teacher import FILES, arch_document
 from stages import distill as stage
-from tests.tiny import TINY_PARAMS, tiny_params
+from tests.tiny import TINY_PARAMS, make_prepared, tiny_params
 
 MODEL_FILES = {FILES.weights, FILES.arch, FILES.onnx, FILES.summary, "distill.json"}
 
@@ -21,10 +19,8 @@ MODEL_FILES = {FILES.weights, FILES.arch, FILES.onnx, FILES.summary, "distill.js
 def inputs(tmp_path_factory):
     """Prepared tiny data and an (untrained) tiny teacher folder; the stage only reads them."""
     root = tmp_path_factory.mktemp("inputs")
-    generate_raw(root / "raw", per_class_type=6, size=32)
-    cfg = IngestParams(**TINY_PARAMS["ingest"])
-    rows, images = ingest(root / "raw", cfg)
-    write_prepared(root / "prep", rows, images, cfg)
+    make_prepared(root)
+    # untrained, and only arch + weights: the stage never runs the teacher's ONNX
     spec = TrainParams(**TINY_PARAMS["train_teacher"]).arch
     teacher = build_model(spec, 16)
     write_json(root / "teacher" / FILES.arch, arch_document(spec, 16))
@@ -36,7 +32,7 @@ def run(tmp_path, inputs, params, *extra, control=False):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     head = ["--control"] if control else [str(inputs / "teacher")]
-    stage.main([*head, str(inputs / "prep"), str(tmp_path / "out"), str(tmp_path / "hist.csv"), "--params", str(path), *extra])
+    stage.main([*head, str(inputs / "prepared"), str(tmp_path / "out"), str(tmp_path / "hist.csv"), "--params", str(path), *extra])
 
 
 def test_distill_stage_writes_only_its_outs_with_one_log_line_per_epoch(tmp_path, inputs, caplog):
@@ -72,10 +68,10 @@ def test_missing_teacher_exits_1_naming_the_file(tmp_path, inputs, capsys):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params()))
     with pytest.raises(SystemExit) as exit_info:
-        stage.main([str(tmp_path / "no_teacher"), str(inputs / "prep"), str(tmp_path / "out"), str(tmp_path / "h.csv"),
+        stage.main([str(tmp_path / "no_teacher"), str(inputs / "prepared"), str(tmp_path / "out"), str(tmp_path / "h.csv"),
                     "--params", str(path)])
     assert exit_info.value.code == 1
-    assert "no_teacher/arch.json: model file missing" in capsys.readouterr().err
+    assert "no_teacher: teacher folder not found" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -3,26 +3,16 @@ import json
 import pytest
 import yaml
 
-from lathe.config import IngestParams, TrainParams
-from lathe.data import generate_raw
-from lathe.ingest import ingest, load_split, write_prepared
-from lathe.teacher import train_teacher, write_model_dir
 from stages import prune as stage
-from tests.tiny import TINY_PARAMS, tiny_params
+from tests.tiny import make_prepared, make_teacher, tiny_params
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """(teacher_dir, prepared_dir) of a tiny one-epoch teacher."""
     root = tmp_path_factory.mktemp("prune_stage")
-    generate_raw(root / "raw", per_class_type=6, size=32)
-    cfg = IngestParams(**TINY_PARAMS["ingest"])
-    rows, images = ingest(root / "raw", cfg)
-    write_prepared(root / "prep", rows, images, cfg)
-    tcfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 1})
-    model, result, size = train_teacher(root / "prep", tcfg)
-    write_model_dir(root / "teacher", model, tcfg.arch, size, result, load_split(root / "prep", "val")["images"])
-    return root / "teacher", root / "prep"
+    prepared = make_prepared(root)
+    return make_teacher(root, prepared), prepared
 
 
 def run(tmp_path, teacher_dir, prepared, params):

@@ -1,20 +1,13 @@
 import pytest
 import yaml
 
-from lathe.config import IngestParams
-from lathe.data import generate_raw
-from lathe.ingest import ingest, write_prepared
 from stages import train_teacher as stage
-from tests.tiny import TINY_PARAMS, tiny_params
+from tests.tiny import make_prepared, tiny_params
 
 
 @pytest.fixture()
 def prepared(tmp_path):
-    generate_raw(tmp_path / "raw", per_class_type=6, size=32)
-    cfg = IngestParams(**TINY_PARAMS["ingest"])
-    rows, images = ingest(tmp_path / "raw", cfg)
-    write_prepared(tmp_path / "prep", rows, images, cfg)
-    return tmp_path / "prep"
+    return make_prepared(tmp_path)
 
 
 def run(tmp_path, prepared, params):
