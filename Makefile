@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup run test bench data lock clean-venv
+.PHONY: setup run test bench data keys lock clean-venv
 
 setup: $(STAMP)
 
@@ -32,7 +32,11 @@ data: setup
 	  $(BIN)/lathe data import-elpv data/raw && $(BIN)/dvc add -q data/raw; \
 	else echo "data/raw present; leaving it as it is"; fi
 
-run: data
+# The package stage signs with this key pair (model-signing, EC P-256); created once, never overwritten.
+keys: setup
+	$(BIN)/lathe keys init
+
+run: data keys
 	$(BIN)/python -m flows.pipeline
 
 test: setup

@@ -58,5 +58,88 @@ def generate_cmd(
     console.print(f"generated {n} synthetic samples into {dest}")
 
 
+keys_app = typer.Typer(help="The package signing key pair (EC P-256, offline).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init_cmd(
+    private: Path = typer.Option(Path(".lathe/keys/signing-key.pem"), "--private", help="private key (PEM, mode 0600)"),
+    public: Path = typer.Option(Path(".lathe/keys/signing-key.pub"), "--public", help="public key (PEM) to give verifiers"),
+    force: bool = typer.Option(False, "--force", help="replace existing keys (old packages stop verifying)"),
+) -> None:
+    """Create the signing key pair; does nothing when both files already exist."""
+    from lathe.signing import generate_keys
+
+    if private.exists() and public.exists() and not force:
+        console.print(f"keys already exist: {private} (private), {public} (public); nothing to do")
+        return
+    try:
+        generate_keys(private, public, force=force)
+    except LatheError as exc:
+        fail(exc)
+    console.print(f"wrote {private} (private, 0600; keep it out of git) and {public} (public)")
+
+
+@app.command("verify")
+def verify_cmd(
+    package: Path = typer.Argument(..., help="package folder or <target>.tar.gz"),
+    public_key: Path = typer.Option(None, "--public-key", help="public key [default: $LATHE_PUBLIC_KEY or "
+                                    ".lathe/keys/signing-key.pub in --repo]"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="rebuild at the recorded commit and compare every file"),
+    full: bool = typer.Option(False, "--full", help="with --rebuild: rerun every stage from raw data, not only package"),
+    repo: Path = typer.Option(None, "--repo", help="git + DVC repository for --rebuild [default: cwd]"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable report on stdout"),
+) -> None:
+    """Re-hash, check the signature, run the self-test (and optionally rebuild). Exit 0 only if all pass."""
+    import json
+
+    from rich.table import Table
+
+    from lathe.verify import default_public_key, verify_package
+
+    key = public_key or default_public_key(repo)
+    with console.status("verifying"):
+        report = verify_package(package, key, rebuild=rebuild, repo=repo, full=full)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        out = Console()
+        table = Table(title=f"verify {package}", show_lines=False)
+        table.add_column("check")
+        table.add_column("result")
+        table.add_column("detail", overflow="fold")
+        for c in report.checks:
+            table.add_row(c.name, "[green]PASS[/]" if c.passed else "[bold red]FAIL[/]", c.message)
+        out.print(table)
+        out.print("[bold green]ALL CHECKS PASSED[/]" if report.ok else
+                  f"[bold red]{len(report.failed())} CHECK(S) FAILED[/]")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("trace")
+def trace_cmd(
+    subject: str = typer.Argument(..., help="package folder, <target>.tar.gz, a model.onnx, or a sha256"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable lineage on stdout"),
+    repo: Path = typer.Option(None, "--repo", help="repository to search and cross-check [default: cwd if a git repo]"),
+) -> None:
+    """Which data, code and settings produced this model: from the package alone, cross-checked with the repo."""
+    import json
+
+    from lathe.trace import print_trace, trace
+
+    try:
+        result = trace(subject, repo=repo)
+    except LatheError as exc:
+        fail(exc)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print_trace(result, Console())
+    if result.get("cross_check", {}).get("status") == "MISMATCH":
+        raise typer.Exit(2)
+
+
 if __name__ == "__main__":
     app()

@@ -22,7 +22,8 @@ TINY_PARAMS = {
         "seed": 0, "threads": 1, "epochs": 2, "batch_size": 16, "lr": 0.003,
         "arch": {"stem_channels": 8, "stem_stride": 1, "widths": [8, 16], "blocks": [1, 1]},
     },
-    "evaluate": {"latency_warmup": 1, "latency_runs": 5, "throughput_batch": 8, "throughput_runs": 1},
+    "evaluate": {"latency_warmup": 1, "latency_runs": 5, "throughput_batch": 8, "throughput_runs": 1,
+                 "defective_from_class": 2},
     "prune": {"ratio": 0.5, "steps": 2, "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
     "prune_baseline": {"target": "channels", "ratio": 0.5, "steps": 1,
                        "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
@@ -34,6 +35,9 @@ TINY_PARAMS = {
     "lowrank": {"energy": 0.8, "min_channels": 4, "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
     "quantize": {"seed": 0, "calibration_size": 8},
     "compare": {"pareto_metric": "accuracy"},
+    "targets": {"tiny-gw": {"defective_recall_target": 0.5,
+                            "gates": {"max_size_bytes": 10_000_000, "min_accuracy": 0.0}}},
+    "package": {"private_key": ".lathe/keys/signing-key.pem"},
 }
 
 PROJECT_FILES = ["lathe", "stages", "flows", "dvc.yaml"]
@@ -114,6 +118,7 @@ def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 6) -> Pat
     sh(dest, "dvc", "init", "-q")
     sh(dest, "dvc", "config", "core.analytics", "false")
     sh(dest, "dvc", "add", "-q", "data/raw")
+    sh(dest, "lathe", "keys", "init")  # the package stage signs; .lathe/ is git-ignored
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-q", "-m", "tiny workspace")
     return dest

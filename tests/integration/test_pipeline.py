@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import re
 import shutil
@@ -20,7 +21,8 @@ FLOAT_VARIANTS = ["teacher", "pruned", "student", "student_control", "lowrank"]
 VARIANTS = FLOAT_VARIANTS + [f"quantized/{v}" for v in FLOAT_VARIANTS]
 EVALUATES = [f"evaluate@{v}" for v in VARIANTS]
 STAGES = (["ingest", "validate", "train_teacher", "prune", "prune_baseline", "lowrank", "distill", "distill_control"]
-          + [f"quantize@{v}" for v in FLOAT_VARIANTS] + EVALUATES + ["compare"])
+          + [f"quantize@{v}" for v in FLOAT_VARIANTS] + EVALUATES + ["compare", "package@tiny-gw"])
+PACKAGE = "models/packages/tiny-gw"
 
 
 def ran_stages(output: str) -> list[str]:
@@ -32,6 +34,11 @@ def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under `root`, by relative path."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def commit_run(ws: Path) -> None:
+    sh(ws, "git", "add", "-A")
+    sh(ws, "git", "commit", "-q", "-m", "pipeline run")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,8 @@ def test_pipeline_produces_every_declared_output(built):
                  "models/pruned/prune.json", "models/student/distill.json", "models/student_control/distill.json",
                  "models/lowrank/lowrank.json", "models/quantized/student/quantize.json",
                  "models/baselines/pruned_50/prune.json", "reports/compare.md", "reports/compare.json",
-                 "reports/pareto.png"]:
+                 "reports/pareto.png", f"{PACKAGE}/manifest.json", f"{PACKAGE}/signature", f"{PACKAGE}.tar.gz",
+                 f"{PACKAGE}.tar.gz.sha256"]:
         assert (built / path).is_file(), path
     for variant in VARIANTS:
         assert (built / "reports" / variant / "metrics.json").is_file(), variant
@@ -77,11 +85,14 @@ def test_evaluate_only_param_reruns_only_evaluate(ws):
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["evaluate"]["latency_runs"] = 7
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_run(ws)  # the package stage refuses to package an uncommitted params change
     models_before = tree_digest(ws / "models")
     res = sh(ws, "dvc", "repro")
-    # evaluate reruns for every variant; compare follows because the timings in metrics.json moved
-    assert sorted(ran_stages(res.stdout)) == sorted(EVALUATES + ["compare"]), res.stdout
-    assert tree_digest(ws / "models") == models_before
+    # evaluate reruns for every variant; compare and package follow because the timings moved
+    assert sorted(ran_stages(res.stdout)) == sorted(EVALUATES + ["compare", "package@tiny-gw"]), res.stdout
+    # every trained or quantized model is untouched; the package records the new measurements
+    unpackaged = lambda digest: {k: v for k, v in digest.items() if not k.startswith("packages/")}  # noqa: E731
+    assert unpackaged(tree_digest(ws / "models")) == unpackaged(models_before)
 
 
 def corrupt_image(raw: Path, victim: str) -> None:
@@ -138,3 +149,38 @@ def test_bad_input_stops_the_pipeline_naming_the_file_and_keeps_models(ws, kind)
     assert Path(victim).name in res.stderr + res.stdout, f"{kind}: message does not name {victim}\n{res.stderr}"
     assert "train_teacher" not in ran_stages(res.stdout)
     assert tree_digest(ws / "models") == models_before
+
+
+def test_trace_names_the_raw_data_md5_that_data_raw_dvc_holds(ws):
+    commit_run(ws)
+    raw_md5 = yaml.safe_load((ws / "data/raw.dvc").read_text())["outs"][0]["md5"]
+
+    res = sh(ws, "lathe", "trace", PACKAGE)
+    traced = json.loads(sh(ws, "lathe", "trace", f"{PACKAGE}/model.onnx", "--json").stdout)
+
+    assert raw_md5 in res.stdout
+    assert json.dumps(traced).count(raw_md5) >= 1
+    assert "MISMATCH" not in res.stdout
+
+
+def test_verify_rebuild_reproduces_the_package_byte_for_byte(ws):
+    commit_run(ws)
+
+    res = sh(ws, "lathe", "verify", PACKAGE, "--rebuild", check=False)
+
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "FAIL" not in res.stdout
+
+
+def test_a_gate_no_variant_meets_fails_the_package_stage_and_keeps_the_last_package(ws):
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["targets"]["tiny-gw"]["gates"]["max_size_bytes"] = 10  # no model is 10 bytes
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_run(ws)
+    before = tree_digest(ws / "models/packages")
+
+    res = sh(ws, "dvc", "repro", check=False)
+
+    assert res.returncode != 0
+    assert "max_size_bytes" in res.stderr + res.stdout and "quantized/student" in res.stderr + res.stdout
+    assert tree_digest(ws / "models/packages") == before

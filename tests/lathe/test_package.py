@@ -1,0 +1,181 @@
+"""lathe.package: threshold, gates and selection, the stamp, byte-stable files, git dirtiness, the dvc.lock chain."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from lathe.config import GateParams, PackageParams, TargetParams, parse_targets
+from lathe.errors import ConfigError, DataError
+from lathe.package import (
+    Candidate, Threshold, check_gates, choose_threshold, dirty_paths, gate_table, model_stamp, npz_bytes,
+    package_id_of, rates_at, select, selftest_indices, stage_chain, stamp_model_bytes, unstamped_model_bytes,
+)
+
+
+def tiny_onnx(seed: int = 0, size: int = 4) -> bytes:
+    """(N, 1, S, S) float -> Flatten -> Gemm -> (N, 4) logits; ir_version 10 for onnxruntime."""
+    rng = np.random.default_rng(seed)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [size * size, 4], rng.normal(size=(size * size, 4)).astype(np.float32).ravel())
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("Gemm", ["flat", "w"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    helper.set_model_props(model, {"lathe.quantize.source_sha256": "abc"})
+    return model.SerializeToString()
+
+
+# --- threshold
+
+
+def test_threshold_is_the_highest_reaching_the_recall_target():
+    # defective p: 0.9 0.8 0.7 0.6 0.5; 80% of 5 -> 4 caught -> t = 0.6
+    p = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.65, 0.1])
+    y = np.array([3, 3, 2, 3, 2, 0, 1])
+    t = choose_threshold(p, y, 2, 0.8)
+    assert t == 0.6
+    r = rates_at(p, y, 2, t)
+    assert r["defective_recall"] == 0.8 and r["escape_rate"] == 0.2 and r["false_reject_rate"] == 0.5
+    assert choose_threshold(p, y, 2, 1.0) == 0.5
+    assert choose_threshold(p, y, 2, 0.01) == 0.9  # at least one defective sample is caught
+
+
+def test_threshold_rounds_down_so_the_target_still_holds_and_ties_are_deterministic():
+    p = np.array([0.12345678, 0.12345678, 0.9])
+    y = np.array([2, 2, 2])
+    t = choose_threshold(p, y, 2, 0.5)
+    assert t == 0.123456 and rates_at(p, y, 2, t)["defective_recall"] == 1.0  # tie: both caught
+
+
+def test_threshold_without_defective_samples_is_an_error():
+    with pytest.raises(DataError, match="no defective sample"):
+        choose_threshold(np.array([0.3]), np.array([0]), 2, 0.9)
+
+
+# --- gates and selection
+
+
+def cand(name: str, size: int, p50: float, acc: float = 0.8, recall: float = 0.9, frr: float = 0.1,
+         gates: GateParams | None = None) -> Candidate:
+    th = Threshold(0.5, 0.9, {}, {"defective_recall": recall, "false_reject_rate": frr})
+    m = {"size_bytes": size, "latency_p50_ms": p50, "accuracy": acc}
+    return Candidate(name, m, th, check_gates(gates or GateParams(max_size_bytes=1000, min_accuracy=0.7,
+                                                                   min_defective_recall=0.85, max_false_reject_rate=0.2), m, th))
+
+
+def test_select_smallest_then_fastest_among_passing():
+    cs = [cand("big", 900, 0.1), cand("small_slow", 100, 0.9), cand("small_fast", 100, 0.2),
+          cand("tiny_bad", 10, 0.01, acc=0.5)]
+    assert select(cs).variant == "small_fast"
+    assert not cs[3].passed and [g["gate"] for g in cs[3].gates if not g["passed"]] == ["min_accuracy"]
+
+
+def test_no_variant_passes_gives_none_and_a_table_of_every_variant_and_gate():
+    cs = [cand("a", 2000, 0.1), cand("b", 100, 0.1, frr=0.5)]
+    assert select(cs) is None
+    table = gate_table("t", cs)
+    for word in ("| a |", "| b |", "max_size_bytes (1,000 B)", "2,000 B FAIL", "0.500 FAIL", "max_latency_p50_ms (not gated)"):
+        assert word in table, table
+    assert len(table.splitlines()) == 4
+
+
+def test_unset_gate_is_reported_but_not_checked():
+    c = cand("a", 10**9, 99.0, gates=GateParams())
+    assert c.passed and all(g["limit"] is None for g in c.gates)
+
+
+# --- config
+
+
+def test_targets_are_a_mapping_with_safe_names_and_typos_name_the_key():
+    t = parse_targets({"targets": {"arm-gateway": {"gates": {"max_size_bytes": 400000}}}})
+    assert isinstance(t["arm-gateway"], TargetParams) and t["arm-gateway"].gates.max_size_bytes == 400000
+    with pytest.raises(ConfigError, match=r"targets\.x\.gates\.min_acc"):
+        parse_targets({"targets": {"x": {"gates": {"min_acc": 0.5}}}})
+    with pytest.raises(ConfigError, match="must match"):
+        parse_targets({"targets": {"../x": {}}})
+    with pytest.raises(ValueError, match="relative path"):
+        PackageParams(variants=["../teacher"])
+
+
+# --- stamp and byte-stable files
+
+
+def test_stamp_roundtrip_keeps_other_metadata_and_is_sorted():
+    plain = unstamped_model_bytes(tiny_onnx())
+    stamped = stamp_model_bytes(plain, "0123456789abcdef", "f" * 64)
+    assert model_stamp(stamped) == {"lathe.package_id": "0123456789abcdef", "lathe.manifest_sha256": "f" * 64}
+    assert unstamped_model_bytes(stamped) == plain
+    keys = [p.key for p in onnx.load_from_string(stamped).metadata_props]
+    assert keys == sorted(keys) and "lathe.quantize.source_sha256" in keys
+    assert stamp_model_bytes(plain, "0123456789abcdef", "f" * 64) == stamped
+
+
+def test_npz_is_byte_stable_and_loads_without_pickle(tmp_path):
+    arrays = {"images": np.arange(32, dtype=np.uint8).reshape(2, 4, 4), "logits": np.ones((2, 4), np.float32)}
+    a, b = npz_bytes(arrays), npz_bytes(dict(reversed(arrays.items())))
+    assert a == b
+    (tmp_path / "s.npz").write_bytes(a)
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
+        assert z["images"].dtype == np.uint8 and np.array_equal(z["logits"], arrays["logits"])
+
+
+def test_package_id_ignores_build_and_itself():
+    m = {"schema": "s", "variant": "v", "build": {"time": "t1"}}
+    pid = package_id_of(m)
+    assert pid == package_id_of({**m, "build": {"time": "t2"}, "package_id": "x"}) and len(pid) == 16
+    assert pid != package_id_of({**m, "variant": "w"})
+
+
+def test_selftest_indices_take_per_class_lowest_ids_in_id_order():
+    labels = np.array([0, 1, 0, 2, 1, 0])
+    ids = np.array([50, 40, 30, 20, 10, 0])
+    idx = selftest_indices(labels, ids, 1)
+    assert ids[idx].tolist() == [0, 10, 20]
+
+
+# --- lineage
+
+
+def test_stage_chain_walks_back_from_the_model_to_raw_data():
+    lock = {"stages": {
+        "ingest": {"cmd": "i", "deps": [{"path": "data/raw", "md5": "r.dir"}, {"path": "lathe/x.py", "md5": "c"}],
+                   "outs": [{"path": "data/prepared", "md5": "p.dir"}]},
+        "train": {"cmd": "t", "deps": [{"path": "data/prepared", "md5": "p.dir"}], "outs": [{"path": "models/teacher", "md5": "m.dir"}]},
+        "quantize@teacher": {"cmd": "q", "deps": [{"path": "models/teacher/model.onnx", "md5": "f"}],
+                             "outs": [{"path": "models/quantized/teacher", "md5": "q.dir"}], "params": {"params.yaml": {"quantize": {}}}},
+        "other": {"cmd": "o", "deps": [], "outs": [{"path": "models/other", "md5": "o"}]},
+    }}
+    order, entries, leaves = stage_chain(lock, ["models/quantized/teacher"])
+    assert order == ["ingest", "train", "quantize@teacher"] and leaves == {"data/raw"}
+    assert entries["quantize@teacher"]["deps"] == [{"path": "models/teacher/model.onnx", "md5": "f"}]
+    assert entries["quantize@teacher"]["params"] == {"params.yaml": {"quantize": {}}}
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def test_dirty_paths_ignore_dvc_outputs_and_lock_but_not_code(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(
+        "vars:\n  - vs: [a, b]\nstages:\n  ev:\n    foreach: ${vs}\n    do:\n      cmd: x\n"
+        "      outs:\n        - reports/${item}/p.csv\n      metrics:\n        - reports/${item}/m.json:\n            cache: false\n"
+        "  tr:\n    cmd: y\n    outs: [models/teacher]\n")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git(tmp_path, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "x")
+    for rel in ("reports/a/m.json", "reports/b/p.csv", "models/teacher/model.onnx", "models/.gitignore", "dvc.lock",
+                "models/packages/t/manifest.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    assert dirty_paths(tmp_path, {"models/packages/t"}) == []
+    (tmp_path / "code.py").write_text("a = 2\n")
+    (tmp_path / "stray.txt").write_text("?")
+    assert dirty_paths(tmp_path, {"models/packages/t"}) == ["code.py", "stray.txt"]
