@@ -258,3 +258,33 @@ def test_compare_packages_lists_files_and_manifest_keys(tmp_path, golden, keys):
     assert compare_archives(tmp_path / "a.tar.gz", tmp_path / "b.tar.gz") == [
         "archive member edge/manifest.json: differs (header or content)",
         "archive member edge/model_card.md: differs (header or content)"]
+
+
+def test_rebuild_picks_the_dvc_lock_the_manifest_records(tmp_path):
+    """The package's commit often predates the dvc.lock it was built with: the rebuild matches the
+    manifest's recorded stages against each dvc.lock candidate and names the first stage that differs."""
+    from lathe.package import _lock_entry, stage_chain
+    from lathe.verify import _lock_mismatch, _tracked_outputs
+
+    lock = {"schema": "2.0", "stages": {
+        "ingest": {"cmd": "python -m stages.ingest data/raw data/prepared",
+                   "deps": [{"path": "data/raw", "hash": "md5", "md5": "r" * 32 + ".dir", "nfiles": 3}],
+                   "params": {"params.yaml": {"ingest": {"seed": 0}}},
+                   "outs": [{"path": "data/prepared", "hash": "md5", "md5": "p" * 32 + ".dir", "size": 9}]},
+        "evaluate@x": {"cmd": "python -m stages.evaluate x",
+                       "deps": [{"path": "data/prepared", "md5": "p" * 32 + ".dir"}],
+                       "outs": [{"path": "reports/x/metrics.json", "md5": "m" * 32}]}}}
+    _, entries, _ = stage_chain(lock, ["reports/x/metrics.json"])
+    manifest = json.loads(json.dumps({"stages": entries}))  # as read back from manifest.json
+    assert _lock_mismatch(lock, manifest) is None
+    rerun = json.loads(json.dumps(lock))
+    rerun["stages"]["ingest"]["outs"][0]["md5"] = "q" * 32 + ".dir"
+    assert _lock_mismatch(rerun, manifest) == "stage ingest differs"
+    del rerun["stages"]["evaluate@x"]
+    assert _lock_mismatch(rerun, manifest) == "no stage evaluate@x"
+    assert _lock_entry(lock["stages"]["ingest"])["outs"] == [{"path": "data/prepared", "md5": "p" * 32 + ".dir"}]
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "raw.dvc").write_text("outs:\n- md5: " + "r" * 32 + ".dir\n  path: raw\n")
+    assert _tracked_outputs(tmp_path, lock) == {"data/raw": "r" * 32 + ".dir", "data/prepared": "p" * 32 + ".dir",
+                                                "reports/x/metrics.json": "m" * 32}
