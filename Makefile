@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup run test bench data keys lock clean-venv
+.PHONY: setup run test bench serve data keys lock clean-venv
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ test: setup
 # writes reports/bench.md and reports/bench.json.
 bench: run
 	$(BIN)/python -m bench.run
+
+# Unattended operation: a Prefect server on 127.0.0.1:4200 (SQLite in .prefect/, UI http://127.0.0.1:4200)
+# unless PREFECT_API_URL names an existing one, plus the nightly and data-change deployments. Ctrl-C stops both.
+serve: data keys
+	$(BIN)/lathe serve
 
 # Re-resolve requirements.in into exact pins in a throwaway venv.
 lock:

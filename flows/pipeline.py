@@ -4,6 +4,13 @@ Prefect orchestrates, DVC decides. DVC plans the order (the same plan `dvc repro
 per stage whether anything changed; this module only runs the plan, logs, stops at the first failure
 and publishes a metrics table. Task and flow results are small JSON dicts, never persisted pickles.
 
+Failures are classified (`classify_failure`): a data failure (the `validate` stage, or a stage exiting
+with DATA_ERROR_EXIT) is never retried and ends the run Failed with the failed expectations in the
+`lathe-failure` artifact; a transient failure (a killed process, DVC's repo lock held) is retried
+`ops.retries` times, `ops.retry_delay_seconds` apart; anything else fails at once. A whole run holds
+the Prefect global concurrency limit `ops.concurrency_limit` (one slot), so two runs never interleave;
+DVC's own repo lock is the second line.
+
     python -m flows.pipeline [--repo PATH] [--stage NAME ...] [--retries N]
 """
 
@@ -17,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,19 @@ METRICS_ARTIFACT_KEY = "lathe-metrics"
 COMPARISON_JSON = "compare.json"  # the compare stage's metrics file; compare.md sits beside it
 FAILURE_ARTIFACT_KEY = "lathe-failure"
 PROJECT_FILE = "dvc.yaml"
+PARAMS_FILE = "params.yaml"
+VALIDATION_STAGES = frozenset({"validate"})  # a non-zero exit of these is a data failure
+VALIDATION_SUMMARY = "data/validation/summary.md"
+VALIDATION_RESULT = "data/validation/result.json"
+PACKAGES_DIR = "models/packages"
+# Proposed for stages/common.py `run`: exit with this code on DataError / ValidationFailed (1 otherwise),
+# so a data failure in any stage is recognised without parsing messages.
+DATA_ERROR_EXIT = 3
+LOCK_HELD = "Unable to acquire lock"  # dvc/lock.py: another DVC process holds the repo lock
+OUT_BUSY = "is busy, it is being blocked by"  # dvc/rwlock.py: another DVC process reads/writes that path
+# dvc/stage/exceptions.py: "failed to run: <cmd>, exited with <status>" (negative: killed by a signal)
+_CMD_EXIT = re.compile(r"exited with (-?\d+)")
+FAILURE_KINDS = ("data", "transient", "error")
 
 # Substrings of DVC's own log lines (dvc/stage/__init__.py, run.py, cache.py), checked in this order.
 _STATUS_MARKERS = (
@@ -49,18 +69,99 @@ _STAGE_FAILED = re.compile(r"^\[[^\]]+\] FAILED: ")
 
 
 class StageFailed(RuntimeError):
-    """A stage exited non-zero. `message` is the stage's own "[stage] FAILED: ..." line when it printed one."""
+    """A stage exited non-zero. `message` is the stage's own "[stage] FAILED: ..." line when it printed one.
 
-    def __init__(self, stage: str, message: str, returncode: int = 1, seconds: float = 0.0) -> None:
+    `kind` is one of FAILURE_KINDS: "data" (bad input data; never retried), "transient" (killed
+    process or held lock; retried as ops params say) or "error" (anything else; not retried).
+    """
+
+    def __init__(self, stage: str, message: str, returncode: int = 1, seconds: float = 0.0,
+                 kind: str = "error") -> None:
         # All state in args, so the exception pickles and copies cleanly.
-        super().__init__(stage, message, returncode, seconds)
+        super().__init__(stage, message, returncode, seconds, kind)
         self.stage, self.message, self.returncode, self.seconds = stage, message, returncode, seconds
+        self.kind = kind
 
     def __str__(self) -> str:
         return f"stage '{self.stage}' failed: {self.message}"
 
     def record(self) -> dict[str, Any]:
-        return _record(self.stage, self.returncode, self.seconds, "failed") | {"message": self.message}
+        return _record(self.stage, self.returncode, self.seconds, "failed") | {"message": self.message,
+                                                                               "kind": self.kind}
+
+
+class PipelineBusy(RuntimeError):
+    """Another Lathe run held the pipeline's concurrency slot for longer than the timeout."""
+
+    def __init__(self, limit: str, timeout: float | None) -> None:
+        super().__init__(limit, timeout)
+        self.limit, self.timeout = limit, timeout
+
+    def __str__(self) -> str:
+        return (f"refused: another Lathe pipeline run holds the '{self.limit}' concurrency slot and did not "
+                f"finish within {self.timeout or 0:g} s (params ops.concurrency_timeout_seconds); nothing was run")
+
+
+# --- failure classes and ops params ---------------------------------------------------------------
+
+
+def stage_exit_code(stderr: str) -> int | None:
+    """The stage command's own exit status from DVC's "failed to run: ..., exited with N" line."""
+    codes = _CMD_EXIT.findall(stderr)
+    return int(codes[-1]) if codes else None
+
+
+def classify_failure(stage: str, returncode: int, stderr: str) -> str:
+    """"data", "transient" or "error" for a failed `dvc repro --single-item <stage>`.
+
+    data: the validation stage failed, or the command exited DATA_ERROR_EXIT.
+    transient: `dvc` itself or the stage command was killed by a signal (negative status), or the
+    DVC repo lock (or a path's read/write lock) was held by another process.
+    """
+    cmd_code = stage_exit_code(stderr)
+    if returncode < 0 or (cmd_code is not None and cmd_code < 0) or LOCK_HELD in stderr or OUT_BUSY in stderr:
+        return "transient"
+    if stage.split("@", 1)[0] in VALIDATION_STAGES or cmd_code == DATA_ERROR_EXIT:
+        return "data"
+    return "error"
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry_condition_fn: retry only StageFailed of kind "transient"."""
+    exc = getattr(state, "data", None)
+    return isinstance(exc, StageFailed) and exc.kind == "transient"
+
+
+def load_ops(root: Path) -> Any:
+    """The `ops:` section of root/params.yaml (OpsParams defaults when the file or section is absent)."""
+    from flows.ops import OpsParams
+    from lathe.config import load_params, parse_section
+
+    path = root / PARAMS_FILE
+    params = load_params(path) if path.is_file() else {}
+    return parse_section(params, "ops", OpsParams, str(path)) if "ops" in params else OpsParams()
+
+
+def ensure_concurrency_limit(name: str) -> None:
+    """Create the one-slot global concurrency limit `name` on the Prefect server (or reset it to 1)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+
+
+@contextlib.contextmanager
+def pipeline_slot(name: str, timeout: float | None) -> Iterator[None]:
+    """Hold the one slot of `name` for the block; PipelineBusy after `timeout` seconds of waiting."""
+    from prefect.concurrency.sync import concurrency
+
+    ensure_concurrency_limit(name)
+    with contextlib.ExitStack() as stack:
+        try:  # AcquireConcurrencySlotTimeoutError is a TimeoutError; only the wait is guarded
+            stack.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout, strict=True))
+        except TimeoutError as exc:
+            raise PipelineBusy(name, timeout) from exc
+        yield
 
 
 # --- planning and reading, straight from DVC (no Prefect) ---------------------------------------
@@ -198,9 +299,11 @@ def run_stage(stage: str, repo: str) -> dict[str, Any]:
     seconds = time.monotonic() - start
 
     if returncode != 0:
-        message = _failure_message("".join(err), returncode)
-        log.error("stage %s failed (exit %d): %s", stage, returncode, message)
-        raise StageFailed(stage, message, returncode, seconds)
+        stderr = "".join(err)
+        message = _failure_message(stderr, returncode)
+        kind = classify_failure(stage, returncode, stderr)
+        log.error("stage %s failed (exit %d, %s failure): %s", stage, returncode, kind, message)
+        raise StageFailed(stage, message, returncode, seconds, kind)
     result = _record(stage, returncode, seconds, _status("".join(out), returncode))
     log.info("stage %s: %s in %.1f s", stage, result["status"], seconds)
     return result
@@ -249,7 +352,10 @@ def metrics_report(root: Path, metrics: Mapping[str, Mapping[str, Any]], results
     per_file = {path: values for path, values in metrics.items() if Path(path).name != COMPARISON_JSON}
     comparisons = [root / Path(p).with_suffix(".md") for p in metrics if Path(p).name == COMPARISON_JSON]
     parts = ["# Lathe metrics\n"] + [c.read_text() for c in comparisons if c.is_file()]
-    parts += [f"## Every metrics file\n\n{metrics_markdown(per_file)}", f"## Stages\n\n{stages_markdown(results)}"]
+    parts += [f"## Every metrics file\n\n{metrics_markdown(per_file)}",
+              f"## Packages\n\n{packages_markdown(read_packages(root))}",
+              f"## Data validation\n\n{validation_markdown(root)}",
+              f"## Stages\n\n{stages_markdown(results)}"]
     return "\n".join(parts)
 
 
@@ -263,51 +369,137 @@ def stages_markdown(results: Sequence[Mapping[str, Any]], not_run: Sequence[str]
 def _failure_report(repo: Path, exc: StageFailed, results: Sequence[Mapping[str, Any]], plan: Sequence[str]) -> str:
     done = {r["stage"] for r in results}
     not_run = [name for name in plan if name not in done]
-    return (
+    kind = getattr(exc, "kind", "error")
+    what = {"data": "data failure, not retried", "transient": "transient failure, retries exhausted",
+            "error": "error, not retried"}.get(kind, kind)
+    parts = [
         f"# Lathe pipeline failed at stage `{exc.stage}`\n\n"
-        f"Repo: `{repo}`, exit code {exc.returncode}.\n\n"
-        f"```text\n{exc.message}\n```\n\n"
-        f"## Stages\n\n{stages_markdown(results, not_run)}"
-    )
+        f"Repo: `{repo}`, exit code {exc.returncode} ({what}).\n\n"
+        f"```text\n{exc.message}\n```\n"
+    ]
+    summary = repo / VALIDATION_SUMMARY
+    if kind == "data" and summary.is_file():
+        parts.append(f"## Failed expectations (`{VALIDATION_SUMMARY}`)\n\n{summary.read_text()}\n")
+    parts.append(f"## Stages\n\n{stages_markdown(results, not_run)}")
+    return "\n".join(parts)
+
+
+def read_packages(root: Path) -> list[dict[str, Any]]:
+    """One record per models/packages/<target>/manifest.json: id, archive sha256, gates, raw md5, build."""
+    import json
+
+    out: list[dict[str, Any]] = []
+    for manifest_path in sorted((root / PACKAGES_DIR).glob("*/manifest.json")):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as exc:
+            out.append({"target": manifest_path.parent.name, "error": f"unreadable manifest: {exc}"})
+            continue
+        sha_file = manifest_path.parent.with_name(manifest_path.parent.name + ".tar.gz.sha256")
+        sha = sha_file.read_text().split()[0] if sha_file.is_file() and sha_file.read_text().split() else None
+        target = manifest.get("target")
+        out.append({
+            "target": target.get("name") if isinstance(target, Mapping) else manifest_path.parent.name,
+            "package_id": manifest.get("package_id"),
+            "variant": manifest.get("variant"),
+            "archive_sha256": sha,
+            "manifest": str(manifest_path.relative_to(root)),
+            "raw_md5": (manifest.get("raw_data") or {}).get("md5"),
+            "gates": manifest.get("gates") or [],
+            "build": manifest.get("build") or {},
+        })
+    return out
+
+
+def packages_markdown(packages: Sequence[Mapping[str, Any]]) -> str:
+    if not packages:
+        return f"_No packages under `{PACKAGES_DIR}`._\n"
+    lines = ["| target | package id | variant | archive sha256 | gates | built by flow run |", "|---|---|---|---|---|---|"]
+    for p in packages:
+        if "error" in p:
+            lines.append(f"| {_cell(p['target'])} | {_cell(p['error'])} | – | – | – | – |")
+            continue
+        gates = ", ".join(f"{g.get('gate')} {_cell(g.get('value'))} (limit {_cell(g.get('limit'))}) "
+                          f"{'pass' if g.get('passed') else 'FAIL'}" for g in p["gates"]) or "–"
+        lines.append(f"| {_cell(p['target'])} | `{p['package_id']}` | {_cell(p['variant'])} | "
+                     f"`{p['archive_sha256'] or 'missing'}` | {_cell(gates)} | {_cell(p['build'].get('flow_run_id') or '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def validation_markdown(root: Path) -> str:
+    import json
+
+    result, summary = root / VALIDATION_RESULT, root / VALIDATION_SUMMARY
+    if not result.is_file():
+        return "_No validation report (no `validate` stage output)._\n"
+    try:
+        data = json.loads(result.read_text())
+        stats = data.get("statistics") or {}
+        verdict = (f"{'passed' if data.get('success') else 'FAILED'}: {stats.get('successful_expectations', '?')}/"
+                   f"{stats.get('evaluated_expectations', '?')} expectations")
+    except (OSError, ValueError, AttributeError) as exc:
+        verdict = f"unreadable: {exc}"
+    where = f"`{root / VALIDATION_SUMMARY}`" if summary.is_file() else "(no summary.md)"
+    return f"Validation {verdict}. Report: {where} and `{result}`.\n"
 
 
 # --- the flow -------------------------------------------------------------------------------------
 
 
 @flow(name="lathe-pipeline", persist_result=False)
-def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retries: int = 0) -> dict[str, Any]:
+def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retries: int | None = None,
+                 retry_delay_seconds: float | None = None) -> dict[str, Any]:
     """Run the DVC pipeline in `repo` (default: cwd), all stages or `stages` and their upstream.
 
     Each stage is one task; the first failure stops the run (downstream stages do not start),
     publishes a `lathe-failure` artifact and raises StageFailed. On success publishes the
     `lathe-metrics` artifact and returns {"repo", "flow_run_id", "stages": [...], "metrics": {...}}.
-    `retries` is passed to every stage task (Prefect retries on StageFailed).
+    Transient stage failures are retried `retries` times `retry_delay_seconds` apart (default: the
+    repo's params.yaml `ops:` section); data and other failures never are. The whole run holds the
+    `ops.concurrency_limit` slot: a concurrent run waits, and after `ops.concurrency_timeout_seconds`
+    fails with PipelineBusy.
     """
     root = Path(repo if repo is not None else Path.cwd()).resolve()
     log = get_run_logger()
-    plan = plan_stages(root, stages)
-    log.info("plan (%d stages): %s", len(plan), " -> ".join(plan))
-    stage_task = run_stage.with_options(retries=retries)
-
-    results: list[dict[str, Any]] = []
-    for name in plan:
-        try:
-            results.append(stage_task(name, str(root)))
-        except StageFailed as exc:
-            results.append(exc.record())
-            create_markdown_artifact(
-                key=FAILURE_ARTIFACT_KEY,
-                markdown=_failure_report(root, exc, results, plan),
-                description=f"Lathe pipeline failed at {exc.stage}",
-            )
-            raise
-
-    metrics = read_metrics(root)
-    create_markdown_artifact(
-        key=METRICS_ARTIFACT_KEY,
-        markdown=metrics_report(root, metrics, results),
-        description="Metrics of every variant after the pipeline run",
+    ops = load_ops(root)
+    stage_task = run_stage.with_options(
+        retries=ops.retries if retries is None else retries,
+        retry_delay_seconds=ops.retry_delay_seconds if retry_delay_seconds is None else retry_delay_seconds,
+        retry_condition_fn=retry_transient,
     )
+    log.info("waiting for the '%s' concurrency slot", ops.concurrency_limit)
+    slot = pipeline_slot(ops.concurrency_limit, ops.concurrency_timeout_seconds)
+    try:
+        slot.__enter__()
+    except PipelineBusy as exc:
+        create_markdown_artifact(key=FAILURE_ARTIFACT_KEY, markdown=f"# Lathe pipeline run refused\n\n{exc}\n",
+                                 description="Lathe pipeline run refused: another run holds the slot")
+        raise
+    with contextlib.ExitStack() as held:
+        held.push(slot.__exit__)
+        log.info("holding the '%s' concurrency slot", ops.concurrency_limit)
+        plan = plan_stages(root, stages)
+        log.info("plan (%d stages): %s", len(plan), " -> ".join(plan))
+
+        results: list[dict[str, Any]] = []
+        for name in plan:
+            try:
+                results.append(stage_task(name, str(root)))
+            except StageFailed as exc:
+                results.append(exc.record())
+                create_markdown_artifact(
+                    key=FAILURE_ARTIFACT_KEY,
+                    markdown=_failure_report(root, exc, results, plan),
+                    description=f"Lathe pipeline failed at {exc.stage} ({exc.kind})",
+                )
+                raise
+
+        metrics = read_metrics(root)
+        create_markdown_artifact(
+            key=METRICS_ARTIFACT_KEY,
+            markdown=metrics_report(root, metrics, results),
+            description="Metrics of every variant, packages (ids, sha256s, gates) and the validation report",
+        )
     ran = [r["stage"] for r in results if r["ran"]]
     log.info("pipeline done: %d ran (%s), %d up to date", len(ran), ", ".join(ran) or "none", len(results) - len(ran))
     run_id = flow_run.get_id()
@@ -316,6 +508,7 @@ def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retr
         "flow_run_id": str(run_id) if run_id else None,
         "stages": results,
         "metrics": metrics,
+        "packages": read_packages(root),
     }
 
 
@@ -332,7 +525,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="target stage, repeatable; upstream stages are included (default: all)",
     )
-    parser.add_argument("--retries", type=int, default=0, help="Prefect retries per stage task")
+    parser.add_argument("--retries", type=int, default=None,
+                        help="retries of a stage after a transient failure (default: params.yaml ops.retries)")
     return parser
 
 
@@ -342,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         run_pipeline(repo=args.repo, stages=args.stages, retries=args.retries)
-    except (StageFailed, DvcException) as exc:  # anything else keeps its traceback
+    except (StageFailed, PipelineBusy, DvcException) as exc:  # anything else keeps its traceback
         print(f"lathe pipeline: {exc}", file=sys.stderr)
         return 1
     return 0

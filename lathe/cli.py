@@ -141,5 +141,28 @@ def trace_cmd(
         raise typer.Exit(2)
 
 
+@app.command("serve")
+def serve_cmd(
+    repo: Path = typer.Option(None, "--repo", help="DVC repo the deployments run [default: cwd]"),
+    api_url: str = typer.Option(None, "--api-url", help="use this Prefect server [default: $PREFECT_API_URL, "
+                                "else start `prefect server start` on ops.serve.host:port]"),
+    database_url: str = typer.Option(None, "--database-url", help="database of a server started here, e.g. "
+                                     "postgresql+asyncpg://user:pass@host/prefect [default: "
+                                     "$PREFECT_API_DATABASE_CONNECTION_URL, else SQLite under PREFECT_HOME]"),
+    host: str = typer.Option(None, "--host", help="bind address of a server started here [default: ops.serve.host]"),
+    port: int = typer.Option(None, "--port", help="port of a server started here [default: ops.serve.port]"),
+) -> None:
+    """Serve the scheduled pipeline (cron ops.schedule) and the data-change trigger on a Prefect server."""
+    from flows.serve import ServeError, serve  # lazily: the core package never imports flows
+
+    try:
+        serve(repo, api_url, database_url, host, port, announce=console.print)
+    except ServeError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
 if __name__ == "__main__":
     app()

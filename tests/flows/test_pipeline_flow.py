@@ -245,3 +245,115 @@ def test_metrics_report_shows_the_comparison_markdown_instead_of_its_json(tmp_pa
     assert "| teacher | 0.7 |" in report
     assert "variants.teacher" not in report
     assert "| compare | ran | 1.0 |" in report
+
+
+# --- concurrency: one run at a time (Prefect global concurrency limit, then DVC's lock) -----------
+
+SLOW_STAGE = """\
+import os, sys, time
+name, log, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+run = os.environ.get("LATHE_FLOW_RUN_ID", "?")
+with open(log, "a") as f:
+    f.write(f"start {name} {run} {time.time()}\\n")
+time.sleep(seconds)
+open(name + ".txt", "w").write(run)
+with open(log, "a") as f:
+    f.write(f"end {name} {run} {time.time()}\\n")
+"""
+
+
+def slow_repo(root: Path, timeline: Path, seconds: float, **ops: Any) -> Path:
+    """s1 -> s2, both always_changed (every run reruns them) and logging start/end with the flow run id."""
+    root.mkdir(parents=True)
+    (root / "slow.py").write_text(SLOW_STAGE)
+    (root / "params.yaml").write_text(yaml.safe_dump({"ops": ops}))
+    stage = lambda name, deps: {"cmd": f"python slow.py {name} {timeline} {seconds}", "deps": deps,  # noqa: E731
+                                "outs": [f"{name}.txt"], "always_changed": True}
+    return make_repo(root, {"stages": {"s2": stage("s2", ["slow.py", "s1.txt"]), "s1": stage("s1", ["slow.py"])}})
+
+
+def in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """Start fn in a thread that sees this test's Prefect settings (they live in context variables)."""
+    import contextvars
+    import threading
+
+    out: dict[str, Any] = {}
+    ctx = contextvars.copy_context()
+    thread = threading.Thread(target=lambda: out.update(state=ctx.run(fn, *args, **kwargs)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def spans(timeline: Path) -> dict[str, tuple[float, float]]:
+    """{flow run id: (first stage start, last stage end)}."""
+    out: dict[str, list[float]] = {}
+    for line in timeline.read_text().splitlines():
+        _, _, run, at = line.split()
+        out.setdefault(run, []).append(float(at))
+    return {run: (min(times), max(times)) for run, times in out.items()}
+
+
+def test_two_concurrent_runs_never_interleave(prefect_server: None, tmp_path: Path) -> None:
+    timeline = tmp_path / "timeline.log"
+    repo = slow_repo(tmp_path / "repo", timeline, 1.0, concurrency_limit="lathe-test-wait")
+
+    first, a = in_thread(run_pipeline, repo=repo, return_state=True)
+    second, b = in_thread(run_pipeline, repo=repo, return_state=True)
+    first.join(180)
+    second.join(180)
+
+    assert a["state"].is_completed(), a["state"].message
+    assert b["state"].is_completed(), b["state"].message
+    runs = spans(timeline)
+    assert len(runs) == 2 and len(timeline.read_text().splitlines()) == 8  # 2 runs x 2 stages x start/end
+    (start1, end1), (start2, end2) = sorted(runs.values())
+    assert end1 <= start2, f"runs overlapped: {runs}"
+    lines = [line.split()[:3] for line in timeline.read_text().splitlines()]
+    assert lines[:4] == [[e, s, lines[0][2]] for e, s in [("start", "s1"), ("end", "s1"), ("start", "s2"), ("end", "s2")]]
+
+
+def test_a_second_run_is_refused_after_the_timeout(prefect_server: None, tmp_path: Path) -> None:
+    import time
+
+    from flows.pipeline import PipelineBusy
+
+    timeline = tmp_path / "timeline.log"
+    repo = slow_repo(tmp_path / "repo", timeline, 4.0, concurrency_limit="lathe-test-refuse",
+                     concurrency_timeout_seconds=1)
+    first, a = in_thread(run_pipeline, repo=repo, return_state=True)
+    deadline = time.monotonic() + 90
+    while not (timeline.exists() and timeline.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first run holds the slot once its first stage has started
+
+    refused = run_pipeline(repo=repo, return_state=True)
+    first.join(180)
+
+    assert refused.is_failed()
+    exc = refused.result(raise_on_failure=False)
+    assert isinstance(exc, PipelineBusy)
+    assert "refused: another Lathe pipeline run holds the 'lathe-test-refuse' concurrency slot" in refused.message
+    assert a["state"].is_completed(), a["state"].message
+    assert set(spans(timeline)) == {str(a["state"].state_details.flow_run_id)}  # the refused run ran nothing
+    [artifact] = artifacts(FAILURE_ARTIFACT_KEY, str(refused.state_details.flow_run_id))
+    assert "refused" in artifact.data
+
+
+def test_metrics_report_lists_packages_gates_and_the_validation_report(tmp_path: Path) -> None:
+    pkg = tmp_path / "models/packages/gw"
+    pkg.mkdir(parents=True)
+    (pkg / "manifest.json").write_text(json.dumps({
+        "package_id": "0123456789abcdef", "target": {"name": "gw"}, "variant": "quantized/student",
+        "raw_data": {"md5": "abc.dir"}, "build": {"time": "2026-11-23T02:00:00Z", "flow_run_id": "run-1"},
+        "gates": [{"gate": "max_size_bytes", "limit": 1000, "value": 900, "passed": True}],
+    }))
+    (tmp_path / "models/packages/gw.tar.gz.sha256").write_text("f" * 64 + "  gw.tar.gz\n")
+    (tmp_path / "data/validation").mkdir(parents=True)
+    (tmp_path / "data/validation/result.json").write_text(json.dumps(
+        {"success": True, "statistics": {"successful_expectations": 9, "evaluated_expectations": 9}}))
+    (tmp_path / "data/validation/summary.md").write_text("all good\n")
+
+    report = metrics_report(tmp_path, {}, [])
+
+    assert f"| gw | `0123456789abcdef` | quantized/student | `{'f' * 64}` | max_size_bytes 900 (limit 1000) pass | run-1 |" in report
+    assert "Validation passed: 9/9 expectations" in report
+    assert str(tmp_path / "data/validation/summary.md") in report

@@ -1,0 +1,123 @@
+"""`lathe serve` against a real Prefect server on loopback (the test harness's): it registers both
+deployments with the schedules from params, and a run of the pipeline deployment scheduled ahead is
+picked up by the served runner, executes the toy pipeline and completes with its artifacts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import yaml
+
+from flows.env import subprocess_env
+from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: applies the offline env
+from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT
+from tests.flows import test_pipeline_flow
+from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
+
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+prefect_server = test_pipeline_flow.prefect_server  # the shared session-scoped server fixture
+
+
+def wait_for_deployment(name: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> object:
+    from flows.serve import api_healthy
+
+    deadline = time.monotonic() + timeout
+    while not api_healthy(str(PREFECT_API_URL.value())) and time.monotonic() < deadline:
+        assert server.poll() is None, f"lathe serve exited {server.returncode}:\n{log.read_text()[-3000:]}"
+        time.sleep(1)
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            assert server.poll() is None, f"lathe serve exited {server.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                time.sleep(1)
+    raise AssertionError(f"deployment {name} not registered within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_lathe_serve_runs_a_scheduled_deployment_to_completion(prefect_server: None, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump({"ops": {
+        "schedule": "30 3 * * *", "trigger_interval_minutes": 60, "concurrency_limit": "lathe-test-serve"}}))
+    repo = make_repo(root, {"stages": toy_stages()})
+    api_url = str(PREFECT_API_URL.value())
+    env = subprocess_env({"PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / ".prefect"),
+                          "PREFECT_RUNNER_POLL_FREQUENCY": "2"})
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT), env.get("PYTHONPATH", "")])
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "lathe.cli", "serve", "--repo", str(repo)],
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        scheduled = wait_for_deployment(f"lathe-pipeline/{PIPELINE_DEPLOYMENT}", server, log)
+        trigger = wait_for_deployment(f"lathe-trigger/{TRIGGER_DEPLOYMENT}", server, log)
+        assert [s.schedule.cron for s in scheduled.schedules] == ["30 3 * * *"]
+        assert [s.schedule.interval for s in trigger.schedules] == [timedelta(minutes=60)]
+        assert scheduled.parameters == {"repo": str(repo)}
+
+        # a run scheduled ahead: the served runner picks it up when it is due
+        flow_run = run_deployment(f"lathe-pipeline/{PIPELINE_DEPLOYMENT}", timeout=150, poll_interval=2,
+                                  scheduled_time=datetime.now(timezone.utc) + timedelta(seconds=5))
+
+        assert flow_run.state.is_completed(), f"{flow_run.state}\n{log.read_text()[-3000:]}"
+        assert (repo / "c.txt").read_text() == "abc"
+        [artifact] = artifacts(METRICS_ARTIFACT_KEY, str(flow_run.id))
+        assert "| toy | 0.75 | 12 |" in artifact.data
+        assert f"Lathe: Prefect API {api_url}" in log.read_text()
+    finally:
+        server.send_signal(signal.SIGTERM)  # as systemd / docker stop
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_lathe_serve_starts_its_own_server_under_prefect_home_and_stops_it(tmp_path: Path) -> None:
+    """No PREFECT_API_URL: `lathe serve` runs `prefect server start` on 127.0.0.1 with SQLite in PREFECT_HOME."""
+    import socket
+
+    from flows.serve import api_healthy
+
+    from prefect.settings import temporary_settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = make_repo(tmp_path / "repo", {"stages": toy_stages()})
+    home = tmp_path / "prefect-home"
+    env = subprocess_env({"PREFECT_HOME": str(home)})
+    env.pop("PREFECT_API_URL", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT), env.get("PYTHONPATH", "")])
+    log = tmp_path / "serve.log"
+    api_url = f"http://127.0.0.1:{port}/api"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "lathe.cli", "serve", "--repo", str(repo), "--port", str(port)],
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            deployment = wait_for_deployment(f"lathe-pipeline/{PIPELINE_DEPLOYMENT}", server, log, timeout=150)
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]  # the default: nightly
+        assert (home / "prefect.db").is_file()  # SQLite inside PREFECT_HOME
+        assert f"UI http://127.0.0.1:{port}" in log.read_text()
+    finally:
+        server.send_signal(signal.SIGTERM)  # as systemd / docker stop
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    assert not api_healthy(api_url), "the server started by lathe serve is still running"
