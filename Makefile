@@ -16,7 +16,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup run test bench serve data keys lock clean-venv
+.PHONY: setup run test killtest bench serve data keys lock clean-venv
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ run: data keys
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# SIGKILL inside ingest, train_teacher, quantize and package on tiny data, rerun, compare (docs/kill-test.md).
+killtest: setup
+	$(BIN)/python -m pytest -q -m kill tests/integration/test_kill.py
 
 # Compression against what a user would do instead (needs the models from `make run`):
 # writes reports/bench.md and reports/bench.json.
