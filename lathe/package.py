@@ -761,6 +761,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     archive.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_build(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".{target}.build-", dir=out_dir.parent))
     try:
         pkg = work / target  # named as the destination: the archive's members live under <target>/
@@ -780,6 +781,22 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return BuildResult(chosen.variant, manifest["package_id"], manifest_sha, digest, candidates)
+
+
+def recover_interrupted_build(dest: Path) -> None:
+    """Clean up after a build that was killed (SIGKILL skips `finally`), before starting a new one.
+
+    A staging folder `.<name>.build-*` is half a package: deleted. A `.<name>.old-*` folder holds the
+    previous package when the kill fell between the two renames of `_swap_dir`: put back at `dest`
+    if `dest` is missing (the last good package is never lost), else deleted. DVC's lock on the
+    stage's outs means no other writer of this target runs meanwhile.
+    """
+    for stale in sorted(dest.parent.glob(f".{dest.name}.build-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in sorted(dest.parent.glob(f".{dest.name}.old-*")):
+        if not dest.exists() and (old / dest.name).is_dir():
+            os.rename(old / dest.name, dest)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _swap_dir(new: Path, dest: Path) -> None:

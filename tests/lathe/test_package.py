@@ -179,3 +179,34 @@ def test_dirty_paths_ignore_dvc_outputs_and_lock_but_not_code(tmp_path):
     (tmp_path / "code.py").write_text("a = 2\n")
     (tmp_path / "stray.txt").write_text("?")
     assert dirty_paths(tmp_path, {"models/packages/t"}) == ["code.py", "stray.txt"]
+
+
+def test_a_killed_build_leaves_nothing_behind_and_the_last_package_comes_back(tmp_path):
+    from lathe.package import recover_interrupted_build
+
+    dest = tmp_path / "packages" / "gw"
+    (tmp_path / "packages" / ".gw.build-abc123" / "gw").mkdir(parents=True)  # killed while staging
+    (tmp_path / "packages" / ".gw.build-abc123" / "gw" / "manifest.json").write_text("{}")
+    old = tmp_path / "packages" / ".gw.old-def456" / "gw"  # killed between the two renames
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text('{"package_id": "last-good"}')
+    (tmp_path / "packages" / ".other.build-1").mkdir()  # another target's: not ours to touch
+
+    recover_interrupted_build(dest)
+
+    assert (dest / "manifest.json").read_text() == '{"package_id": "last-good"}'
+    assert sorted(p.name for p in (tmp_path / "packages").iterdir()) == [".other.build-1", "gw"]
+
+
+def test_recovery_keeps_a_present_package_and_drops_the_stale_copy(tmp_path):
+    from lathe.package import recover_interrupted_build
+
+    dest = tmp_path / "gw"
+    dest.mkdir()
+    (dest / "manifest.json").write_text("current")
+    (tmp_path / ".gw.old-1" / "gw").mkdir(parents=True)
+
+    recover_interrupted_build(dest)
+
+    assert (dest / "manifest.json").read_text() == "current"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gw"]
