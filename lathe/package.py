@@ -378,6 +378,10 @@ def _under(path: str, roots: set[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
+# Written by `make bench` from the models, never read by a stage: a fresh benchmark must not block packaging.
+MEASUREMENT_REPORTS = ("reports/bench.md", "reports/bench.json")
+
+
 def dirty_paths(root: Path, also_ignore: set[str] = frozenset()) -> list[str]:
     """Uncommitted changes (untracked files included) outside DVC-managed outputs, dvc.lock and `also_ignore`.
 
@@ -667,7 +671,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
 
     # 1. git: commit, time, dirty
     commit, built_at = git_head(root)
-    own = {_rel(root, out_dir), _rel(root, archive), _rel(root, archive) + ".sha256"}
+    own = {_rel(root, out_dir), _rel(root, archive), _rel(root, archive) + ".sha256"} | set(MEASUREMENT_REPORTS)
     if key.resolve().is_relative_to(root.resolve()):
         own.add(_rel(root, key.parent))  # the key pair must never be committed; it lives beside the repo's code
     dirty = dirty_paths(root, own)

@@ -193,6 +193,16 @@ def test_dirty_tree_is_refused_unless_allowed_and_then_recorded(ws, capsys, monk
     assert manifest["build"]["flow_run_id"] == "run-42"
 
 
+def test_a_fresh_benchmark_report_does_not_make_the_tree_dirty(ws):
+    (ws / "reports").mkdir(exist_ok=True)
+    (ws / "reports/bench.md").write_text("# Benchmark\n")  # `make bench` output, read by no stage
+
+    main(ARGV)
+
+    manifest = json.loads((ws / "models/packages" / TARGET / "manifest.json").read_text())
+    assert manifest["git"]["dirty"] is False
+
+
 def test_missing_key_and_unknown_target_fail_before_writing(ws, capsys, monkeypatch):
     monkeypatch.setenv("LATHE_SIGNING_KEY", str(ws / "nope.pem"))
     with pytest.raises(SystemExit):
