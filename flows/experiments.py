@@ -41,6 +41,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from flows.pipeline import flatten  # noqa: E402
 from lathe.compare import pareto_front  # noqa: E402
 
 ARTIFACT_KEY = "lathe-experiments"
@@ -86,17 +87,6 @@ def experiment_name(prefix: str, index: int, point: Mapping[str, Any]) -> str:
     return f"{prefix}-{index:02d}-{digest}"
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _revs(entries: Sequence[Mapping[str, Any]]):
     """(rev dict, executor state) for every experiment rev of `dvc exp show --json`."""
     for baseline in entries:
@@ -119,7 +109,7 @@ def experiments_from_show(shown: Sequence[Mapping[str, Any]], names: Sequence[st
         data = rev.get("data") or {}
         params: dict[str, Any] = {}
         for content in (data.get("params") or {}).values():
-            params.update(_flatten(content.get("data") or {}))
+            params.update(flatten(content.get("data") or {}))
         variants = {}
         for path, content in (data.get("metrics") or {}).items():
             parts = Path(path).parts

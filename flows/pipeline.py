@@ -192,18 +192,19 @@ def read_metrics(repo: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for path, entry in workspace.get("data", {}).items():
         if "data" in entry:
-            out[path] = _flatten(entry["data"])
+            out[path] = flatten(entry["data"])
         else:
             out[path] = {"error": str(entry.get("error", "unreadable"))}
     return out
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b": value}, as DVC shows metrics and params."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat
