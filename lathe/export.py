@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
 from lathe.io import write_bytes
+
+if TYPE_CHECKING:  # torch is imported where it is used: the metadata helpers serve torch-free stages too
+    from torch import nn
 
 INPUT_NAME = "image"  # (N, 1, S, S) float32 in [0, 1]
 OUTPUT_NAME = "logits"  # (N, num_classes) float32
@@ -19,6 +21,8 @@ OPSET = 20
 
 def export_onnx(model: nn.Module, image_size: int, in_channels: int = 1, metadata: dict[str, str] | None = None) -> bytes:
     """Serialize `model` to ONNX bytes: one file (no external data), dynamic batch axis."""
+    import torch
+
     model.eval()
     example = torch.zeros(2, in_channels, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -57,13 +61,16 @@ def strip_stack_traces(proto: onnx.ModelProto) -> None:
                     node.metadata_props.add(key=k, value=v)
 
 
-def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
-    """Replace/insert metadata_props entries, kept sorted for byte-stable files."""
-    props = {p.key: p.value for p in proto.metadata_props}
-    props.update(metadata)
+def write_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    """Make `props` the model's whole metadata_props, sorted by key for byte-stable files."""
     del proto.metadata_props[:]
     for k in sorted(props):
         proto.metadata_props.add(key=k, value=props[k])
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Replace/insert metadata_props entries, kept sorted for byte-stable files."""
+    write_metadata(proto, {p.key: p.value for p in proto.metadata_props} | metadata)
 
 
 def save_onnx(dest: Path, model_bytes: bytes) -> None:
@@ -74,6 +81,7 @@ def save_onnx(dest: Path, model_bytes: bytes) -> None:
 def max_abs_diff_vs_torch(model: nn.Module, model_bytes: bytes, x: np.ndarray) -> float:
     """Largest |onnxruntime - torch| over the logits for input `x` (N, C, S, S) float32."""
     import onnxruntime as ort
+    import torch
 
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     got = sess.run(None, {INPUT_NAME: x})[0]

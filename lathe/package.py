@@ -37,7 +37,8 @@ import yaml
 
 from lathe.config import EvaluateParams, PackageParams, TargetParams
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.io import read_json, sha256_bytes, sha256_file, write_bytes, write_json, write_text
+from lathe.export import write_metadata
+from lathe.io import read_json, sha256_bytes, sha256_file
 
 SCHEMA = "lathe.package/1"
 MODEL_FILE = "model.onnx"
@@ -65,12 +66,6 @@ ENV_FLOW_RUN = "LATHE_FLOW_RUN_ID"
 # The model.onnx stamp
 
 
-def _set_props(proto: onnx.ModelProto, props: dict[str, str]) -> None:
-    del proto.metadata_props[:]
-    for k in sorted(props):  # sorted: byte-stable files
-        proto.metadata_props.add(key=k, value=props[k])
-
-
 def unstamped_model_bytes(data: bytes) -> bytes:
     """The ONNX bytes with the `lathe.package_id` / `lathe.manifest_sha256` metadata entries removed.
 
@@ -79,7 +74,7 @@ def unstamped_model_bytes(data: bytes) -> bytes:
     """
     proto = onnx.load_from_string(data)
     props = {p.key: p.value for p in proto.metadata_props if p.key not in STAMP_KEYS}
-    _set_props(proto, props)
+    write_metadata(proto, props)
     return proto.SerializeToString(deterministic=True)
 
 
@@ -88,7 +83,7 @@ def stamp_model_bytes(data: bytes, package_id: str, manifest_sha256: str) -> byt
     proto = onnx.load_from_string(data)
     props = {p.key: p.value for p in proto.metadata_props}
     props.update({PACKAGE_ID_KEY: package_id, MANIFEST_SHA_KEY: manifest_sha256})
-    _set_props(proto, props)
+    write_metadata(proto, props)
     return proto.SerializeToString(deterministic=True)
 
 

@@ -49,6 +49,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from lathe.config import QuantizeParams
 from lathe.errors import ConfigError, DataError, LatheError
 from lathe.evaluate import MODEL_FILE, check_input, input_spec, load_proto, load_session, model_files, predict, to_input
+from lathe.export import set_metadata
 from lathe.ingest import load_split
 from lathe.io import sha256_bytes, sha256_file, write_bytes, write_json
 
@@ -234,19 +235,11 @@ def calibrate(model_path: Path, reader: ImageReader, cfg: QuantizeParams, cache:
     save_tensors_data(ranges, cache)
 
 
-def _set_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:
-    """Merge `metadata` into metadata_props, sorted by key (as lathe.export.set_metadata, which imports torch)."""
-    props = {p.key: p.value for p in proto.metadata_props} | metadata
-    del proto.metadata_props[:]
-    for key in sorted(props):
-        proto.metadata_props.add(key=key, value=props[key])
-
-
 def _finish(path: Path, metadata: dict[str, str] | None) -> bytes:
     """The written model as bytes, checked, with `metadata` merged into metadata_props (sorted)."""
     proto = onnx.load(str(path))
     if metadata:
-        _set_metadata(proto, metadata)
+        set_metadata(proto, metadata)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
