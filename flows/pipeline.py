@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -56,6 +57,10 @@ OUT_BUSY = "is busy, it is being blocked by"  # dvc/rwlock.py: another DVC proce
 # dvc/stage/exceptions.py: "failed to run: <cmd>, exited with <status>" (negative: killed by a signal)
 _CMD_EXIT = re.compile(r"exited with (-?\d+)")
 FAILURE_KINDS = ("data", "transient", "error")
+# A POSIX shell (DVC runs commands through $SHELL, else /bin/sh) reports a child killed by signal N
+# as 128+N; without the shell in between, Python sees -N. SIGKILL (the OOM killer, a preempted
+# node) and SIGTERM (a stopped container) are transient; SIGINT (a user's Ctrl-C) is not.
+_TRANSIENT_SIGNALS = (signal.SIGKILL, signal.SIGTERM)
 
 # Substrings of DVC's own log lines (dvc/stage/__init__.py, run.py, cache.py), checked in this order.
 _STATUS_MARKERS = (
@@ -111,15 +116,23 @@ def stage_exit_code(stderr: str) -> int | None:
     return int(codes[-1]) if codes else None
 
 
+def killed_by_signal(code: int | None) -> bool:
+    """Whether a command's exit status means it was killed: -N from Python, 128+N from a shell."""
+    if code is None:
+        return False
+    return code < 0 or code in {128 + int(sig) for sig in _TRANSIENT_SIGNALS}
+
+
 def classify_failure(stage: str, returncode: int, stderr: str) -> str:
     """"data", "transient" or "error" for a failed `dvc repro --single-item <stage>`.
 
     data: the validation stage failed, or the command exited DATA_ERROR_EXIT.
-    transient: `dvc` itself or the stage command was killed by a signal (negative status), or the
+    transient: `dvc` itself or the stage command was killed by a signal (negative status, or
+    128+SIGKILL/SIGTERM when a shell sat in between), or the
     DVC repo lock (or a path's read/write lock) was held by another process.
     """
     cmd_code = stage_exit_code(stderr)
-    if returncode < 0 or (cmd_code is not None and cmd_code < 0) or LOCK_HELD in stderr or OUT_BUSY in stderr:
+    if returncode < 0 or killed_by_signal(cmd_code) or LOCK_HELD in stderr or OUT_BUSY in stderr:
         return "transient"
     if stage.split("@", 1)[0] in VALIDATION_STAGES or cmd_code == DATA_ERROR_EXIT:
         return "data"

@@ -53,6 +53,9 @@ def task_runs(flow_run_id: str) -> dict[str, Any]:
                          f"{DATA_ERROR_EXIT}", "data"),
     ("train_teacher", 1, "ERROR: failed to reproduce 'train_teacher': failed to run: x, exited with -9", "transient"),
     ("validate", 1, "ERROR: failed to reproduce 'validate': failed to run: x, exited with -9", "transient"),
+    ("prune", 255, "ERROR: failed to reproduce 'prune': failed to run: x, exited with 137", "transient"),  # sh: SIGKILL
+    ("prune", 255, "ERROR: failed to reproduce 'prune': failed to run: x, exited with 143", "transient"),  # sh: SIGTERM
+    ("prune", 255, "ERROR: failed to reproduce 'prune': failed to run: x, exited with 130", "error"),  # Ctrl-C
     ("package@gw", -9, "", "transient"),
     ("ingest", 1, "ERROR: Unable to acquire lock. Most likely another DVC process is running", "transient"),
     ("s1", 1, "ERROR: failed to reproduce 's1': '/r/s1.txt' is busy, it is being blocked by:\n(PID 7: ...)", "transient"),
@@ -79,7 +82,12 @@ def test_ops_defaults_and_params(tmp_path: Path) -> None:
 # --- against a real Prefect server ----------------------------------------------------------------
 
 
-def test_transient_failure_is_retried_and_shows_in_the_run_history(prefect_server: None, tmp_path: Path) -> None:
+# DVC runs a stage's command through $SHELL (else /bin/sh). bash execs a lone command, so a killed
+# child shows as -9; dash waits for it and reports 137. Both must count as transient.
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_transient_failure_is_retried_and_shows_in_the_run_history(prefect_server: None, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, shell: str) -> None:
+    monkeypatch.setenv("SHELL", shell)
     marker = tmp_path / "killed-once"
     flaky = textwrap.dedent(f"""\
         import os, pathlib, signal
