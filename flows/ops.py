@@ -20,6 +20,14 @@ class ServeParams(Section):
     startup_timeout_seconds: float = Field(120.0, gt=0, description="wait this long for the server's /api/health")
 
 
+class WorkPoolParams(Section):
+    """`python -m flows.workpool deploy`: the Prefect work pool the deployments are registered in."""
+
+    name: str = Field("lathe", min_length=1, description="work pool name (created when missing)")
+    type: str = Field("process", min_length=1,
+                      description="worker type of a pool created here: process, docker, kubernetes, ...")
+
+
 class OpsParams(Section):
     """Unattended operation (params.yaml `ops:`): retries, the run lock, schedules. Optional section;
     these defaults apply when params.yaml has none. Not a stage dependency: changing it reruns nothing."""
@@ -34,3 +42,4 @@ class OpsParams(Section):
     timezone: str = Field("UTC", description="time zone of `schedule`")
     trigger_interval_minutes: float = Field(15.0, gt=0, description="how often the data-change trigger checks")
     serve: ServeParams = ServeParams()
+    work_pool: WorkPoolParams = WorkPoolParams()

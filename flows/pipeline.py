@@ -9,7 +9,9 @@ with DATA_ERROR_EXIT) is never retried and ends the run Failed with the failed e
 `lathe-failure` artifact; a transient failure (a killed process, DVC's repo lock held) is retried
 `ops.retries` times, `ops.retry_delay_seconds` apart; anything else fails at once. A whole run holds
 the Prefect global concurrency limit `ops.concurrency_limit` (one slot), so two runs never interleave;
-DVC's own repo lock is the second line.
+DVC's own repo lock is the second line. Before planning and before each stage,
+`flows.recovery.recover_workspace` repairs what a killed run left: it keeps a copy of a valid dvc.lock
+and puts it back over a truncated one, and removes dead stages' scratch temp folders.
 
     python -m flows.pipeline [--repo PATH] [--stage NAME ...] [--retries N]
 """
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.env import apply_offline_env, subprocess_env
+from flows.recovery import LockfileBroken, recover_workspace
+from lathe.errors import DATA_ERROR_EXIT  # a stage's exit status for bad input data
 
 # Prefect reads its settings on import: offline defaults first. Started as a script, Prefect's
 # state (PREFECT_HOME) also goes inside the project, as `make run` does.
@@ -49,9 +53,6 @@ VALIDATION_STAGES = frozenset({"validate"})  # a non-zero exit of these is a dat
 VALIDATION_SUMMARY = "data/validation/summary.md"
 VALIDATION_RESULT = "data/validation/result.json"
 PACKAGES_DIR = "models/packages"
-# Proposed for stages/common.py `run`: exit with this code on DataError / ValidationFailed (1 otherwise),
-# so a data failure in any stage is recognised without parsing messages.
-DATA_ERROR_EXIT = 3
 LOCK_HELD = "Unable to acquire lock"  # dvc/lock.py: another DVC process holds the repo lock
 OUT_BUSY = "is busy, it is being blocked by"  # dvc/rwlock.py: another DVC process reads/writes that path
 # dvc/stage/exceptions.py: "failed to run: <cmd>, exited with <status>" (negative: killed by a signal)
@@ -285,6 +286,12 @@ def _stage_env() -> dict[str, str]:
 def run_stage(stage: str, repo: str) -> dict[str, Any]:
     """`dvc repro --single-item <stage>` in `repo`; raises StageFailed on a non-zero exit."""
     log = get_run_logger()
+    try:
+        repaired = recover_workspace(Path(repo))
+    except LockfileBroken as exc:
+        raise StageFailed(stage, str(exc), 1, kind="error") from exc
+    for message in repaired:
+        log.warning("%s", message)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     log.info("$ dvc %s", " ".join(cmd[3:]))
     out: list[str] = []
@@ -460,6 +467,18 @@ def validation_markdown(root: Path) -> str:
 # --- the flow -------------------------------------------------------------------------------------
 
 
+def _recover_before_planning(root: Path, log: Any) -> None:
+    """Planning reads dvc.lock too: repair the repo (or fail with a lathe-failure artifact) first."""
+    try:
+        repaired = recover_workspace(root)
+    except LockfileBroken as exc:
+        create_markdown_artifact(key=FAILURE_ARTIFACT_KEY, markdown=f"# Lathe pipeline run stopped\n\n{exc}\n",
+                                 description="Lathe pipeline stopped: dvc.lock is broken")
+        raise
+    for message in repaired:
+        log.warning("%s", message)
+
+
 @flow(name="lathe-pipeline", persist_result=False)
 def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retries: int | None = None,
                  retry_delay_seconds: float | None = None) -> dict[str, Any]:
@@ -492,6 +511,7 @@ def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retr
     with contextlib.ExitStack() as held:
         held.push(slot.__exit__)
         log.info("holding the '%s' concurrency slot", ops.concurrency_limit)
+        _recover_before_planning(root, log)
         plan = plan_stages(root, stages)
         log.info("plan (%d stages): %s", len(plan), " -> ".join(plan))
 

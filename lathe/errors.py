@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Exit statuses of a stage (stages/common.run): a data failure (DataError, ValidationFailed) is told
+# apart from any other, so orchestration never retries it and reports it as a data problem.
+ERROR_EXIT = 1
+DATA_ERROR_EXIT = 3
+
 
 class LatheError(Exception):
     """Base class: the message must say what is wrong and where (file, sample or key)."""

@@ -38,7 +38,7 @@ import yaml
 from lathe.config import EvaluateParams, PackageParams, TargetParams
 from lathe.errors import ConfigError, DataError, LatheError
 from lathe.export import write_metadata
-from lathe.io import read_json, sha256_bytes, sha256_file
+from lathe.io import read_json, remove_dead_temps, sha256_bytes, sha256_file, temp_prefix
 
 SCHEMA = "lathe.package/1"
 MODEL_FILE = "model.onnx"
@@ -373,8 +373,8 @@ def _under(path: str, roots: set[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-# Written by `make bench` from the models, never read by a stage: a fresh benchmark must not block packaging.
-MEASUREMENT_REPORTS = ("reports/bench.md", "reports/bench.json")
+# Written by `make bench` / `make killtest`, never read by a stage: a fresh measurement must not block packaging.
+MEASUREMENT_REPORTS = ("reports/bench.md", "reports/bench.json", "reports/kill_test.json")
 
 
 def dirty_paths(root: Path, also_ignore: set[str] = frozenset()) -> list[str]:
@@ -761,7 +761,8 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     archive.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted_build(out_dir)
-    work = Path(tempfile.mkdtemp(prefix=f".{target}.build-", dir=out_dir.parent))
+    # beside the destination (same filesystem: the swap is a rename), pid in the name (lathe.io)
+    work = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), suffix=".tmp", dir=out_dir.parent))
     try:
         pkg = work / target  # named as the destination: the archive's members live under <target>/
         pkg.mkdir()
@@ -785,13 +786,14 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
 def recover_interrupted_build(dest: Path) -> None:
     """Clean up after a build that was killed (SIGKILL skips `finally`), before starting a new one.
 
-    A staging folder `.<name>.build-*` is half a package: deleted. A `.<name>.old-*` folder holds the
-    previous package when the kill fell between the two renames of `_swap_dir`: put back at `dest`
-    if `dest` is missing (the last good package is never lost), else deleted. DVC's lock on the
-    stage's outs means no other writer of this target runs meanwhile.
+    A staging folder `.<name>.<pid>.*.tmp` of a dead build is half a package: deleted (also by
+    `lathe.io.remove_dead_temps_under`, which the flow runs before every stage, for when DVC skips
+    this stage). A `.<name>.old-*` folder holds the previous package when the kill fell between the
+    two renames of `_swap_dir`: put back at `dest` if `dest` is missing (the last good package is
+    never lost), else deleted. DVC's lock on the stage's outs means no other writer of this target
+    runs meanwhile.
     """
-    for stale in sorted(dest.parent.glob(f".{dest.name}.build-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_dead_temps(dest)
     for old in sorted(dest.parent.glob(f".{dest.name}.old-*")):
         if not dest.exists() and (old / dest.name).is_dir():
             os.rename(old / dest.name, dest)

@@ -14,16 +14,20 @@ Procedure (all in a scratch folder, on a tiny workspace from tests.tiny.make_wor
    workspace is copied: "built up to the previous stage". (--mode built instead kills inside a
    copy of the fully built reference with DVC's run-cache dropped from the copy, so the rerun
    re-executes the killed stage and then only what its new outputs change: much cheaper.)
-4. per kill: a fresh copy of the snapshot; `dvc repro --single-item --force <s>` in its own process
-   group; once DVC prints "Running stage '<s>'" wait U(0, run time) seconds (seeded) and SIGKILL the
-   whole group. Then `dvc repro` (no cleanup of any kind), then:
+4. per kill: a fresh copy of the snapshot; `flows.recovery.recover_workspace` (what the flow's stage
+   task does first: it keeps a copy of dvc.lock), then `dvc repro --single-item --force <s>` in its
+   own process group; once DVC prints "Running stage '<s>'" wait U(0, run time) seconds (seeded) and
+   SIGKILL the whole group. Then the rerun as the flow does it: `recover_workspace` (puts a dvc.lock
+   the kill truncated back, removes the killed stage's scratch folder) and `dvc repro`; no other
+   cleanup of any kind. Then:
    - every artifact's sha256 against the reference (timing-dependent files: see below),
    - `dvc status` must say up to date,
    - leftovers: files in the workspace that the reference does not have (outside .git and .dvc),
      lathe.io temp names (`.<name>.<8 chars>.tmp`, tempfile.mkstemp beside the destination),
      package staging folders (`.<target>.build-*`, `.<name>.old-*`), `*.tmp` in the DVC cache,
-     files in .dvc/tmp the reference does not have, a non-empty rwlock, and anything left in the
-     run's private TMPDIR (TemporaryDirectory users: lathe.export, lathe.quantize).
+     files in .dvc/tmp the reference does not have, a non-empty rwlock, a scratch folder under
+     .lathe/tmp (lathe.io.scratch_tempdir), and anything left in the run's private TMPDIR (stages
+     point their temp files at their scratch folder, so nothing should reach it).
 
 Timing-dependent artifacts (they embed measured latencies, so two uninterrupted runs differ too):
 reports/**/metrics.json are compared without latency_p50_ms, latency_p95_ms, throughput_ips;
@@ -56,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from flows.recovery import LAST_GOOD, LockfileBroken, recover_workspace  # noqa: E402
 from tests.tiny import make_workspace, offline_env, tiny_params  # noqa: E402
 
 TIMING_KEYS = ("latency_p50_ms", "latency_p95_ms", "throughput_ips")
@@ -66,6 +71,7 @@ IO_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 PACKAGE_STAGING = re.compile(r"^\..+\.(build|old)-[a-z0-9_]{8}$")
 RUNNING = re.compile(r"Running stage '([^']+)'")
 SKIP_DIRS = {".git", ".dvc"}
+RECOVERY_STATE = {LAST_GOOD.as_posix()}  # the flow's own copy of dvc.lock: kept on purpose
 KILL_START_TIMEOUT = 300.0  # s to wait for DVC to announce the stage
 
 
@@ -148,7 +154,7 @@ def workspace_files(ws: Path) -> set[str]:
         if rel_dir == Path("."):
             dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
         dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        files.update((rel_dir / f).as_posix() for f in filenames)
+        files.update((rel_dir / f).as_posix() for f in filenames if (rel_dir / f).as_posix() not in RECOVERY_STATE)
         files.update((rel_dir / d).as_posix() + "/" for d in dirnames if not any(os.scandir(Path(dirpath) / d)))
     return files
 
@@ -276,9 +282,27 @@ def rerun_status(stdout: str, stage: str) -> str:
     return "not mentioned"
 
 
-def verify_packages(ws: Path) -> list[str]:
+def recovery_kind(message: str) -> str:
+    """A short name for one recover_workspace message (they hold per-kill paths)."""
+    if message.startswith("FAILED"):
+        return "dvc.lock broken, no copy"
+    return "dvc.lock restored" if "was broken" in message else "scratch folder removed"
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    """Whether folders `a` and `b` hold the same relative file names with the same bytes."""
+    def files(root: Path) -> dict[str, str]:
+        return {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return b.is_dir() and files(a) == files(b)
+
+
+def verify_packages(ws: Path, unchanged_from: Path | None = None) -> list[str]:
+    """`lathe verify` every package in `ws`; with `unchanged_from` (the reference, verified once in
+    `build`), skip packages byte-identical to the reference's (the rerun did not rebuild them)."""
     problems = []
     for pkg in sorted((ws / "models" / "packages").glob("*")):
+        if unchanged_from is not None and same_tree(pkg, unchanged_from / pkg.relative_to(ws)):
+            continue
         if pkg.is_dir() and not pkg.name.startswith("."):
             res = subprocess.run([str(Path(sys.executable).parent / "lathe"), "verify", str(pkg.relative_to(ws))],
                                  cwd=ws, env=env(), capture_output=True, text=True)
@@ -295,12 +319,18 @@ def one_kill(snapshot: Path, dest: Path, stage: str, delay: float, ref: dict[str
     tmpdir = dest / "tmp"
     shutil.rmtree(tmpdir, ignore_errors=True)
     rec: dict[str, Any] = {"stage": stage}
+    recover_workspace(ws)  # as the flow's stage task does before `dvc repro`: keeps a copy of dvc.lock
     rec["kill"] = kill_during(ws, stage, delay, tmpdir)
     rec["after_kill_leftovers"], rec["after_kill_notes"] = leftovers(ws, ref["files"], ref["dvc_tmp"], tmpdir)
     shutil.rmtree(tmpdir, ignore_errors=True)  # the rerun's own TMPDIR starts empty
     t0 = time.monotonic()
+    try:
+        recovered = recover_workspace(ws)
+    except LockfileBroken as exc:
+        recovered = [f"FAILED: {exc}"]
     res = dvc(ws, "repro", tmpdir=tmpdir)
     rec["rerun"] = {"returncode": res.returncode, "seconds": round(time.monotonic() - t0, 1),
+                    "recovered": recovered,
                     "stage_status": rerun_status(res.stdout, stage),
                     "ran": RUNNING.findall(res.stdout),
                     "stale_lock_warnings": len(re.findall(r"had been killed\. Auto removed it", res.stderr))}
@@ -317,7 +347,7 @@ def one_kill(snapshot: Path, dest: Path, stage: str, delay: float, ref: dict[str
         status = dvc(ws, "status")
         if "up to date" not in status.stdout:
             problems.append(f"dvc status not clean: {status.stdout[-400:]}")
-        problems += verify_packages(ws)
+        problems += verify_packages(ws, unchanged_from=ref["ws"])
     after, rec["notes"] = leftovers(ws, ref["files"], ref["dvc_tmp"], tmpdir)
     problems += [f"leftover after rerun: {x}" for x in after]
     # the rerun never removes what the killed run left in the system temp folder
@@ -340,8 +370,12 @@ def build(workdir: Path, log) -> dict[str, Any]:
     if rc != 0:
         raise SystemExit(f"reference dvc repro failed:\n{out[-2000:]}\n{err[-2000:]}")
     log(f"reference dvc repro: {end:.1f} s, {len(marks)} stages")
+    bad = verify_packages(ref_ws)
+    if bad:
+        raise SystemExit("reference packages do not verify:\n" + "\n".join(bad))
     outs = out_paths(ref_ws)
     return {"base": base, "ws": ref_ws, "seconds": round(end, 1), "durations": durations(marks, end), "outs": outs,
+            "ran": [stage for stage, _ in marks], "stdout": out,
             "digest": artifact_digest(ref_ws, outs), "files": workspace_files(ref_ws),
             "dvc_tmp": dvc_tmp_files(ref_ws)}
 
@@ -362,12 +396,13 @@ def snapshots(ref: dict[str, Any], order: list[str], wanted: list[str], workdir:
 
 
 def run(stages: list[str] | None, per_stage: int, seed: int, mode: str, workdir: Path, log=print,
-        run_cache: str | None = None) -> dict[str, Any]:
+        run_cache: str | None = None, ref: dict[str, Any] | None = None) -> dict[str, Any]:
     """run_cache: keep | drop the copy's .dvc/cache/runs before each kill (default: drop in built mode,
-    so the rerun re-executes the killed stage; keep in fresh mode, where it holds only upstream stages)."""
+    so the rerun re-executes the killed stage; keep in fresh mode, where it holds only upstream stages).
+    ref: a reference `build` already made (the tests share one); it is only read and copied."""
     run_cache = run_cache or ("drop" if mode == "built" else "keep")
     t_all = time.monotonic()
-    ref = build(workdir, log)
+    ref = ref or build(workdir, log)
     order = stage_list(ref["ws"])
     wanted = order if not stages else stages
     unknown = [s for s in wanted if s not in order]
@@ -396,6 +431,7 @@ def run(stages: list[str] | None, per_stage: int, seed: int, mode: str, workdir:
             log(f"{stage} #{i}: kill at {delay:.2f}/{run_time:.2f} s -> {rec['outcome']}; rerun "
                 f"{rec['rerun']['returncode']} ({rec['rerun']['stage_status']}, {rec['rerun']['seconds']} s, "
                 f"{rec['rerun']['stale_lock_warnings']} stale-lock warnings)"
+                + "".join(f"\n    recovered: {m}" for m in rec["rerun"]["recovered"])
                 + "".join(f"\n    {p}" for p in rec["problems"])
                 + "".join(f"\n    after kill: {p}" for p in rec["after_kill_leftovers"])
                 + "".join(f"\n    note after rerun: {p}" for p in rec["notes"]))
@@ -406,7 +442,9 @@ def run(stages: list[str] | None, per_stage: int, seed: int, mode: str, workdir:
         summary[stage] = {"kills": sum(k["kill"]["killed"] for k in recs), "runs": len(recs),
                           "pass": sum(k["outcome"] == "pass" for k in recs),
                           "fail": sum(k["outcome"].startswith("fail") for k in recs),
-                          "leftovers_after_kill": sorted({x for k in recs for x in k["after_kill_leftovers"]})}
+                          "recovered": sorted({recovery_kind(m) for k in recs for m in k["rerun"]["recovered"]}),
+                          "leftovers_after_kill": sorted({re.sub(r"-\d+(/|$)", r"-<pid>\1", x) for k in recs
+                                                          for x in k["after_kill_leftovers"]})}
     return {"mode": mode, "run_cache": run_cache, "seed": seed, "per_stage": per_stage, "reference_repro_s": ref["seconds"],
             "stage_run_times_s": {k: round(v, 2) for k, v in ref["durations"].items()},
             "excluded_timing": {"metrics_keys": list(TIMING_KEYS), "names_only": list(NAMES_ONLY)},
@@ -439,9 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    print(f"\n{'stage':28} kills pass fail  leftovers right after the kill")
+    print(f"\n{'stage':28} kills pass fail  recovered by the rerun; leftovers right after the kill")
     for stage, s in report["summary"].items():
-        print(f"{stage:28} {s['kills']}/{s['runs']:<3} {s['pass']:4} {s['fail']:4}  {'; '.join(s['leftovers_after_kill'])}")
+        print(f"{stage:28} {s['kills']}/{s['runs']:<3} {s['pass']:4} {s['fail']:4}  {', '.join(s['recovered']) or '-'}; "
+              f"{'; '.join(s['leftovers_after_kill']) or '-'}")
     print(f"{'OK' if report['ok'] else 'FAILED'} in {report['seconds']} s (reference repro {report['reference_repro_s']} s)")
     return 0 if report["ok"] else 1
 

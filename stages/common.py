@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from lathe.config import Section, load_section
-from lathe.errors import LatheError
+from lathe.errors import DATA_ERROR_EXIT, ERROR_EXIT, DataError, LatheError, ValidationFailed
+from lathe.io import scratch_tempdir
 
 S = TypeVar("S", bound=Section)
 PARAMS_FILE = Path("params.yaml")
@@ -37,10 +38,13 @@ def section(args: argparse.Namespace, name: str, model: type[S]) -> S:
 
 
 def run(stage: str, body: Callable[[], None]) -> None:
-    """Run a stage body; a LatheError becomes a one-message exit 1 naming the stage."""
+    """Run a stage body in its own scratch temp folder (lathe.io.scratch_tempdir, under the repo
+    root DVC runs stages in); a LatheError becomes a one-message exit naming the stage: status
+    DATA_ERROR_EXIT for bad input data, ERROR_EXIT otherwise."""
     logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s", stream=sys.stderr)
     try:
-        body()
+        with scratch_tempdir(Path.cwd(), stage):
+            body()
     except LatheError as exc:
         print(f"[{stage}] FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(DATA_ERROR_EXIT if isinstance(exc, (DataError, ValidationFailed)) else ERROR_EXIT)

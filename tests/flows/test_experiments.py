@@ -4,6 +4,7 @@ real Prefect temporary server) on a tiny workspace."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from flows.experiments import (  # imported before prefect: applies the offline 
     set_value,
     sweep,
 )
-from tests.tiny import make_workspace, sh, tiny_params
+from tests.tiny import sh
 
 # --- pure helpers ---------------------------------------------------------------------------------
 
@@ -98,18 +99,14 @@ def test_pareto_table_marks_dominated_rows():
 # --- a real sweep ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
-def test_sweep_runs_real_dvc_experiments_and_writes_the_pareto_table(prefect_server, tmp_path: Path):
-    # setup: a committed tiny workspace (dvc exp needs a commit)
-    ws = make_workspace(tmp_path / "repo", tiny_params())
+def test_sweep_runs_real_dvc_experiments_and_writes_the_pareto_table(prefect_server, tiny_reference, tmp_path: Path):
+    # setup: a copy of the built tiny workspace, its run committed (dvc exp needs a commit; each
+    # experiment then reruns only what its settings change)
+    ws = tmp_path / "repo"
+    shutil.copytree(tiny_reference["ws"], ws, symlinks=True)
+    sh(ws, "git", "add", "-A")
+    sh(ws, "git", "commit", "-q", "-m", "pipeline run")
     grid = {"quantize.method": ["minmax", "percentile"]}
 
     # execute

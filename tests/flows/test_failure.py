@@ -19,7 +19,6 @@ from flows.pipeline import (  # imported before prefect: applies the offline env
     retry_transient,
     run_pipeline,
 )
-from tests.flows import test_pipeline_flow
 from tests.flows.test_pipeline_flow import artifacts, make_repo
 
 from prefect.client.orchestration import get_client
@@ -27,8 +26,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Failed
 
 SUMMARY = "| expectation | column | result |\n|---|---|---|\n| expect_column_values_to_be_in_set | label | FAILED: 7 rows with label 9 |\n"
-
-prefect_server = test_pipeline_flow.prefect_server  # the shared session-scoped server fixture
 
 
 def ops_params(**ops: Any) -> str:

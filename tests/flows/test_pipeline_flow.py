@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ from flows.pipeline import (  # imported before prefect: applies the offline env
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 FAIL_B = "python -c \"import sys; print('[b] FAILED: bad file x.png', file=sys.stderr); sys.exit(1)\""
 METRICS = {"accuracy": 0.75, "size": {"kb": 12}}
@@ -78,13 +76,6 @@ def make_repo(root: Path, dvc_yaml: dict[str, Any]) -> Path:
     sh("git", "add", "-A")
     sh("git", "commit", "-q", "-m", "toy pipeline")
     return root
-
-
-@pytest.fixture(scope="session")
-def prefect_server() -> Iterator[None]:
-    """One temporary Prefect server (10-20 s to start here) for every flow test."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def artifacts(key: str, flow_run_id: str) -> list[Any]:

@@ -1,6 +1,8 @@
-"""`lathe serve` against a real Prefect server on loopback (the test harness's): it registers both
-deployments with the schedules from params, and a run of the pipeline deployment scheduled ahead is
-picked up by the served runner, executes the toy pipeline and completes with its artifacts."""
+"""`lathe serve` against an existing Prefect server (PREFECT_API_URL: the test harness's, on
+loopback): it registers both deployments with the schedules from params, and a run of the pipeline
+deployment scheduled ahead is picked up by the served runner, executes the toy pipeline and
+completes with its artifacts. `lathe serve` starting its own server, a cron firing, the tiny real
+pipeline and work pools: tests/integration/test_operations.py."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import yaml
 from flows.env import subprocess_env
 from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: applies the offline env
 from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT
-from tests.flows import test_pipeline_flow
 from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
 
 from prefect.client.orchestration import get_client
@@ -26,8 +27,6 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 PROJECT = Path(__file__).resolve().parents[2]
-
-prefect_server = test_pipeline_flow.prefect_server  # the shared session-scoped server fixture
 
 
 def wait_for_deployment(name: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> object:
@@ -84,40 +83,3 @@ def test_lathe_serve_runs_a_scheduled_deployment_to_completion(prefect_server: N
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-
-
-def test_lathe_serve_starts_its_own_server_under_prefect_home_and_stops_it(tmp_path: Path) -> None:
-    """No PREFECT_API_URL: `lathe serve` runs `prefect server start` on 127.0.0.1 with SQLite in PREFECT_HOME."""
-    import socket
-
-    from flows.serve import api_healthy
-
-    from prefect.settings import temporary_settings
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = make_repo(tmp_path / "repo", {"stages": toy_stages()})
-    home = tmp_path / "prefect-home"
-    env = subprocess_env({"PREFECT_HOME": str(home)})
-    env.pop("PREFECT_API_URL", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT), env.get("PYTHONPATH", "")])
-    log = tmp_path / "serve.log"
-    api_url = f"http://127.0.0.1:{port}/api"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "lathe.cli", "serve", "--repo", str(repo), "--port", str(port)],
-                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            deployment = wait_for_deployment(f"lathe-pipeline/{PIPELINE_DEPLOYMENT}", server, log, timeout=150)
-        assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]  # the default: nightly
-        assert (home / "prefect.db").is_file()  # SQLite inside PREFECT_HOME
-        assert f"UI http://127.0.0.1:{port}" in log.read_text()
-    finally:
-        server.send_signal(signal.SIGTERM)  # as systemd / docker stop
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    assert not api_healthy(api_url), "the server started by lathe serve is still running"

@@ -14,7 +14,6 @@ import yaml
 from flows.env import subprocess_env
 from flows.trigger import TRIGGER_ARTIFACT_KEY, check_data, raw_md5, run_if_data_changed  # before prefect
 from tests.flows.test_failure import task_runs
-from tests.flows import test_pipeline_flow
 from tests.flows.test_pipeline_flow import artifacts, make_repo
 
 PACKAGE = """\
@@ -26,8 +25,6 @@ json.dump({"package_id": md5[:16], "target": {"name": "toy"}, "raw_data": {"md5"
                                   "flow_run_id": os.environ.get("LATHE_FLOW_RUN_ID")}},
           open("models/packages/toy/manifest.json", "w"))
 """
-
-prefect_server = test_pipeline_flow.prefect_server  # the shared session-scoped server fixture
 
 
 def dvc_add(repo: Path, name: str, text: str) -> None:

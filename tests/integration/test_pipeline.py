@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.tiny import make_workspace, sh, tiny_params
+from tests.tiny import sh
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +42,12 @@ def commit_run(ws: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """A tiny workspace after one full `dvc repro`."""
-    ws = make_workspace(tmp_path_factory.mktemp("ws") / "repo", tiny_params())
-    res = sh(ws, "dvc", "repro")
-    ran = ran_stages(res.stdout)
-    assert sorted(ran) == sorted(STAGES), res.stdout
+def built(tiny_reference) -> Path:
+    """A tiny workspace after one full `dvc repro` (the session's shared one: read only)."""
+    ran = tiny_reference["ran"]
+    assert sorted(ran) == sorted(STAGES), tiny_reference["stdout"]
     assert ran.index("train_teacher") < ran.index("distill") < ran.index("quantize@student") < ran.index("compare")
-    return ws
+    return tiny_reference["ws"]
 
 
 @pytest.fixture()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,18 +186,23 @@ def test_dirty_paths_ignore_dvc_outputs_and_lock_but_not_code(tmp_path):
 def test_a_killed_build_leaves_nothing_behind_and_the_last_package_comes_back(tmp_path):
     from lathe.package import recover_interrupted_build
 
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that no longer runs
     dest = tmp_path / "packages" / "gw"
-    (tmp_path / "packages" / ".gw.build-abc123" / "gw").mkdir(parents=True)  # killed while staging
-    (tmp_path / "packages" / ".gw.build-abc123" / "gw" / "manifest.json").write_text("{}")
+    staging = tmp_path / "packages" / f".gw.{dead}.abc12345.tmp"  # killed while staging
+    (staging / "gw").mkdir(parents=True)
+    (staging / "gw" / "manifest.json").write_text("{}")
     old = tmp_path / "packages" / ".gw.old-def456" / "gw"  # killed between the two renames
     old.mkdir(parents=True)
     (old / "manifest.json").write_text('{"package_id": "last-good"}')
-    (tmp_path / "packages" / ".other.build-1").mkdir()  # another target's: not ours to touch
+    (tmp_path / "packages" / f".other.{dead}.abc12345.tmp").mkdir()  # another target's: not ours to touch
+    (tmp_path / "packages" / f".gw.{os.getpid()}.abc12345.tmp").mkdir()  # a live build's: kept
 
     recover_interrupted_build(dest)
 
     assert (dest / "manifest.json").read_text() == '{"package_id": "last-good"}'
-    assert sorted(p.name for p in (tmp_path / "packages").iterdir()) == [".other.build-1", "gw"]
+    assert sorted(p.name for p in (tmp_path / "packages").iterdir()) == [
+        f".gw.{os.getpid()}.abc12345.tmp", f".other.{dead}.abc12345.tmp", "gw"]
 
 
 def test_recovery_keeps_a_present_package_and_drops_the_stale_copy(tmp_path):

@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from lathe.data import generate_raw
+from lathe.errors import DATA_ERROR_EXIT
 from stages import ingest as stage
 from tests.tiny import tiny_params
 
@@ -20,14 +21,14 @@ def test_stage_writes_declared_outputs(tmp_path):
         "manifest.csv", "test.safetensors", "train.safetensors", "val.safetensors"]
 
 
-def test_unreadable_image_exits_1_naming_the_file(tmp_path, capsys):
+def test_unreadable_image_exits_with_the_data_error_status_naming_the_file(tmp_path, capsys):
     generate_raw(tmp_path / "raw", per_class_type=3, size=32)
     victim = sorted((tmp_path / "raw" / "images").iterdir())[0]
     victim.write_bytes(b"\x89PNG garbage")
     params = write_params(tmp_path, tiny_params())
     with pytest.raises(SystemExit) as exit_info:
         stage.main([str(tmp_path / "raw"), str(tmp_path / "prep"), "--params", str(params)])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == DATA_ERROR_EXIT
     err = capsys.readouterr().err
     assert "[ingest] FAILED" in err and victim.name in err
     assert not (tmp_path / "prep").exists()

@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from lathe.errors import DATA_ERROR_EXIT
 from stages import train_teacher as stage
 from tests.tiny import make_prepared, tiny_params
 
@@ -22,11 +23,11 @@ def test_stage_writes_model_folder_and_history(tmp_path, prepared):
     assert (tmp_path / "hist.csv").read_text().startswith("epoch,train_loss")
 
 
-def test_missing_prepared_split_exits_1_naming_the_file(tmp_path, prepared, capsys):
+def test_missing_prepared_split_exits_with_the_data_error_status_naming_the_file(tmp_path, prepared, capsys):
     (prepared / "val.safetensors").unlink()
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, prepared, tiny_params())
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == DATA_ERROR_EXIT
     assert "val.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "teacher").exists()
 

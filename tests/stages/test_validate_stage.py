@@ -8,6 +8,7 @@ import yaml
 from lathe.config import IngestParams
 from lathe.data import generate_raw
 from lathe.ingest import ingest, read_manifest, write_prepared
+from lathe.errors import DATA_ERROR_EXIT
 from stages import validate as stage
 from tests.tiny import ROOT, sh, tiny_params
 
@@ -46,12 +47,12 @@ def test_stage_passes_and_writes_both_reports(work):
     assert json.loads((work / "out" / "result.json").read_text())["success"] is True
 
 
-def test_failed_gate_exits_1_naming_the_file_and_still_writes_reports(work, capsys):
+def test_failed_gate_exits_with_the_data_error_status_naming_the_file_and_still_writes_reports(work, capsys):
     victim = read_manifest(work / "prep" / "manifest.csv")[0]["file"]
     (work / "raw" / victim).unlink()
     with pytest.raises(SystemExit) as exit_info:
         stage.main(argv(work, write_params(work, tiny_params())))
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == DATA_ERROR_EXIT
     err = capsys.readouterr().err
     assert "[validate] FAILED" in err and "raw_files_exist" in err and victim in err
     result = json.loads((work / "out" / "result.json").read_text())
@@ -76,12 +77,12 @@ def test_params_typo_exits_1_naming_the_key(work, capsys):
     assert not (work / "out").exists()
 
 
-def test_cli_as_dvc_calls_it_exits_1_with_a_quiet_stderr(work):
+def test_cli_as_dvc_calls_it_exits_with_the_data_error_status_and_a_quiet_stderr(work):
     """The exact dvc.yaml command in a fresh process (pays the GE import once more, ~5 s)."""
     (work / "raw" / read_manifest(work / "prep" / "manifest.csv")[1]["file"]).write_bytes(b"changed")
     params = write_params(work, tiny_params())
     res = sh(ROOT, sys.executable, "-m", "stages.validate", *argv(work, params), check=False)
-    assert res.returncode == 1
+    assert res.returncode == DATA_ERROR_EXIT
     assert "raw_sha256_match" in res.stderr
     # GE's own INFO logging and progress bars are muted: only our lines reach stderr
     assert all(line.startswith(("[validate]", "  ")) for line in res.stderr.splitlines()), res.stderr

@@ -1,0 +1,117 @@
+"""flows/recovery.py: a dvc.lock truncated by a kill (as DVC 3 leaves it) is put back from the copy
+taken before the last stage, and a killed stage's scratch folder is removed, so the next flow run
+recovers without anyone touching the repo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.env import subprocess_env
+from flows.recovery import LAST_GOOD, LockfileBroken, guard_lockfile, lockfile_problem, recover_workspace
+from flows.pipeline import FAILURE_ARTIFACT_KEY, run_pipeline  # imported before prefect: applies the offline env
+from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
+from tests.lathe.test_io import killed_stage_scratch
+
+
+def truncate_inside_c(lock: Path) -> None:
+    """Cut dvc.lock just after stage c's first `hash:` key, value lost: what a kill mid-write left
+    in the kill test (docs/kill-test.md, finding 0)."""
+    text = lock.read_text()
+    start = text.index("\n  c:\n")
+    cut = text.index("hash: ", start) + len("hash:")
+    lock.write_text(text[:cut] + "\n")
+
+
+def dvc_repro(repo: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=subprocess_env(),
+                          capture_output=True, text=True)
+
+
+def built_toy_repo(tmp_path: Path) -> Path:
+    repo = make_repo(tmp_path / "repo", {"stages": toy_stages()})
+    assert dvc_repro(repo).returncode == 0
+    return repo
+
+
+def test_lockfile_problem_uses_dvcs_own_schema(tmp_path: Path) -> None:
+    repo = built_toy_repo(tmp_path)
+    lock = repo / "dvc.lock"
+    assert lockfile_problem(lock) is None
+
+    truncate_inside_c(lock)
+
+    problem = lockfile_problem(lock)
+    assert problem is not None and "dvc.lock" in problem and "validation failed" in problem
+    assert "validation failed" in dvc_repro(repo).stderr  # what DVC itself says: every repro stops
+
+
+def test_guard_keeps_a_copy_and_restores_it_over_a_truncated_lock(tmp_path: Path) -> None:
+    repo = built_toy_repo(tmp_path)
+    good = (repo / "dvc.lock").read_text()
+
+    assert guard_lockfile(repo) is None
+    assert (repo / LAST_GOOD).read_text() == good
+    truncate_inside_c(repo / "dvc.lock")
+
+    message = guard_lockfile(repo)
+
+    assert message is not None and "dvc.lock was broken" in message and str(LAST_GOOD) in message
+    assert (repo / "dvc.lock").read_text() == good
+    assert not list(repo.glob(".dvc.lock.*.tmp")) and not list((repo / ".lathe").glob("*.tmp"))
+    assert dvc_repro(repo).returncode == 0
+
+
+def test_guard_without_a_copy_says_how_to_recover(tmp_path: Path) -> None:
+    repo = built_toy_repo(tmp_path)
+    truncate_inside_c(repo / "dvc.lock")
+
+    with pytest.raises(LockfileBroken, match=r"dvc\.lock is broken .*git checkout dvc\.lock"):
+        guard_lockfile(repo)
+
+
+def test_recover_workspace_removes_a_killed_stages_scratch_and_repairs_the_lock(tmp_path: Path) -> None:
+    repo = built_toy_repo(tmp_path)
+    guard_lockfile(repo)
+    truncate_inside_c(repo / "dvc.lock")
+    scratch = killed_stage_scratch(repo)
+
+    repaired = recover_workspace(repo)
+
+    assert not scratch.exists()
+    assert len(repaired) == 2
+    assert repaired[0] == f"removed the scratch folder of a killed stage: {scratch}"
+    assert repaired[1].startswith(f"{repo / 'dvc.lock'} was broken (") and "validation failed" in repaired[1]
+    assert lockfile_problem(repo / "dvc.lock") is None
+    assert recover_workspace(repo) == []  # nothing left to do
+
+
+def test_a_flow_run_recovers_from_a_lock_a_killed_run_truncated(prefect_server: None, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", {"stages": toy_stages()})
+    assert run_pipeline(repo=repo, return_state=True).is_completed()  # leaves the copy
+    truncate_inside_c(repo / "dvc.lock")
+
+    state = run_pipeline(repo=repo, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert (repo / "c.txt").read_text() == "abc"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=repo, env=subprocess_env(),
+                            capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_a_flow_run_with_a_broken_lock_and_no_copy_fails_naming_the_file(prefect_server: None, tmp_path: Path) -> None:
+    repo = built_toy_repo(tmp_path)  # built by plain dvc: no copy yet
+    truncate_inside_c(repo / "dvc.lock")
+
+    state = run_pipeline(repo=repo, return_state=True)
+
+    assert state.is_failed()
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, LockfileBroken)
+    assert "dvc.lock is broken" in str(exc) and "git checkout dvc.lock" in str(exc)
+    [artifact] = artifacts(FAILURE_ARTIFACT_KEY, str(state.state_details.flow_run_id))
+    assert "git checkout dvc.lock" in artifact.data
