@@ -122,3 +122,15 @@ def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 6) -> Pat
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-q", "-m", "tiny workspace")
     return dest
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, as systemd or `docker stop` would send; SIGKILL if it has not exited in `timeout` s."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

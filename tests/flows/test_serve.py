@@ -7,7 +7,6 @@ pipeline and work pools: tests/integration/test_operations.py."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from flows.env import subprocess_env
 from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: applies the offline env
 from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT
 from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
+from tests.tiny import stop_process
 
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
@@ -77,9 +77,4 @@ def test_lathe_serve_runs_a_scheduled_deployment_to_completion(prefect_server: N
         assert "| toy | 0.75 | 12 |" in artifact.data
         assert f"Lathe: Prefect API {api_url}" in log.read_text()
     finally:
-        server.send_signal(signal.SIGTERM)  # as systemd / docker stop
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)

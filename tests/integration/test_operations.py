@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT, api_healthy
 from flows.trigger import TRIGGER_ARTIFACT_KEY
 from flows.workpool import deployment_names
 from lathe.data import RawSample, read_labels, synth_image, write_labels
-from tests.tiny import make_workspace, sh, tiny_params
+from tests.tiny import make_workspace, sh, stop_process, tiny_params
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, DeploymentFilter, DeploymentFilterId
@@ -70,15 +69,6 @@ def child_env(home: Path, api_url: str | None) -> dict[str, str]:
         env["PREFECT_API_URL"] = api_url
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT), env.get("PYTHONPATH", "")])
     return env
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)  # as systemd / docker stop
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def wait_until(what: str, check: Any, timeout: float, procs: dict[str, tuple[subprocess.Popen, Path]]) -> Any:
@@ -161,7 +151,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                 client.pause_deployment(trigger.id)  # only the cron run may build the workspace here
             yield {"ws": ws, "api_url": api_url, "tmp": tmp, "procs": procs, "cron": cron, "fire": fire}
     finally:
-        stop(server)
+        stop_process(server)
 
 
 def _deployment(name: str) -> Any:
@@ -229,7 +219,7 @@ def worker(served: dict[str, Any], scheduled_run: FlowRun) -> Iterator[None]:
         yield
     finally:
         served["procs"].pop("worker")
-        stop(proc)
+        stop_process(proc)
 
 
 def run_trigger_through_the_pool(served: dict[str, Any]) -> FlowRun:
@@ -277,6 +267,6 @@ def test_an_added_image_makes_the_next_trigger_run_reproduce_and_repackage(serve
 
 def test_sigterm_stops_lathe_serve_and_the_server_it_started(served):  # last: ends the module's server
     server, log = served["procs"].pop("lathe serve")
-    stop(server)
+    stop_process(server)
     assert server.returncode is not None
     assert not api_healthy(served["api_url"]), f"the server started by lathe serve still answers\n{log.read_text()[-2000:]}"
