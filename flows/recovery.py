@@ -1,8 +1,8 @@
 """Recover a repo from a killed run before the next stage starts (`recover_workspace`).
 
 What a SIGKILL can leave that nothing else cleans up: a truncated dvc.lock (below), the scratch
-temp folder of a killed stage (`lathe.io.scratch_tempdir`) and pid-tagged temp files or package
-staging folders beside outputs (`lathe.io.temp_prefix`). A stage's own next start removes the
+temp folder of a killed stage (`lathe.io.scratch_tempdir`), pid-tagged temp files or package
+staging folders beside outputs (`lathe.io.temp_prefix`), and DVC's own partial files. A stage's own next start removes the
 latter two, but a stage DVC skips (outputs intact) or restores from its cache never starts.
 
 DVC 3 rewrites dvc.lock in place, not through a temporary file and a rename. A run killed in that
@@ -19,12 +19,17 @@ Safe to call only while holding the pipeline's concurrency slot (one writer per 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 LOCK_FILE = "dvc.lock"
 # Git-ignored (.lathe/) and outside DVC's own .dvc/tmp; one copy per repo.
 LAST_GOOD = Path(".lathe") / "dvc.lock.last-good"
+
+
+# dvc_objects.fs.utils.tmp_fname: "<prefix>.<secrets.token_urlsafe(16)>.tmp", DVC's partial files
+_DVC_TEMP = re.compile(r"\.[A-Za-z0-9_-]{22}\.tmp$")
 
 
 class LockfileBroken(RuntimeError):
@@ -40,8 +45,34 @@ def recover_workspace(repo: Path) -> list[str]:
 
     done = [f"removed the scratch folder of a killed stage: {path}" for path in remove_dead_scratch(repo)]
     done += [f"removed a temp file of a killed writer: {path}" for path in remove_dead_temps_under(repo)]
+    done += [f"removed a partial file of a killed DVC: {path}" for path in remove_dvc_temps(repo)]
     restored = guard_lockfile(repo)
     return done + ([restored] if restored else [])
+
+
+def is_dvc_temp(path: Path) -> bool:
+    """Whether `path` is a partial file named by DVC's tmp_fname."""
+    return path.is_file() and bool(_DVC_TEMP.search(path.name))
+
+
+def remove_dvc_temps(repo: Path) -> list[Path]:
+    """Remove DVC's own partial files (`<prefix>.<22 chars>.tmp`) that a killed `dvc repro` left
+    beside its outputs or in `.dvc/cache`; returns them. DVC names them without a pid, so this holds
+    DVC's repo lock meanwhile: no live DVC process in this repo can be writing one. When another DVC
+    command holds the lock, nothing is removed (the next run tries again)."""
+    from dvc.exceptions import DvcException
+    from dvc.lock import make_lock
+
+    from lathe.io import remove_under
+
+    tmp_dir = repo / ".dvc" / "tmp"
+    if not tmp_dir.is_dir():
+        return []
+    try:
+        with make_lock(str(tmp_dir / "lock"), tmp_dir=str(tmp_dir)):
+            return remove_under(repo, is_dvc_temp) + remove_under(repo / ".dvc" / "cache", is_dvc_temp)
+    except DvcException:  # LockError: a DVC command is running here
+        return []
 
 
 def lockfile_problem(path: Path) -> str | None:

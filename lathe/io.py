@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from safetensors.numpy import load_file, save
@@ -66,24 +66,31 @@ def remove_dead_temps(dest: Path) -> list[Path]:
     return dead
 
 
-def remove_dead_temps_under(root: Path) -> list[Path]:
-    """Remove every temp file/folder of a dead writer under `root`'s non-hidden folders; returns them.
+def remove_under(root: Path, is_litter: Callable[[Path], bool]) -> list[Path]:
+    """Remove every file or folder under `root` for which `is_litter(path)` holds; returns them.
 
-    For a stage DVC skips after a kill (its declared outputs were intact), so its own next start
-    never comes to clean them. Hidden folders (.git, .dvc, .venv, .lathe) are not searched.
+    Hidden folders directly under `root` (.git, .dvc, .venv, .lathe) are not searched, nor is the
+    inside of a folder that is itself removed.
     """
-    dead = []
+    found = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         if here == Path(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in [*dirnames, *filenames]:
-            if _dead_temp(here / name):
-                dead.append(here / name)
-        dirnames[:] = [d for d in dirnames if here / d not in dead]  # nothing to search inside those
-    for path in dead:
+        found += [here / name for name in [*dirnames, *filenames] if is_litter(here / name)]
+        dirnames[:] = [d for d in dirnames if here / d not in found]
+    for path in found:
         _remove(path)
-    return dead
+    return found
+
+
+def remove_dead_temps_under(root: Path) -> list[Path]:
+    """Remove every temp file/folder of a dead writer (`temp_prefix` names) under `root`.
+
+    For a stage DVC skips after a kill (its declared outputs were intact), so its own next start
+    never comes to clean them.
+    """
+    return remove_under(root, _dead_temp)
 
 
 @contextmanager

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from flows.env import subprocess_env
-from flows.recovery import LAST_GOOD, LockfileBroken, guard_lockfile, lockfile_problem, recover_workspace
+from flows.recovery import (
+    LAST_GOOD,
+    LockfileBroken,
+    guard_lockfile,
+    lockfile_problem,
+    recover_workspace,
+    remove_dvc_temps,
+)
 from flows.pipeline import FAILURE_ARTIFACT_KEY, run_pipeline  # imported before prefect: applies the offline env
 from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
 from tests.lathe.test_io import killed_stage_scratch
@@ -87,6 +94,33 @@ def test_recover_workspace_removes_a_killed_stages_scratch_and_repairs_the_lock(
     assert repaired[1].startswith(f"{repo / 'dvc.lock'} was broken (") and "validation failed" in repaired[1]
     assert lockfile_problem(repo / "dvc.lock") is None
     assert recover_workspace(repo) == []  # nothing left to do
+
+
+def test_dvcs_own_partial_files_are_removed_only_while_no_dvc_command_runs(tmp_path: Path) -> None:
+    repo = built_toy_repo(tmp_path)
+    # what a kill during DVC's save/checkout left (dvc_objects tmp_fname): beside an out, in the cache
+    beside = repo / ".oCipurQfx6Xd3uETbxS_mA.tmp"
+    cached = repo / ".dvc" / "cache" / "files" / "md5" / ".Al3V3sSqv2q1FNllRbFK0A.tmp"
+    for path in (beside, cached):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+    ours = repo / ".c.txt.123.abcdefgh.tmp"  # not DVC's name: left alone here
+    ours.write_text("x")
+    holder = subprocess.Popen([sys.executable, "-c", (  # another DVC command holding the repo lock
+        "import sys, time; from dvc.lock import make_lock\n"
+        "with make_lock('.dvc/tmp/lock', tmp_dir='.dvc/tmp'):\n"
+        "    print('held', flush=True); time.sleep(60)")],
+        cwd=repo, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert remove_dvc_temps(repo) == [] and beside.exists() and cached.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert sorted(remove_dvc_temps(repo)) == sorted([beside, cached])
+
+    assert not beside.exists() and not cached.exists() and ours.exists()
 
 
 def test_a_flow_run_recovers_from_a_lock_a_killed_run_truncated(prefect_server: None, tmp_path: Path) -> None:
