@@ -45,7 +45,7 @@ test: setup
 # SIGKILL three times inside every stage on tiny data, rerun as the flow does, compare with an
 # uninterrupted run (docs/kill-test.md; `make test` kills once per stage): reports/kill_test.json.
 killtest: setup
-	$(BIN)/python scripts/kill_test.py --mode built --per-stage 3 --json reports/kill_test.json
+	$(BIN)/python scripts/kill_test.py --mode built --per-stage 3 --jobs 2 --json reports/kill_test.json
 
 # Compression against what a user would do instead (needs the models from `make run`):
 # writes reports/bench.md and reports/bench.json.

@@ -2,8 +2,9 @@
 
 What a SIGKILL can leave that nothing else cleans up: a truncated dvc.lock (below), the scratch
 temp folder of a killed stage (`lathe.io.scratch_tempdir`), pid-tagged temp files or package
-staging folders beside outputs (`lathe.io.temp_prefix`), and DVC's own partial files. A stage's own next start removes the
-latter two, but a stage DVC skips (outputs intact) or restores from its cache never starts.
+staging folders beside outputs (`lathe.io.temp_prefix`), and DVC's own partial files. A stage's
+next start removes the scratch folders and pid-tagged temps too, but a stage that DVC skips
+(outputs intact) or restores from its cache never starts.
 
 DVC 3 rewrites dvc.lock in place, not through a temporary file and a rename. A run killed in that
 moment leaves a truncated file (`hash:` with no value), and every later `dvc repro` then stops at

@@ -35,7 +35,7 @@ reports/compare.md, reports/compare.json, reports/pareto.png and models/packages
 their set of file names only (no partial or extra files), and every package must pass `lathe verify`.
 
     python scripts/kill_test.py [--stages S ...] [--per-stage 3] [--seed 0] [--mode fresh|built]
-                                [--run-cache keep|drop] [--json report.json] [--workdir DIR] [--keep]
+                                [--run-cache keep|drop] [--jobs 1] [--json report.json] [--workdir DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -396,10 +397,11 @@ def snapshots(ref: dict[str, Any], order: list[str], wanted: list[str], workdir:
 
 
 def run(stages: list[str] | None, per_stage: int, seed: int, mode: str, workdir: Path, log=print,
-        run_cache: str | None = None, ref: dict[str, Any] | None = None) -> dict[str, Any]:
+        run_cache: str | None = None, ref: dict[str, Any] | None = None, jobs: int = 1) -> dict[str, Any]:
     """run_cache: keep | drop the copy's .dvc/cache/runs before each kill (default: drop in built mode,
     so the rerun re-executes the killed stage; keep in fresh mode, where it holds only upstream stages).
-    ref: a reference `build` already made (the tests share one); it is only read and copied."""
+    ref: a reference `build` already made (the tests share one); it is only read and copied.
+    jobs: kills run side by side (each in its own copy; 2 on this 2-core machine halves the time)."""
     run_cache = run_cache or ("drop" if mode == "built" else "keep")
     t_all = time.monotonic()
     ref = ref or build(workdir, log)
@@ -410,32 +412,36 @@ def run(stages: list[str] | None, per_stage: int, seed: int, mode: str, workdir:
         raise SystemExit(f"unknown stages {unknown}; `dvc stage list` has {order}")
     wanted = [s for s in order if s in wanted]
     snaps = snapshots(ref, order, wanted, workdir, log) if mode == "fresh" else {s: ref["ws"] for s in wanted}
-    rng = random.Random(seed)
-    kills = []
-    for stage in wanted:
+    drop = run_cache == "drop"
+
+    def kill_one(item: tuple[str, int]) -> dict[str, Any]:
+        stage, i = item
         run_time = ref["durations"].get(stage, 0.0)
-        for i in range(per_stage):
-            delay = rng.uniform(0.0, run_time)
-            dest = workdir / "kills" / f"{stage.replace('@', '_').replace('/', '_')}-{i}"
-            rec = one_kill(snaps[stage], dest, stage, delay, ref, drop_run_cache=run_cache == "drop")
-            if not rec["kill"]["killed"] and rec["kill"]["announced"]:
-                # the stage ran faster than in the reference (which may have shared the CPU): draw again
-                # inside the duration just observed, in a fresh copy
-                actual = rec["kill"]["killed_after_running_s"]
-                shutil.rmtree(dest, ignore_errors=True)
-                rec = one_kill(snaps[stage], dest, stage, rng.uniform(0.0, 0.9 * actual), ref,
-                               drop_run_cache=run_cache == "drop")
-                rec["redrawn_after_finishing_in_s"] = actual
-            rec["index"], rec["stage_run_time_s"] = i, round(run_time, 2)
-            kills.append(rec)
-            log(f"{stage} #{i}: kill at {delay:.2f}/{run_time:.2f} s -> {rec['outcome']}; rerun "
-                f"{rec['rerun']['returncode']} ({rec['rerun']['stage_status']}, {rec['rerun']['seconds']} s, "
-                f"{rec['rerun']['stale_lock_warnings']} stale-lock warnings)"
-                + "".join(f"\n    recovered: {m}" for m in rec["rerun"]["recovered"])
-                + "".join(f"\n    {p}" for p in rec["problems"])
-                + "".join(f"\n    after kill: {p}" for p in rec["after_kill_leftovers"])
-                + "".join(f"\n    note after rerun: {p}" for p in rec["notes"]))
-            shutil.rmtree(dest / "repo", ignore_errors=True)
+        rng = random.Random(f"{seed}:{stage}:{i}")  # per kill: the same points whatever --jobs is
+        delay = rng.uniform(0.0, run_time)
+        dest = workdir / "kills" / f"{stage.replace('@', '_').replace('/', '_')}-{i}"
+        rec = one_kill(snaps[stage], dest, stage, delay, ref, drop_run_cache=drop)
+        if not rec["kill"]["killed"] and rec["kill"]["announced"]:
+            # the stage ran faster than in the reference (which may have shared the CPU): draw again
+            # inside the duration just observed, in a fresh copy
+            actual = rec["kill"]["killed_after_running_s"]
+            shutil.rmtree(dest, ignore_errors=True)
+            rec = one_kill(snaps[stage], dest, stage, rng.uniform(0.0, 0.9 * actual), ref, drop_run_cache=drop)
+            rec["redrawn_after_finishing_in_s"] = actual
+        rec["index"], rec["stage_run_time_s"] = i, round(run_time, 2)
+        log(f"{stage} #{i}: kill at {rec['kill']['delay_s']:.2f}/{run_time:.2f} s -> {rec['outcome']}; rerun "
+            f"{rec['rerun']['returncode']} ({rec['rerun']['stage_status']}, {rec['rerun']['seconds']} s, "
+            f"{rec['rerun']['stale_lock_warnings']} stale-lock warnings)"
+            + "".join(f"\n    recovered: {m}" for m in rec["rerun"]["recovered"])
+            + "".join(f"\n    {p}" for p in rec["problems"])
+            + "".join(f"\n    after kill: {p}" for p in rec["after_kill_leftovers"])
+            + "".join(f"\n    note after rerun: {p}" for p in rec["notes"]))
+        shutil.rmtree(dest / "repo", ignore_errors=True)
+        return rec
+
+    # each kill works in its own copy, so they may run side by side (--jobs); results keep stage order
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        kills = list(pool.map(kill_one, [(stage, i) for stage in wanted for i in range(per_stage)]))
     summary = {}
     for stage in wanted:
         recs = [k for k in kills if k["stage"] == stage]
@@ -445,7 +451,7 @@ def run(stages: list[str] | None, per_stage: int, seed: int, mode: str, workdir:
                           "recovered": sorted({recovery_kind(m) for k in recs for m in k["rerun"]["recovered"]}),
                           "leftovers_after_kill": sorted({re.sub(r"-\d+(/|$)", r"-<pid>\1", x) for k in recs
                                                           for x in k["after_kill_leftovers"]})}
-    return {"mode": mode, "run_cache": run_cache, "seed": seed, "per_stage": per_stage, "reference_repro_s": ref["seconds"],
+    return {"mode": mode, "run_cache": run_cache, "seed": seed, "per_stage": per_stage, "jobs": jobs, "reference_repro_s": ref["seconds"],
             "stage_run_times_s": {k: round(v, 2) for k, v in ref["durations"].items()},
             "excluded_timing": {"metrics_keys": list(TIMING_KEYS), "names_only": list(NAMES_ONLY)},
             "summary": summary, "kills": kills, "ok": all(k["outcome"] != "fail" and not k["outcome"].startswith("fail")
@@ -463,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                         "fully built one (cheaper)")
     p.add_argument("--run-cache", choices=["keep", "drop"], default=None,
                    help="keep or drop DVC's run-cache in each kill copy (default: drop in built mode, keep in fresh)")
+    p.add_argument("--jobs", type=int, default=1, help="kills run side by side (default 1)")
     p.add_argument("--json", type=Path, default=None, help="write the full report here")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -470,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lathe-kill-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        report = run(args.stages, args.per_stage, args.seed, args.mode, workdir, run_cache=args.run_cache)
+        report = run(args.stages, args.per_stage, args.seed, args.mode, workdir, run_cache=args.run_cache,
+                     jobs=args.jobs)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.kill]
 def report(tmp_path_factory: pytest.TempPathFactory, tiny_reference: dict) -> dict:
     workdir = tmp_path_factory.mktemp("kill")
     try:
-        return run(None, per_stage=1, seed=0, mode="built", workdir=workdir, log=lambda *_: None, ref=tiny_reference)
+        return run(None, per_stage=1, seed=0, mode="built", workdir=workdir, log=lambda *_: None, ref=tiny_reference,
+                   jobs=2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
