@@ -47,8 +47,39 @@ def recover_workspace(repo: Path) -> list[str]:
     done = [f"removed the scratch folder of a killed stage: {path}" for path in remove_dead_scratch(repo)]
     done += [f"removed a temp file of a killed writer: {path}" for path in remove_dead_temps_under(repo)]
     done += [f"removed a partial file of a killed DVC: {path}" for path in remove_dvc_temps(repo)]
-    restored = guard_lockfile(repo)
-    return done + ([restored] if restored else [])
+    repaired = [message for message in (repair_rwlock(repo), guard_lockfile(repo)) if message]
+    return done + repaired
+
+
+def repair_rwlock(repo: Path) -> str | None:
+    """Remove `.dvc/tmp/rwlock` when it is not valid JSON; returns a message when it did.
+
+    DVC records which paths running commands read and write in that JSON file and, like dvc.lock,
+    rewrites it in place: a kill mid-write leaves it empty or cut, and every later DVC command stops
+    with "Unable to read RWLock-file ... JSON structure is corrupted". A missing file means "no
+    locks", which is the truth once the writer is dead. Done under DVC's own `rwlock.lock`, as DVC
+    edits the file, so a live DVC command never loses an entry it is writing.
+    """
+    import json
+
+    from dvc.exceptions import DvcException
+    from dvc.lock import make_lock
+
+    tmp_dir = repo / ".dvc" / "tmp"
+    path = tmp_dir / "rwlock"
+    if not path.is_file():
+        return None
+    try:
+        with make_lock(str(tmp_dir / "rwlock.lock"), tmp_dir=str(tmp_dir)):
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+                return None
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                path.unlink()
+                return (f"removed {path}: not valid JSON ({exc}), most likely left by a DVC command killed "
+                        "while it wrote the file; no DVC command is running, so no lock is lost")
+    except DvcException:  # rwlock.lock held: a DVC command is editing it right now
+        return None
 
 
 def is_dvc_temp(path: Path) -> bool:

@@ -123,6 +123,21 @@ def test_dvcs_own_partial_files_are_removed_only_while_no_dvc_command_runs(tmp_p
     assert not beside.exists() and not cached.exists() and ours.exists()
 
 
+@pytest.mark.parametrize("content", ["", '{"read": {"a.txt": [{"pid": 1'])
+def test_a_rwlock_a_kill_left_unreadable_is_removed_and_dvc_runs_again(tmp_path: Path, content: str) -> None:
+    repo = built_toy_repo(tmp_path)
+    rwlock = repo / ".dvc" / "tmp" / "rwlock"
+    rwlock.write_text(content)  # what a kill while DVC rewrote it left (make killtest: once in 75 kills)
+    assert "JSON structure is corrupted" in dvc_repro(repo).stderr
+
+    repaired = recover_workspace(repo)
+
+    assert len(repaired) == 1 and repaired[0].startswith(f"removed {rwlock}: not valid JSON")
+    assert not rwlock.exists()
+    assert dvc_repro(repo).returncode == 0
+    assert recover_workspace(repo) == []  # a valid rwlock (DVC wrote it again) is left alone
+
+
 def test_a_flow_run_recovers_from_a_lock_a_killed_run_truncated(prefect_server: None, tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "repo", {"stages": toy_stages()})
     assert run_pipeline(repo=repo, return_state=True).is_completed()  # leaves the copy
