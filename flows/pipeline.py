@@ -390,9 +390,9 @@ def stages_markdown(results: Sequence[Mapping[str, Any]], not_run: Sequence[str]
 def _failure_report(repo: Path, exc: StageFailed, results: Sequence[Mapping[str, Any]], plan: Sequence[str]) -> str:
     done = {r["stage"] for r in results}
     not_run = [name for name in plan if name not in done]
-    kind = getattr(exc, "kind", "error")
+    kind = exc.kind
     what = {"data": "data failure, not retried", "transient": "transient failure, retries exhausted",
-            "error": "error, not retried"}.get(kind, kind)
+            "error": "error, not retried"}[kind]
     parts = [
         f"# Lathe pipeline failed at stage `{exc.stage}`\n\n"
         f"Repo: `{repo}`, exit code {exc.returncode} ({what}).\n\n"
@@ -501,15 +501,13 @@ def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retr
         retry_condition_fn=retry_transient,
     )
     log.info("waiting for the '%s' concurrency slot", ops.concurrency_limit)
-    slot = pipeline_slot(ops.concurrency_limit, ops.concurrency_timeout_seconds)
-    try:
-        slot.__enter__()
-    except PipelineBusy as exc:
-        create_markdown_artifact(key=FAILURE_ARTIFACT_KEY, markdown=f"# Lathe pipeline run refused\n\n{exc}\n",
-                                 description="Lathe pipeline run refused: another run holds the slot")
-        raise
     with contextlib.ExitStack() as held:
-        held.push(slot.__exit__)
+        try:
+            held.enter_context(pipeline_slot(ops.concurrency_limit, ops.concurrency_timeout_seconds))
+        except PipelineBusy as exc:
+            create_markdown_artifact(key=FAILURE_ARTIFACT_KEY, markdown=f"# Lathe pipeline run refused\n\n{exc}\n",
+                                     description="Lathe pipeline run refused: another run holds the slot")
+            raise
         log.info("holding the '%s' concurrency slot", ops.concurrency_limit)
         _recover_before_planning(root, log)
         plan = plan_stages(root, stages)

@@ -19,10 +19,10 @@ Safe to call only while holding the pipeline's concurrency slot (one writer per 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
+
+from lathe.io import write_bytes
 
 LOCK_FILE = "dvc.lock"
 # Git-ignored (.lathe/) and outside DVC's own .dvc/tmp; one copy per repo.
@@ -132,21 +132,11 @@ def guard_lockfile(repo: Path) -> str | None:
         return None
     problem = lockfile_problem(lock)
     if problem is None:
-        _copy_atomically(lock, copy)
+        write_bytes(copy, lock.read_bytes())
         return None
     if not copy.is_file():
         raise LockfileBroken(f"{lock} is broken ({problem}) and there is no earlier copy at {copy}; "
                              f"restore it with `git checkout {LOCK_FILE}` and rerun")
-    _copy_atomically(copy, lock)
+    write_bytes(lock, copy.read_bytes())  # atomic, pid-tagged temp (lathe.io)
     return (f"{lock} was broken ({problem}), most likely by a run killed while DVC wrote it; "
             f"restored the copy taken before the last stage ({copy})")
-
-
-def _copy_atomically(src: Path, dst: Path) -> None:
-    """Copy through a temporary sibling and a rename, so `dst` is never half written."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dst.parent.glob(f".{dst.name}.*.tmp"):  # left by a copy killed half way
-        stale.unlink(missing_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
