@@ -160,13 +160,31 @@ class FitParams(Section):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weighting: Literal["none", "sqrt_inverse", "inverse"] = "sqrt_inverse"
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0 disables the weight EMA")
+    select_on: Literal["score", "accuracy"] = Field(
+        "score", description="epoch selection on val: accuracy + 0.25 * (balanced accuracy + defective recall), "
+                             "or accuracy alone")
     augment: AugmentParams = AugmentParams()
+
+
+class EnsembleParams(Section):
+    """Train several teachers and distil their average into the one the pipeline keeps.
+
+    Members differ only in seed (seed, seed + 1, ...). Their averaged prediction is more accurate
+    than any one of them, and the distilled network keeps most of that gain at one network's size,
+    so prune, distill and low-rank still start from a single network.
+    """
+
+    members: int = Field(1, ge=1, le=16, description="1 trains one network (no ensemble)")
+    temperature: float = Field(2.0, gt=0, description="softening of the members' averaged distribution")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (ensemble) loss; 1 - alpha on the labels")
+    epochs: int | None = Field(None, ge=1, description="epochs of the distilled network (default: the members' epochs)")
 
 
 class TrainParams(FitParams):
     """The teacher: an architecture plus how to train it."""
 
     arch: ArchSpec = ArchSpec()
+    ensemble: EnsembleParams = EnsembleParams()
 
 
 Importance = Literal["l1", "l2", "random"]

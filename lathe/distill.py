@@ -8,14 +8,12 @@ alpha = 0 a distilled student is bit-identical to its control.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lathe.config import ArchSpec, DistillParams
 from lathe.determinism import make_deterministic
@@ -24,57 +22,12 @@ from lathe.ingest import load_split
 from lathe.io import sha256_file, write_json
 from lathe.models import build_model, count_params
 from lathe.teacher import FILES, check_trainable, load_model, write_model_dir
-from lathe.train import LossFn, Progress, TrainResult, class_weights, cross_entropy_loss, fit, predict_logits, score, to_tensor
+from lathe.train import Progress, TrainResult, class_weights, fit, frozen_teacher, kd_loss, predict_logits, score, to_tensor
 
 log = logging.getLogger(__name__)
 
 RECORD = "distill.json"  # what distillation (or the control) did, beside FILES.summary
 STUDENT_KEY = "distill.student"  # the params key that describes a scratch student
-
-TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # (N, C, S, S) float32 -> (N, K) logits
-
-
-def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch.
-
-    The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones when T
-    changes (Hinton et al. 2015, section 2). Teacher logits are detached: no gradient reaches them.
-    """
-    t = temperature
-    log_p_student = F.log_softmax(student_logits / t, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * (t * t)
-
-
-def frozen_teacher(teacher: nn.Module) -> TeacherFn:
-    """The teacher as a logits function: eval mode (no dropout, BN running stats), no autograd graph."""
-
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        teacher.eval()
-        with torch.no_grad():
-            return teacher(x)
-
-    return logits
-
-
-def kd_loss(teacher_logits: TeacherFn, temperature: float, alpha: float, weights: torch.Tensor,
-            smoothing: float) -> LossFn:
-    """alpha * soft_loss(student, teacher(x), T) + (1 - alpha) * weighted, smoothed CE on the labels.
-
-    A `LossFn` for `lathe.train.fit`: `x` is the augmented batch the student saw, so the teacher
-    judges exactly the same pixels. `teacher_logits` may also return precomputed logits (tests).
-    Class weights apply to the label term only; the soft term follows the teacher's distribution.
-    """
-    hard = cross_entropy_loss(weights, smoothing)
-
-    def loss(logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ce = hard(logits, target, x)
-        if alpha == 0:  # skip the teacher's forward pass; the loss is then exactly the control's
-            return ce
-        return alpha * soft_loss(logits, teacher_logits(x), temperature) + (1 - alpha) * ce
-
-    return loss
-
 
 def distill(teacher: nn.Module, student: nn.Module, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
             cfg: DistillParams, gen: torch.Generator, num_classes: int, progress: Progress | None = None) -> TrainResult:

@@ -20,7 +20,8 @@ from lathe.export import export_onnx, max_abs_diff_vs_torch, save_onnx
 from lathe.ingest import load_split
 from lathe.io import write_bytes, write_json
 from lathe.models import build_model, count_params
-from lathe.train import Progress, TrainResult, fit, to_tensor
+from lathe.train import (LossFn, Progress, TrainResult, class_weights, ensemble_teacher, fit, kd_loss, memoized_teacher,
+                         to_tensor)
 
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| on logits
 
@@ -50,14 +51,45 @@ def check_trainable(train: dict[str, np.ndarray], val: dict[str, np.ndarray], nu
 
 
 def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | None = None) -> tuple[nn.Module, TrainResult, int]:
-    """Deterministically train the teacher on the train split, selecting on val."""
-    gen = make_deterministic(cfg.seed, cfg.threads)
+    """Deterministically train the teacher on the train split, selecting on val.
+
+    With `ensemble.members` > 1, the members are trained first (seeds seed, seed + 1, ...), then a
+    fresh network (seed + members) learns from their averaged prediction plus the labels; that
+    network is the teacher. `result.members` holds each member's best val scores. Progress rows
+    carry `member` (1-based) while a member trains, and `member` 0 for the distilled teacher.
+    """
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     check_trainable(train, val, cfg.arch.num_classes)
     image_size = int(train["images"].shape[1])
-    model = build_model(cfg.arch, image_size)
-    result = fit(model, train, val, cfg, gen, cfg.arch.num_classes, progress=progress)
+    k = cfg.ensemble.members
+    if k == 1:
+        return *train_one(train, val, cfg, cfg.seed, image_size, progress), image_size
+    members = []
+    for i in range(k):
+        model, result = train_one(train, val, cfg, cfg.seed + i, image_size, tagged(progress, i + 1))
+        members.append((model, result))
+    weights = class_weights(train["labels"], cfg.arch.num_classes, cfg.class_weighting)
+    teacher = memoized_teacher(ensemble_teacher([m for m, _ in members]), to_tensor(train["images"]))
+    loss = kd_loss(teacher, cfg.ensemble.temperature, cfg.ensemble.alpha, weights, cfg.label_smoothing)
+    distilled_cfg = cfg.model_copy(update={"epochs": cfg.ensemble.epochs or cfg.epochs})
+    model, result = train_one(train, val, distilled_cfg, cfg.seed + k, image_size, tagged(progress, 0), loss)
+    result.members = [r.best_val for _, r in members]
     return model, result, image_size
+
+
+def train_one(train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: TrainParams, seed: int, image_size: int,
+              progress: Progress | None = None, loss_fn: LossFn | None = None) -> tuple[nn.Module, TrainResult]:
+    """One network of `cfg.arch` trained from the seed's initialisation (weighted CE by default)."""
+    gen = make_deterministic(seed, cfg.threads)
+    model = build_model(cfg.arch, image_size)
+    return model, fit(model, train, val, cfg, gen, cfg.arch.num_classes, loss_fn=loss_fn, progress=progress)
+
+
+def tagged(progress: Progress | None, member: int) -> Progress | None:
+    """`progress` with `member` added to every row (0: the distilled teacher)."""
+    if progress is None:
+        return None
+    return lambda row: progress({**row, "member": member})
 
 
 def arch_document(spec: ArchSpec, image_size: int) -> dict:
@@ -120,5 +152,7 @@ def write_model_dir(out_dir: Path, model: nn.Module, spec: ArchSpec, image_size:
     summary = {"params": count_params(model), "best_epoch": result.best_epoch,
                "best_val": {k: round(v, 6) for k, v in result.best_val.items()},
                "onnx_max_abs_diff": diff, "epochs_run": len(result.history)}
+    if result.members:
+        summary["ensemble_members_best_val"] = [{k: round(v, 6) for k, v in m.items()} for m in result.members]
     write_json(out_dir / FILES.summary, summary)
     return summary

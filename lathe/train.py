@@ -93,9 +93,11 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_val: dict = field(default_factory=dict)
+    members: list[dict] = field(default_factory=list)  # ensemble members' best val scores, if any
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # (N, C, S, S) float32 -> (N, K) logits
 
 
 def cross_entropy_loss(weights: torch.Tensor, smoothing: float) -> LossFn:
@@ -107,6 +109,83 @@ def cross_entropy_loss(weights: torch.Tensor, smoothing: float) -> LossFn:
     return loss
 
 
+def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch.
+
+    The T^2 factor keeps the soft-target gradients on the same scale as the hard-label ones when T
+    changes (Hinton et al. 2015, section 2). Teacher logits are detached: no gradient reaches them.
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * (t * t)
+
+
+def frozen_teacher(teacher: nn.Module) -> TeacherFn:
+    """The teacher as a logits function: eval mode (no dropout, BN running stats), no autograd graph."""
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        teacher.eval()
+        with torch.no_grad():
+            return teacher(x)
+
+    return logits
+
+
+def kd_loss(teacher_logits: TeacherFn, temperature: float, alpha: float, weights: torch.Tensor,
+            smoothing: float) -> LossFn:
+    """alpha * soft_loss(student, teacher(x), T) + (1 - alpha) * weighted, smoothed CE on the labels.
+
+    A `LossFn` for `lathe.train.fit`: `x` is the augmented batch the student saw, so the teacher
+    judges exactly the same pixels. `teacher_logits` may also return precomputed logits (tests).
+    Class weights apply to the label term only; the soft term follows the teacher's distribution.
+    """
+    hard = cross_entropy_loss(weights, smoothing)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ce = hard(logits, target, x)
+        if alpha == 0:  # skip the teacher's forward pass; the loss is then exactly the control's
+            return ce
+        return alpha * soft_loss(logits, teacher_logits(x), temperature) + (1 - alpha) * ce
+
+    return loss
+
+
+def ensemble_teacher(members: list[nn.Module]) -> TeacherFn:
+    """Several networks as one teacher: the mean of their log-probabilities (a geometric mean of
+    their predicted distributions), in eval mode, with no autograd graph. (N, C, S, S) -> (N, K)."""
+    frozen = [frozen_teacher(m) for m in members]
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.log_softmax(f(x), dim=1) for f in frozen]).mean(0)
+
+    return logits
+
+
+def memoized_teacher(teacher: TeacherFn, inputs: torch.Tensor, batch_size: int = 256) -> TeacherFn:
+    """`teacher` with its logits for every row of `inputs` (N, C, S, S) computed once, up front.
+
+    Distillation asks for the teacher's logits of every batch in every epoch; without augmentation
+    those are the same images each epoch, so an ensemble's forward passes are paid once instead of
+    once per epoch. A batch with any row not seen up front (an augmented one) is computed afresh.
+    Rows are looked up by their bytes, so a hit returns the up-front logits of exactly those pixels
+    (equal to a fresh forward pass up to the last bits, which may depend on the batch size).
+    """
+    cache: dict[bytes, torch.Tensor] = {}
+    for i in range(0, len(inputs), batch_size):
+        chunk = inputs[i : i + batch_size]
+        for row, out in zip(chunk, teacher(chunk)):
+            cache[row.numpy().tobytes()] = out
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        rows = [cache.get(r.numpy().tobytes()) for r in x]
+        if any(r is None for r in rows):
+            return teacher(x)
+        return torch.stack(rows)
+
+    return logits
+
+
 def make_optimizer(model: nn.Module, cfg: FitParams) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum."""
     if cfg.optimizer == "sgd":
@@ -114,8 +193,11 @@ def make_optimizer(model: nn.Module, cfg: FitParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def selection_score(val: dict[str, float]) -> float:
-    """Model selection on val: accuracy, with defective recall as a tie-breaker."""
+def selection_score(val: dict[str, float], select_on: str = "score") -> float:
+    """Model selection on val. "score": accuracy plus a quarter each of balanced accuracy and
+    defective recall; "accuracy": accuracy alone (ties go to the earlier epoch)."""
+    if select_on == "accuracy":
+        return val["accuracy"]
     return val["accuracy"] + 0.25 * val["balanced_accuracy"] + 0.25 * val["defective_recall"]
 
 
@@ -168,7 +250,7 @@ def fit(
         row = {"epoch": epoch, "train_loss": round(total / max(seen, 1), 6), "lr": sched.get_last_lr()[0],
                **{f"val_{k}": round(v, 6) for k, v in val_scores.items()}}
         result.history.append(row)
-        s = selection_score(val_scores)
+        s = selection_score(val_scores, cfg.select_on)
         if s > best_score:
             best_score, result.best_epoch, result.best_val = s, epoch, val_scores
             best_state = copy.deepcopy(judged.state_dict())

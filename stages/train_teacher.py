@@ -20,8 +20,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         cfg = section(args, "train_teacher", TrainParams)
 
+        members = cfg.ensemble.members
+
         def progress(row: dict) -> None:
-            log.info("epoch %3d/%d  loss %.4f  val acc %.4f  bal %.4f  def-recall %.4f", row["epoch"], cfg.epochs,
+            who = "" if members == 1 else (f"member {row['member']}/{members}  " if row["member"] else "distilled  ")
+            log.info("%sepoch %3d/%d  loss %.4f  val acc %.4f  bal %.4f  def-recall %.4f", who, row["epoch"], cfg.epochs,
                      row["train_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_defective_recall"])
 
         model, result, image_size = train_teacher(args.prepared_dir, cfg, progress)

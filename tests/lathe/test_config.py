@@ -39,6 +39,12 @@ def test_splits_leaving_too_little_training_data_are_refused():
         parse_section({"ingest": {"val_fraction": 0.45, "test_fraction": 0.45}}, "ingest", IngestParams)
 
 
+def test_ensemble_needs_at_least_one_member():
+    with pytest.raises(ConfigError) as err:
+        parse_section({"train_teacher": {"ensemble": {"members": 0}}}, "train_teacher", TrainParams)
+    assert "train_teacher.ensemble.members" in str(err.value) and "0" in str(err.value)
+
+
 def test_arch_stage_lists_must_match():
     with pytest.raises(ConfigError, match="equal length"):
         parse_section({"train_teacher": {"arch": {"widths": [8, 16], "blocks": [1]}}}, "train_teacher", TrainParams)

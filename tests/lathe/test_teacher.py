@@ -45,6 +45,38 @@ def test_two_trainings_give_byte_identical_onnx(prepared, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
+def ensemble_cfg(**ensemble) -> TrainParams:
+    return TrainParams(**{**TINY_PARAMS["train_teacher"], "ensemble": {"members": 2, **ensemble}})
+
+
+def test_ensemble_trains_each_member_then_the_distilled_teacher_and_reports_them(prepared, tmp_path):
+    rows = []
+    model, result, size = train_teacher(prepared, ensemble_cfg(), rows.append)
+    epochs = TINY_PARAMS["train_teacher"]["epochs"]
+    assert [r["member"] for r in rows] == [1] * epochs + [2] * epochs + [0] * epochs
+    assert len(result.history) == epochs and len(result.members) == 2  # history: the distilled teacher's
+    summary = write_model_dir(tmp_path / "m", model, TrainParams(**TINY_PARAMS["train_teacher"]).arch, size, result,
+                              load_split(prepared, "val")["images"])
+    assert [set(m) for m in summary["ensemble_members_best_val"]] == [set(result.best_val)] * 2
+
+
+def test_ensemble_with_alpha_zero_is_exactly_a_plain_training_from_the_next_seed(prepared):
+    """alpha = 0 drops the soft term, so the teacher is a plain run from seed + members: that pins
+    down the seeds, and the next test shows the members' average is what changes the result."""
+    plain_cfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "seed": TINY_PARAMS["train_teacher"]["seed"] + 2})
+    plain, _, _ = train_teacher(prepared, plain_cfg)
+    ens, _, _ = train_teacher(prepared, ensemble_cfg(alpha=0.0))
+    for (k, a), b in zip(plain.state_dict().items(), ens.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_the_members_average_changes_the_teacher_and_training_stays_deterministic(prepared):
+    weights = [train_teacher(prepared, ensemble_cfg(alpha=0.9))[0].state_dict() for _ in range(2)]
+    no_soft = train_teacher(prepared, ensemble_cfg(alpha=0.0))[0].state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0].values(), no_soft.values()))
+
+
 def test_untrainable_data_is_refused_with_a_reason():
     one = {"labels": np.array([0])}
     with pytest.raises(DataError, match="train split has 1"):

@@ -23,6 +23,18 @@ def test_stage_writes_model_folder_and_history(tmp_path, prepared):
     assert (tmp_path / "hist.csv").read_text().startswith("epoch,train_loss")
 
 
+def test_ensemble_stage_logs_every_member_and_records_them(tmp_path, prepared, caplog):
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO)
+    run(tmp_path, prepared, tiny_params(train_teacher={"epochs": 1, "ensemble": {"members": 2}}))
+    lines = [r.getMessage() for r in caplog.records if "epoch " in r.getMessage() and "best" not in r.getMessage()]
+    assert [line.split("  ")[0] for line in lines] == ["member 1/2", "member 2/2", "distilled"]
+    summary = json.loads((tmp_path / "teacher" / "train.json").read_text())
+    assert len(summary["ensemble_members_best_val"]) == 2
+
+
 def test_missing_prepared_split_exits_with_the_data_error_status_naming_the_file(tmp_path, prepared, capsys):
     (prepared / "val.safetensors").unlink()
     with pytest.raises(SystemExit) as exit_info:
