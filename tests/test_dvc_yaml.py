@@ -58,3 +58,14 @@ def test_every_stage_reads_only_declared_params_sections():
         sections = set(re.findall(r'section\(args, "(\w+)"', source))
         declared = {p.split(".")[0] for p in stage["params"]}
         assert sections <= declared, f"stage {name} reads params {sections - declared} it does not declare"
+
+
+def test_the_control_declares_every_distill_key_it_trains_with():
+    """distill_control lists distill keys one by one (it must not rerun when only T or alpha
+    change), so a new training field must be added there too, or DVC misses a change."""
+    from lathe.config import DistillParams
+
+    declared = {p.removeprefix("distill.") for p in stage_entries()["distill_control"]["params"]}
+    unused_by_the_control = {"temperature", "alpha"}
+    missing = set(DistillParams.model_fields) - unused_by_the_control - declared
+    assert not missing, f"distill_control does not declare distill.{sorted(missing)}"
