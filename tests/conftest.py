@@ -21,28 +21,51 @@ def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 # `make test` runs the suite on two xdist workers (-n 2 --dist loadgroup --no-loadscope-reorder). The
-# hook below keeps that correct and balanced:
-# - one group per module, so a module-scoped fixture (a trained model, a served Prefect) is built once;
-# - every module that uses `tiny_reference` in one group, so the shared build happens once;
+# hooks below keep that correct and balanced:
+# - one work unit per module, so a module-scoped fixture (a trained model, a served Prefect) is built once;
+# - every module that uses `tiny_reference` in one unit, so the shared build happens once;
 # - the two longest units first, so they run side by side rather than one after the other.
+# xdist's own loadgroup (xdist_group marks) cannot do this with pytest 9.2: it renames `item._nodeid`,
+# which pytest 9.2 no longer reads, so every test became its own unit and module fixtures were built
+# on both workers. The grouping is therefore done by the scheduler itself, from the test ids.
 SHARED_BUILD_GROUP = "tiny_reference"
+SHARED_BUILD_MODULES = frozenset({
+    "tests/flows/test_experiments.py",
+    "tests/integration/test_kill.py",
+    "tests/integration/test_pipeline.py",
+})
 LONGEST_FIRST = ("tests/integration/test_operations.py", SHARED_BUILD_GROUP)
 
 
-def xdist_group_of(item: pytest.Item, shared_build_modules: set[str]) -> str:
-    """The worker group of a test: the shared-build group or its module's path."""
-    module = item.nodeid.split("::", 1)[0]
-    return SHARED_BUILD_GROUP if module in shared_build_modules else module
+def work_unit_of(nodeid: str) -> str:
+    """The xdist work unit of a test id: the shared-build group or the test's module path."""
+    module = nodeid.split("::", 1)[0]
+    return SHARED_BUILD_GROUP if module in SHARED_BUILD_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With --dist loadgroup: xdist's scope scheduler, its scopes being `work_unit_of` each test id."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit_of(nodeid)
+
+    return ModuleUnitScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    shared = {it.nodeid.split("::", 1)[0] for it in items if SHARED_BUILD_GROUP in getattr(it, "fixturenames", ())}
-    groups = {it.nodeid: xdist_group_of(it, shared) for it in items}
-    for it in items:
-        it.add_marker(pytest.mark.xdist_group(groups[it.nodeid]))
+    """Refuse a `tiny_reference` user missing from SHARED_BUILD_MODULES (it would build the reference
+    again on the other worker); put the longest units first (a stable sort: module order is kept)."""
+    users = {it.nodeid.split("::", 1)[0] for it in items if SHARED_BUILD_GROUP in getattr(it, "fixturenames", ())}
+    if users - SHARED_BUILD_MODULES:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(users - SHARED_BUILD_MODULES)} to SHARED_BUILD_MODULES")
 
     def rank(it: pytest.Item) -> int:
-        g = groups[it.nodeid]
-        return LONGEST_FIRST.index(g) if g in LONGEST_FIRST else len(LONGEST_FIRST)
+        unit = work_unit_of(it.nodeid)
+        return LONGEST_FIRST.index(unit) if unit in LONGEST_FIRST else len(LONGEST_FIRST)
 
-    items.sort(key=rank)  # stable: the order inside a module is kept
+    items.sort(key=rank)
