@@ -37,9 +37,14 @@ SHARED_BUILD_MODULES = frozenset({
 LONGEST_FIRST = ("tests/integration/test_operations.py", SHARED_BUILD_GROUP)
 
 
+def module_of(nodeid: str) -> str:
+    """The module path of a test id ("tests/x/test_y.py::test_z" -> "tests/x/test_y.py")."""
+    return nodeid.split("::", 1)[0]
+
+
 def work_unit_of(nodeid: str) -> str:
     """The xdist work unit of a test id: the shared-build group or the test's module path."""
-    module = nodeid.split("::", 1)[0]
+    module = module_of(nodeid)
     return SHARED_BUILD_GROUP if module in SHARED_BUILD_MODULES else module
 
 
@@ -60,7 +65,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse a `tiny_reference` user missing from SHARED_BUILD_MODULES (it would build the reference
     again on the other worker); put the longest units first (a stable sort: module order is kept)."""
-    users = {it.nodeid.split("::", 1)[0] for it in items if SHARED_BUILD_GROUP in getattr(it, "fixturenames", ())}
+    users = {module_of(it.nodeid) for it in items if SHARED_BUILD_GROUP in getattr(it, "fixturenames", ())}
     if users - SHARED_BUILD_MODULES:
         raise pytest.UsageError(f"tests/conftest.py: add {sorted(users - SHARED_BUILD_MODULES)} to SHARED_BUILD_MODULES")
 
