@@ -157,11 +157,20 @@ def load_ops(root: Path) -> Any:
 
 
 def ensure_concurrency_limit(name: str) -> None:
-    """Create the one-slot global concurrency limit `name` on the Prefect server (or reset it to 1)."""
+    """Create the one-slot global concurrency limit `name` on the Prefect server (or reset it to 1).
+
+    Prefect's upsert reads, then creates: two runs starting together can both find no limit, and
+    the later create fails with ObjectAlreadyExists. The other run created it, so upsert again
+    (it now reads the limit and only resets it to 1 if needed).
+    """
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists
 
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+        except ObjectAlreadyExists:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
 
 
 @contextlib.contextmanager

@@ -303,6 +303,33 @@ def test_two_concurrent_runs_never_interleave(prefect_server: None, tmp_path: Pa
     assert lines[:4] == [[e, s, lines[0][2]] for e, s in [("start", "s1"), ("end", "s1"), ("start", "s2"), ("end", "s2")]]
 
 
+def test_runs_creating_the_concurrency_limit_at_once_all_succeed(prefect_server: None) -> None:
+    """Prefect's upsert is read-then-create; racing creators must not fail a run (CI saw a 409 once)."""
+    import threading
+
+    from flows.pipeline import ensure_concurrency_limit
+
+    for attempt in range(5):  # fresh names: each round races on a limit that does not exist yet
+        name = f"lathe-test-race-{attempt}"
+        start, errors = threading.Barrier(8), []
+
+        def create() -> None:
+            start.wait()
+            try:
+                ensure_concurrency_limit(name)
+            except Exception as exc:  # noqa: BLE001 - any failure of a racing creator is the bug
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=create) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [], errors
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(name).limit == 1
+
+
 def test_a_second_run_is_refused_after_the_timeout(prefect_server: None, tmp_path: Path) -> None:
     import time
 
