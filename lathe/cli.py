@@ -69,7 +69,7 @@ def keys_init_cmd(
     force: bool = typer.Option(False, "--force", help="replace existing keys (old packages stop verifying)"),
 ) -> None:
     """Create the signing key pair; does nothing when both files already exist."""
-    from lathe.signing import generate_keys
+    from lathe.ship.signing import generate_keys
 
     if private.exists() and public.exists() and not force:
         console.print(f"keys already exist: {private} (private), {public} (public); nothing to do")
@@ -96,7 +96,7 @@ def verify_cmd(
 
     from rich.table import Table
 
-    from lathe.verify import default_public_key, verify_package
+    from lathe.audit.verify import default_public_key, verify_package
 
     key = public_key or default_public_key(repo)
     with console.status("verifying"):
@@ -127,7 +127,7 @@ def trace_cmd(
     """Which data, code and settings produced this model: from the package alone, cross-checked with the repo."""
     import json
 
-    from lathe.trace import print_trace, trace
+    from lathe.audit.trace import print_trace, trace
 
     try:
         result = trace(subject, repo=repo)

@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
 
     def body() -> None:
-        from lathe.package import PackageInputs, build_package
+        from lathe.ship.build import PackageInputs, build_package
 
         params = load_params(args.params)
         targets = parse_targets(params, str(args.params))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lathe.archive import ArchiveError, safe_extract, write_archive
+from lathe.ship.archive import ArchiveError, safe_extract, write_archive
 
 
 def make_pkg(root: Path) -> Path:

@@ -14,10 +14,10 @@ from onnx import TensorProto, helper
 
 from lathe.config import GateParams, PackageParams, TargetParams, parse_targets
 from lathe.errors import ConfigError, DataError
-from lathe.package import (
-    Candidate, Threshold, check_gates, choose_threshold, dirty_paths, gate_table, model_stamp, npz_bytes,
-    package_id_of, rates_at, select, selftest_indices, stage_chain, stamp_model_bytes, unstamped_model_bytes,
-)
+from lathe.ship.card import selftest_indices
+from lathe.ship.contract import model_stamp, npz_bytes, package_id_of, stamp_model_bytes, unstamped_model_bytes
+from lathe.ship.gates import Candidate, Threshold, check_gates, choose_threshold, gate_table, rates_at, select
+from lathe.ship.lineage import dirty_paths, stage_chain
 
 
 def tiny_onnx(seed: int = 0, size: int = 4) -> bytes:
@@ -184,7 +184,7 @@ def test_dirty_paths_ignore_dvc_outputs_and_lock_but_not_code(tmp_path):
 
 
 def test_a_killed_build_leaves_nothing_behind_and_the_last_package_comes_back(tmp_path):
-    from lathe.package import recover_interrupted_build
+    from lathe.ship.build import recover_interrupted_build
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()  # a pid that no longer runs
@@ -206,7 +206,7 @@ def test_a_killed_build_leaves_nothing_behind_and_the_last_package_comes_back(tm
 
 
 def test_recovery_keeps_a_present_package_and_drops_the_stale_copy(tmp_path):
-    from lathe.package import recover_interrupted_build
+    from lathe.ship.build import recover_interrupted_build
 
     dest = tmp_path / "gw"
     dest.mkdir()

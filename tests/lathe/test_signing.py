@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lathe.errors import LatheError
-from lathe.signing import SIGNATURE_FILE, generate_keys, sign_package, verify_signature
+from lathe.ship.signing import SIGNATURE_FILE, generate_keys, sign_package, verify_signature
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import yaml
 
 from lathe.errors import LatheError
 from lathe.io import sha256_file
-from lathe.signing import generate_keys
-from lathe.trace import trace
+from lathe.audit.trace import trace
+from lathe.ship.signing import generate_keys
 from tests.lathe.test_verify import build_package
 
 RAW_MD5 = "1234567890abcdef1234567890abcdef.dir"

@@ -15,11 +15,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lathe.archive import write_archive
+from lathe.audit.verify import json_diff, verify_package
 from lathe.io import sha256_bytes, sha256_file, write_json
-from lathe.package import npz_bytes, package_id_of, stamp_model_bytes, unstamped_model_bytes
-from lathe.signing import generate_keys, sign_package
-from lathe.verify import json_diff, verify_package
+from lathe.ship.archive import write_archive
+from lathe.ship.contract import npz_bytes, package_id_of, stamp_model_bytes, unstamped_model_bytes
+from lathe.ship.signing import generate_keys, sign_package
 
 SIZE = 8
 
@@ -237,7 +237,7 @@ def test_json_diff_key_paths():
 
 
 def test_compare_packages_lists_files_and_manifest_keys(tmp_path, golden, keys):
-    from lathe.verify import compare_archives, compare_packages
+    from lathe.audit.rebuild import compare_archives, compare_packages
 
     a, b = tmp_path / "a" / "edge", tmp_path / "b" / "edge"
     shutil.copytree(golden, a)
@@ -263,8 +263,8 @@ def test_compare_packages_lists_files_and_manifest_keys(tmp_path, golden, keys):
 def test_rebuild_picks_the_dvc_lock_the_manifest_records(tmp_path):
     """The package's commit often predates the dvc.lock it was built with: the rebuild matches the
     manifest's recorded stages against each dvc.lock candidate and names the first stage that differs."""
-    from lathe.package import _lock_entry, stage_chain
-    from lathe.verify import _lock_mismatch, _tracked_outputs
+    from lathe.audit.rebuild import _lock_mismatch, _tracked_outputs
+    from lathe.ship.lineage import _lock_entry, stage_chain
 
     lock = {"schema": "2.0", "stages": {
         "ingest": {"cmd": "python -m stages.ingest data/raw data/prepared",

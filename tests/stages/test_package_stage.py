@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lathe.io import sha256_bytes, write_json
-from lathe.package import model_stamp, unstamped_model_bytes
+from lathe.ship.contract import model_stamp, unstamped_model_bytes
 from stages.package import main
 from tests.lathe.test_package import tiny_onnx
 from tests.tiny import make_prepared, tiny_params
@@ -49,7 +49,7 @@ def lock_entry(cmd: str, deps: list[str], outs: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> tuple[Path, Path]:
     """(workspace, signing key): committed code/params/raw.dvc; prepared data, models, reports untracked outs."""
-    from lathe.signing import generate_keys
+    from lathe.ship.signing import generate_keys
 
     tmp = tmp_path_factory.mktemp("pkg")
     ws = tmp / "ws"
@@ -115,7 +115,7 @@ def set_params(ws: Path, section: str, **values) -> None:
 def test_package_holds_every_file_its_lineage_and_a_working_selftest(ws, base):
     import onnxruntime as ort
 
-    from lathe.signing import verify_signature
+    from lathe.ship.signing import verify_signature
 
     main(ARGV)
     pkg = ws / "models/packages" / TARGET

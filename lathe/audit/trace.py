@@ -36,7 +36,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _model_stamp(data: bytes) -> dict[str, str]:
-    from lathe.package import model_stamp
+    from lathe.ship.contract import model_stamp
 
     try:
         return model_stamp(data)
@@ -71,7 +71,7 @@ def _archives(repo: Path | None) -> list[Path]:
 
 
 def _from_archive(archive: Path) -> tuple[dict, bytes | None]:
-    from lathe.archive import safe_extract
+    from lathe.ship.archive import safe_extract
 
     with tempfile.TemporaryDirectory(prefix="lathe-trace-") as tmp:
         safe_extract(archive, Path(tmp) / "x")
@@ -263,7 +263,7 @@ def trace(subject: str, repo: Path | None = None) -> dict[str, Any]:
         "source_model_sha256": manifest.get("source_model_sha256"), "gates": manifest.get("gates"),
     }
     if data:
-        from lathe.package import unstamped_model_bytes
+        from lathe.ship.contract import unstamped_model_bytes
 
         stamp = _model_stamp(data)
         unstamped = sha256_bytes(unstamped_model_bytes(data))

@@ -1,0 +1,1 @@
+"""Audit: offline verification of a package, its self-test, the rebuild that reproduces it, and trace."""

@@ -1,0 +1,100 @@
+"""What a package tells its reader: preprocessing.json, the model card, and the self-test's choice of images."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from lathe.config import TargetParams
+from lathe.ship.contract import SELFTEST_ATOL, SELFTEST_FILE
+from lathe.ship.gates import Candidate, gate_table
+
+CLASS_NAMES = ["functional (p=0)", "possibly defective (p=1/3)", "probably defective (p=2/3)", "defective (p=1)"]
+
+
+def selftest_indices(labels: np.ndarray, sample_ids: np.ndarray, per_class: int) -> np.ndarray:
+    """Up to `per_class` test images per class, lowest sample ids first; returned in sample-id order."""
+    chosen = []
+    for k in sorted(set(np.asarray(labels).tolist())):
+        idx = np.flatnonzero(labels == k)
+        chosen.extend(idx[np.argsort(sample_ids[idx], kind="stable")][:per_class].tolist())
+    chosen = np.asarray(chosen, dtype=np.int64)
+    return chosen[np.argsort(sample_ids[chosen], kind="stable")]
+
+
+def preprocessing_record(model_bytes: bytes, image_size: int, defective_from: int, threshold: float,
+                         num_classes: int) -> dict:
+    proto = onnx.load_from_string(model_bytes)
+    inits = {t.name for t in proto.graph.initializer}
+    inp = [i for i in proto.graph.input if i.name not in inits][0]
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inp.type.tensor_type.shape.dim]
+    return {
+        "input": {"name": inp.name, "shape": shape, "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": proto.graph.output[0].name, "kind": "logits", "shape": [shape[0], num_classes]},
+        "source_image": {"dtype": "uint8", "channels": 1,
+                         "color": "grayscale (8-bit; RGB converted with Pillow convert('L'))"},
+        "resize": {"size": [image_size, image_size], "method": "area averaging (Pillow Image.resize, BOX)"},
+        "scale": "x / 255 (float32 in [0, 1])", "mean": 0.0, "std": 1.0,
+        "class_names": CLASS_NAMES[:num_classes],
+        "defective_from_class": defective_from,
+        "decision": {"p_defective": f"sum(softmax(logits)[{defective_from}:])", "threshold": threshold,
+                     "rule": "defective when p_defective >= threshold"},
+        "selftest": {"file": SELFTEST_FILE, "inputs": "images", "outputs": "logits", "atol": SELFTEST_ATOL},
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict, validation: dict,
+               calibration: dict | None, num_classes: int, defective_from: int, splits: dict) -> str:
+    m, t = chosen.metrics, chosen.threshold
+    lines = [
+        f"# Model card: {target} / {chosen.variant}", "",
+        "## Intended use", "",
+        "Screening electroluminescence (EL) images of single solar cells on a production line for defects. "
+        f"Input: one cell, 8-bit grayscale, resized to {splits['image_size']}x{splits['image_size']} px. "
+        "Output: four classes of defect probability (0, 1/3, 2/3, 1); a cell is judged *defective* when "
+        f"the softmax mass on classes >= {defective_from} reaches the decision threshold. "
+        "A decision aid for inspection staff: escapes happen at the rate below, so it does not replace "
+        "the plant's final quality check.", "",
+        f"Target profile `{target}`: {profile.description or '-'}; runtime {profile.runtime}, "
+        f"{profile.threads} thread(s), batch {profile.batch}.", "",
+        "## Data", "",
+        f"- raw data `{raw['path']}` md5 `{raw['md5']}`, {raw['files']} files, {raw['samples']} samples",
+        "- class counts: " + ", ".join(f"class {k}: {v}" for k, v in raw["class_counts"].items()),
+        f"- validation: {validation['summary']} (result sha256 `{validation['sha256'][:16]}...`)",
+        f"- test split: {m.get('n_test', '?')} samples; threshold chosen on the val split "
+        f"({t.val['n_defective']} defective, {t.val['n_functional']} functional)",
+    ]
+    if calibration:
+        lines.append(f"- INT8 calibration: {calibration['size']} train samples, {calibration['method']}, "
+                     f"ids sha256 `{str(calibration['sample_ids_sha256'])[:16]}...`")
+    lines += ["", "## Decision threshold", "",
+              f"p_defective >= **{t.value}**: the highest threshold reaching defective recall "
+              f">= {_pct(t.recall_target)} on the val split.", "",
+              "| split | defective recall | escape rate | false-reject rate |", "|---|---:|---:|---:|",
+              f"| val | {_pct(t.val['defective_recall'])} | {_pct(t.val['escape_rate'])} | {_pct(t.val['false_reject_rate'])} |",
+              f"| test | {_pct(t.test['defective_recall'])} | {_pct(t.test['escape_rate'])} | {_pct(t.test['false_reject_rate'])} |",
+              "", "## Metrics (test split, 4-class argmax)", "",
+              f"- accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m.get('balanced_accuracy', 0))}, "
+              f"macro-F1 {m.get('macro_f1', 0):.3f}",
+              f"- size {m['size_bytes']:,} B, {m.get('params', '?')} parameters, p50 latency "
+              f"{m['latency_p50_ms']:.3f} ms (batch 1, measured by the evaluate stage on the build machine)", "",
+              "| class | recall |", "|---|---:|"]
+    for k in range(num_classes):
+        lines.append(f"| {k} {CLASS_NAMES[k] if k < len(CLASS_NAMES) else ''} | {_pct(m.get(f'recall_class_{k}', 0.0))} |")
+    lines += ["", "| cell type | accuracy | test samples |", "|---|---:|---:|"]
+    for ct in ("mono", "poly"):
+        if f"accuracy_{ct}" in m:
+            lines.append(f"| {ct} | {_pct(m[f'accuracy_{ct}'])} | {m.get(f'n_test_{ct}', '?')} |")
+    lines += ["", "## Gates", "", gate_table(target, [chosen]), "",
+              "## Limits", "",
+              "- Trained and judged on the data above only; other cell sizes, cameras, exposure or module "
+              "types are out of scope until evaluated.",
+              "- The middle classes (p=1/3, p=2/3) are small and hard; read per-class recall before relying on them.",
+              "- Latency was measured on the build machine, not on the device: run the self-test and time it there.",
+              f"- Self-test: `{SELFTEST_FILE}` holds golden images and logits; outputs must match within "
+              f"atol {SELFTEST_ATOL}.", ""]
+    return "\n".join(lines)

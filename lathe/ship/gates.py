@@ -1,0 +1,160 @@
+"""The decision threshold (chosen on val) and a target's gates (judged on test), per candidate variant."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lathe.config import TargetParams
+from lathe.errors import DataError, LatheError
+from lathe.io import read_json
+from lathe.ship.contract import MODEL_FILE
+
+THRESHOLD_SPLIT = "val"
+REPORT_SPLIT = "test"
+THRESHOLD_DECIMALS = 6  # the threshold is rounded down to this, so the rounded value still meets the target
+GATES = ("max_size_bytes", "max_latency_p50_ms", "min_accuracy", "min_defective_recall", "max_false_reject_rate")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float  # p_defective >= value -> judged defective
+    recall_target: float
+    val: dict[str, float | int]  # recall, false-reject rate and counts at `value` on the val split
+    test: dict[str, float | int]  # the same on the test split
+
+
+def p_defective(logits: np.ndarray, defective_from: int) -> np.ndarray:
+    """(N, K) logits -> (N,) float64 softmax mass on classes >= defective_from."""
+    from lathe.evaluate import softmax
+
+    return softmax(logits)[:, defective_from:].sum(axis=1)
+
+
+def rates_at(p_def: np.ndarray, labels: np.ndarray, defective_from: int, threshold: float) -> dict[str, float | int]:
+    """Defective recall, escape rate and false-reject rate (functional judged defective) at `threshold`."""
+    defective = np.asarray(labels) >= defective_from
+    judged = np.asarray(p_def) >= threshold
+    n_def, n_fun = int(defective.sum()), int((~defective).sum())
+    tp, fp = int((defective & judged).sum()), int((~defective & judged).sum())
+    recall = tp / n_def if n_def else 0.0
+    return {"defective_recall": round(recall, 6), "escape_rate": round(1 - recall, 6) if n_def else 0.0,
+            "false_reject_rate": round(fp / n_fun, 6) if n_fun else 0.0, "n_defective": n_def, "n_functional": n_fun}
+
+
+def choose_threshold(p_def: np.ndarray, labels: np.ndarray, defective_from: int, recall_target: float) -> float:
+    """The highest threshold t with recall(p_def >= t) >= recall_target on these samples.
+
+    With n defective samples, k = ceil(target * n) of them must be caught: t is the k-th highest
+    p_defective among the defective samples, rounded *down* to THRESHOLD_DECIMALS (so the rounded
+    threshold still catches them). Ties in p_defective only raise the recall at t. Deterministic.
+    """
+    p_def = np.asarray(p_def, dtype=np.float64)
+    scores = np.sort(p_def[np.asarray(labels) >= defective_from])[::-1]
+    if len(scores) == 0:
+        raise DataError(f"the {THRESHOLD_SPLIT} split holds no defective sample (class >= {defective_from}); "
+                        "cannot choose a decision threshold")
+    k = max(1, math.ceil(recall_target * len(scores) - 1e-9))
+    scale = 10 ** THRESHOLD_DECIMALS
+    return math.floor(float(scores[k - 1]) * scale) / scale
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: str
+    metrics: dict  # reports/<variant>/metrics.json
+    threshold: Threshold
+    gates: list[dict]  # [{"gate", "limit", "value", "passed"}] in GATES order
+
+    @property
+    def passed(self) -> bool:
+        return all(g["passed"] for g in self.gates)
+
+
+def check_gates(gates_cfg, metrics: dict, threshold: Threshold) -> list[dict]:
+    """Every gate of the profile against one variant; a null limit is reported as passed (not gated)."""
+    values = {
+        "max_size_bytes": metrics["size_bytes"],
+        "max_latency_p50_ms": metrics["latency_p50_ms"],
+        "min_accuracy": metrics["accuracy"],
+        "min_defective_recall": threshold.test["defective_recall"],
+        "max_false_reject_rate": threshold.test["false_reject_rate"],
+    }
+    out = []
+    for gate in GATES:
+        limit, value = getattr(gates_cfg, gate), values[gate]
+        if limit is None:
+            passed = True
+        elif gate.startswith("max_"):
+            passed = value <= limit
+        else:
+            passed = value >= limit
+        out.append({"gate": gate, "limit": limit, "value": value, "passed": bool(passed)})
+    return out
+
+
+def select(candidates: list[Candidate]) -> Candidate | None:
+    """Among candidates passing every gate: the smallest, then the fastest (p50), then by name."""
+    ok = [c for c in candidates if c.passed]
+    if not ok:
+        return None
+    return min(ok, key=lambda c: (c.metrics["size_bytes"], c.metrics["latency_p50_ms"], c.variant))
+
+
+def _fmt(gate: str, value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    if gate == "max_size_bytes":
+        return f"{int(value):,} B"
+    if gate == "max_latency_p50_ms":
+        return f"{value:.3f} ms"
+    return f"{value:.3f}"
+
+
+def gate_table(target: str, candidates: list[Candidate]) -> str:
+    """Markdown: one row per variant, one column per gate ('value PASS|FAIL'), the limits in the header."""
+    if not candidates:
+        return "(no candidates)"
+    limits = {g["gate"]: g["limit"] for g in candidates[0].gates}
+    head = ["variant"] + [f"{g} ({_fmt(g, limits[g]) if limits[g] is not None else 'not gated'})" for g in GATES] + ["all"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in candidates:
+        cells = [c.variant] + [f"{_fmt(g['gate'], g['value'])} {'pass' if g['passed'] else 'FAIL'}" for g in c.gates]
+        cells.append("pass" if c.passed else "FAIL")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits: dict[str, dict],
+                       target: TargetParams, defective_from: int) -> tuple[Candidate, dict[str, np.ndarray]]:
+    """Run the variant through onnxruntime on val (threshold) and test (rates there); check the gates.
+
+    Returns the candidate and its logits per split.
+    """
+    from lathe.evaluate import load_session, model_files, predict
+
+    model_path = models_dir / variant / MODEL_FILE
+    metrics_path = reports_dir / variant / "metrics.json"
+    files = model_files(model_path)
+    if len(files) != 1:
+        raise LatheError(f"{model_path}: keeps weights in external data files {[str(f) for f in files[1:]]}; "
+                         "a package ships a single self-contained model.onnx")
+    if not metrics_path.is_file():
+        raise LatheError(f"{metrics_path}: metrics not found (run the evaluate stage for {variant})")
+    metrics = read_json(metrics_path)
+    missing = [k for k in ("size_bytes", "latency_p50_ms", "accuracy") if k not in metrics]
+    if missing:
+        raise LatheError(f"{metrics_path}: lacks {missing}; rerun the evaluate stage")
+    session = load_session(model_path, threads=1)
+    logits = {s: predict(session, splits[s]["images"]) for s in (THRESHOLD_SPLIT, REPORT_SPLIT)}
+    val, test = splits[THRESHOLD_SPLIT], splits[REPORT_SPLIT]
+    p_val = p_defective(logits[THRESHOLD_SPLIT], defective_from)
+    p_test = p_defective(logits[REPORT_SPLIT], defective_from)
+    t = choose_threshold(p_val, val["labels"], defective_from, target.defective_recall_target)
+    threshold = Threshold(value=t, recall_target=target.defective_recall_target,
+                          val=rates_at(p_val, val["labels"], defective_from, t),
+                          test=rates_at(p_test, test["labels"], defective_from, t))
+    return Candidate(variant, metrics, threshold, check_gates(target.gates, metrics, threshold)), logits
