@@ -1,49 +1,93 @@
-"""The `lathe` command line: the only user-facing module inside the core package."""
+"""The `lathe` command line: the only user-facing module inside the core package.
+
+Every command ends in a result or in one line naming what is wrong (file, member or key); a
+traceback only with `lathe --debug ...`.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
 from lathe.errors import LatheError
+from lathe.io import printable
+from lathe.ship.signing import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, ENV_KEYRING, ENV_PUBLIC_KEY, KEYRING_DIR
 
 app = typer.Typer(help="Lathe: compress plant-floor models and keep the evidence auditors ask for.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Bring data into the raw layout (images/*.png + labels.csv).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 100_000)
+_state = {"debug": False}
 
 
-def fail(exc: LatheError) -> None:
-    """Print a LatheError's message and exit 1."""
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(1)
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error")) -> None:
+    """Lathe: compress plant-floor models and keep the evidence auditors ask for."""
+    _state["debug"] = debug
+
+
+def output_console() -> Console:
+    """Standard output: the terminal's width on a terminal; never wrapped into a file or a pipe."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 100_000)
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn every failure of a command into one `error:` line and exit 1 (the traceback with --debug)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except LatheError as exc:
+            if _state["debug"]:
+                console.print(traceback.format_exc(), markup=False)
+            console.print(f"error: {printable(str(exc), 2000)}", markup=False)
+        except OSError as exc:  # a full disk, a permission, a vanished file: say which
+            if _state["debug"]:
+                console.print(traceback.format_exc(), markup=False)
+            where = f" ({printable(exc.filename)})" if exc.filename else ""
+            console.print(f"error: {exc.strerror or exc}{where}", markup=False)
+        except Exception as exc:
+            if _state["debug"]:
+                console.print(traceback.format_exc(), markup=False)
+            console.print(f"error: unexpected {type(exc).__name__}: {printable(str(exc), 300)} "
+                          "(rerun with `lathe --debug ...` for the traceback)", markup=False)
+        raise typer.Exit(1)
+
+    return run
 
 
 def refuse_non_empty(dest: Path) -> None:
     """Never mix a new import into existing raw data."""
     if dest.exists() and any(dest.iterdir()):
-        console.print(f"[bold red]error:[/] {dest} is not empty; import into an empty folder")
-        raise typer.Exit(1)
+        raise LatheError(f"{dest} is not empty; import into an empty folder")
 
 
 @data_app.command("import-elpv")
+@one_line_errors
 def import_elpv_cmd(dest: Path = typer.Argument(..., help="raw-layout folder to create, e.g. data/raw")) -> None:
     """Write the ELPV solar-cell dataset (from the installed elpv-dataset package) into DEST."""
     from lathe.data import import_elpv
 
     refuse_non_empty(dest)
-    try:
-        with console.status("copying ELPV images"):
-            n = import_elpv(dest)
-    except LatheError as exc:
-        fail(exc)
+    with console.status("copying ELPV images"):
+        n = import_elpv(dest)
     console.print(f"imported {n} ELPV samples into {dest}")
 
 
 @data_app.command("generate")
+@one_line_errors
 def generate_cmd(
     dest: Path = typer.Argument(..., help="raw-layout folder to create"),
     per_class_type: int = typer.Option(6, min=1, help="images per class and cell type"),
@@ -58,87 +102,174 @@ def generate_cmd(
     console.print(f"generated {n} synthetic samples into {dest}")
 
 
-keys_app = typer.Typer(help="The package signing key pair (EC P-256, offline).", no_args_is_help=True)
+# ---------------------------------------------------------------------------------------------
+# keys: the signing pair, and the keyring verify and trace trust
+
+
+keys_app = typer.Typer(help="Signing keys (EC P-256, offline) and the keyring of trusted public keys.",
+                       no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 
 @keys_app.command("init")
+@one_line_errors
 def keys_init_cmd(
-    private: Path = typer.Option(Path(".lathe/keys/signing-key.pem"), "--private", help="private key (PEM, mode 0600)"),
-    public: Path = typer.Option(Path(".lathe/keys/signing-key.pub"), "--public", help="public key (PEM) to give verifiers"),
+    private: Path = typer.Option(DEFAULT_PRIVATE_KEY, "--private", help="private key (PEM, mode 0600)"),
+    public: Path = typer.Option(DEFAULT_PUBLIC_KEY, "--public", help="public key (PEM) to give verifiers"),
+    keyring: Path = typer.Option(KEYRING_DIR, "--keyring", help="keyring the public key is added to"),
     force: bool = typer.Option(False, "--force", help="replace existing keys (old packages stop verifying)"),
 ) -> None:
-    """Create the signing key pair; does nothing when both files already exist."""
+    """Create the signing key pair (once) and trust its public key in this repository's keyring."""
+    from lathe.audit.trust import add_to_keyring
     from lathe.ship.signing import generate_keys
 
     if private.exists() and public.exists() and not force:
-        console.print(f"keys already exist: {private} (private), {public} (public); nothing to do")
-        return
-    try:
+        console.print(f"keys already exist: {private} (private), {public} (public); nothing to create")
+    else:
         generate_keys(private, public, force=force)
-    except LatheError as exc:
-        fail(exc)
-    console.print(f"wrote {private} (private, 0600; keep it out of git) and {public} (public)")
+        console.print(f"wrote {private} (private, 0600; keep it out of git) and {public} (public)")
+    key = add_to_keyring(public, keyring)
+    console.print(f"trusted in {keyring}: {key.short} ({key.path.name})")
+
+
+@keys_app.command("list")
+@one_line_errors
+def keys_list_cmd(
+    keyring: Path = typer.Option(None, "--keyring", help=f"keyring folder [default: ${ENV_KEYRING}, else this "
+                                 f"repository's {KEYRING_DIR}, else the user's]"),
+    repo: Path = typer.Option(None, "--repo", help="repository whose keyring to list [default: the one around the cwd]"),
+) -> None:
+    """The trusted public keys verify and trace would use here, by fingerprint."""
+    from lathe.audit.trust import resolve_trust
+
+    trust = resolve_trust(keyring=keyring, repo=repo)
+    out = output_console()
+    out.print(f"source: {trust.source}")
+    for key in trust.keys:
+        out.print(f"sha256:{key.fingerprint}  {key.path}", markup=False, highlight=False)
+    for problem in trust.problems:
+        out.print(f"note: {printable(problem)}", markup=False, highlight=False)
+    if not trust.keys:
+        raise typer.Exit(1)
+
+
+@keys_app.command("add")
+@one_line_errors
+def keys_add_cmd(
+    public_key: Path = typer.Argument(..., help="a PEM public key file (EC P-256/384/521) to trust"),
+    keyring: Path = typer.Option(KEYRING_DIR, "--keyring", help="keyring folder to add it to"),
+) -> None:
+    """Trust a public key: copy it into the keyring as <fingerprint>.pub."""
+    from lathe.audit.trust import add_to_keyring
+
+    key = add_to_keyring(public_key, keyring)
+    console.print(f"trusted {key.short} in {keyring} ({key.path.name})")
+
+
+@keys_app.command("remove")
+@one_line_errors
+def keys_remove_cmd(
+    fingerprint: str = typer.Argument(..., help="fingerprint or its first 8+ hex digits (see `lathe keys list`)"),
+    keyring: Path = typer.Option(KEYRING_DIR, "--keyring", help="keyring folder to remove it from"),
+) -> None:
+    """Stop trusting a key (rotation or revocation): packages it signed no longer verify here."""
+    from lathe.audit.trust import remove_from_keyring
+
+    for key in remove_from_keyring(fingerprint, keyring):
+        console.print(f"removed sha256:{key.fingerprint} ({key.path})")
+
+
+@keys_app.command("export")
+@one_line_errors
+def keys_export_cmd(
+    public: Path = typer.Option(DEFAULT_PUBLIC_KEY, "--public", help="the public key to export"),
+    out: Path = typer.Option(None, "--out", help="write here instead of standard output"),
+) -> None:
+    """The signing public key in canonical PEM, with its fingerprint, to hand to a plant's verifiers."""
+    from lathe.ship.signing import fingerprint, public_key_pem, write_key_file
+
+    pem = public_key_pem(public)
+    if out is None:
+        typer.echo(pem.decode("ascii"), nl=False)
+    else:
+        write_key_file(out, pem, 0o644)
+    console.print(f"fingerprint sha256:{fingerprint(pem)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# verify and trace
+
+
+PUBLIC_KEY_HELP = f"trust only this public key [default: ${ENV_PUBLIC_KEY}, else a keyring]"
+KEYRING_HELP = (f"trust the *.pub keys in this folder [default: ${ENV_KEYRING}, else <repo>/{KEYRING_DIR}, "
+                "else ~/.config/lathe/trusted-keys]")
 
 
 @app.command("verify")
+@one_line_errors
 def verify_cmd(
     package: Path = typer.Argument(..., help="package folder or <target>.tar.gz"),
-    public_key: Path = typer.Option(None, "--public-key", help="public key [default: $LATHE_PUBLIC_KEY or "
-                                    ".lathe/keys/signing-key.pub in --repo]"),
-    rebuild: bool = typer.Option(False, "--rebuild", help="rebuild at the recorded commit and compare every file"),
+    public_key: Path = typer.Option(None, "--public-key", help=PUBLIC_KEY_HELP),
+    keyring: Path = typer.Option(None, "--keyring", help=KEYRING_HELP),
+    target: str = typer.Option(None, "--target", help="the target this package must be for"),
+    package_id: str = typer.Option(None, "--package-id", help="the exact package id your deployment record names "
+                                   "(refuses an older genuine package: the rollback defence)"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="after every other check passed: rebuild at the recorded "
+                                 "commit and compare every byte"),
     full: bool = typer.Option(False, "--full", help="with --rebuild: rerun every stage from raw data, not only package"),
-    repo: Path = typer.Option(None, "--repo", help="git + DVC repository for --rebuild [default: cwd]"),
+    repo: Path = typer.Option(None, "--repo", help="git + DVC repository for --rebuild and its keyring [default: cwd]"),
     json_out: bool = typer.Option(False, "--json", help="machine-readable report on stdout"),
 ) -> None:
-    """Re-hash, check the signature, run the self-test (and optionally rebuild). Exit 0 only if all pass."""
-    import json
+    """Check the package offline (hashes, stamp, binding, signature by a trusted key), then run its self-test
+    confined; exit 0 only if every check passes."""
+    from lathe.audit.render import render_verify
+    from lathe.audit.trust import resolve_trust
+    from lathe.audit.verify import verify_package
 
-    from rich.table import Table
-
-    from lathe.audit.verify import default_public_key, verify_package
-
-    key = public_key or default_public_key(repo)
+    trust = resolve_trust(package, public_key, keyring, repo)
     with console.status("verifying"):
-        report = verify_package(package, key, rebuild=rebuild, repo=repo, full=full)
+        report = verify_package(package, trust, target=target, package_id=package_id, rebuild=rebuild, repo=repo,
+                                full=full)
+    _show_debug(report.debug)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     else:
-        out = Console()
-        table = Table(title=f"verify {package}", show_lines=False)
-        table.add_column("check")
-        table.add_column("result")
-        table.add_column("detail", overflow="fold")
-        for c in report.checks:
-            table.add_row(c.name, "[green]PASS[/]" if c.passed else "[bold red]FAIL[/]", c.message)
-        out.print(table)
-        out.print("[bold green]ALL CHECKS PASSED[/]" if report.ok else
-                  f"[bold red]{len(report.failed())} CHECK(S) FAILED[/]")
+        render_verify(report, output_console())
     if not report.ok:
         raise typer.Exit(1)
 
 
 @app.command("trace")
+@one_line_errors
 def trace_cmd(
     subject: str = typer.Argument(..., help="package folder, <target>.tar.gz, a model.onnx, or a sha256"),
-    json_out: bool = typer.Option(False, "--json", help="machine-readable lineage on stdout"),
+    public_key: Path = typer.Option(None, "--public-key", help=PUBLIC_KEY_HELP),
+    keyring: Path = typer.Option(None, "--keyring", help=KEYRING_HELP),
     repo: Path = typer.Option(None, "--repo", help="repository to search and cross-check [default: cwd if a git repo]"),
+    params: bool = typer.Option(False, "--params", help="also list every params section"),
+    json_out: bool = typer.Option(False, "--json", help="everything, machine-readable, on stdout"),
 ) -> None:
-    """Which data, code and settings produced this model: from the package alone, cross-checked with the repo."""
-    import json
+    """Which data, code and settings produced this model, verified first. Exit 0 VERIFIED, 2 MISMATCH,
+    3 UNVERIFIED (no trusted key), 4 UNKNOWN (the repository cannot vouch for the lineage), 1 error."""
+    from lathe.audit.render import render_trace
+    from lathe.audit.trace import exit_status, trace
+    from lathe.audit.trust import resolve_trust
 
-    from lathe.audit.trace import print_trace, trace
-
-    try:
-        result = trace(subject, repo=repo)
-    except LatheError as exc:
-        fail(exc)
+    trust = resolve_trust(Path(subject) if Path(subject).exists() else None, public_key, keyring, repo)
+    result = trace(subject, trust, repo=repo)
     if json_out:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))
     else:
-        print_trace(result, Console())
-    if result.get("cross_check", {}).get("status") == "MISMATCH":
-        raise typer.Exit(2)
+        render_trace(result, output_console(), params=params)
+    code = exit_status(result)
+    if code:
+        raise typer.Exit(code)
+
+
+def _show_debug(tracebacks: list[str]) -> None:
+    if _state["debug"]:
+        for tb in tracebacks:
+            console.print(tb, markup=False, highlight=False)
 
 
 @app.command("serve")

@@ -12,6 +12,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lathe.errors import ConfigError
+from lathe.ship.signing import DEFAULT_PRIVATE_KEY
+
+
+# numpy's and torch's generators take 0 <= seed < 2**32 (torch more, numpy's legacy one less)
+Seed = Field(0, ge=0, le=2**32 - 1, description="random seed, 0 to 2**32 - 1")
 
 
 class Section(BaseModel):
@@ -22,7 +27,7 @@ class Section(BaseModel):
 
 class IngestParams(Section):
     image_size: int = Field(64, ge=8, le=1024, description="square side in pixels after resize")
-    seed: int = 0
+    seed: int = Seed
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.25, gt=0, lt=0.5)
 
@@ -150,7 +155,7 @@ class AugmentParams(Section):
 class FitParams(Section):
     """How a network is trained or fine-tuned (shared by the teacher, pruning, distillation, low-rank)."""
 
-    seed: int = 0
+    seed: int = Seed
     threads: int = Field(2, ge=1)
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -228,7 +233,7 @@ class LowRankParams(Section):
 class QuantizeParams(Section):
     """onnxruntime static INT8 (QDQ) after quant_pre_process, calibrated on a seeded train subset."""
 
-    seed: int = 0
+    seed: int = Seed
     calibration_size: int = Field(256, ge=1, description="train samples used for calibration")
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = Field(99.999, gt=50, le=100, description="method=percentile: keep this % of |values|")
@@ -369,7 +374,7 @@ class PackageParams(Section):
 
     variants: list[str] = Field(default_factory=lambda: list(ALL_VARIANTS), min_length=1,
                                 description="evaluated variants (models/<v>, reports/<v>) the stage may choose from")
-    private_key: str = Field(".lathe/keys/signing-key.pem",
+    private_key: str = Field(str(DEFAULT_PRIVATE_KEY),
                              description="EC private key (PEM) for model signing; env LATHE_SIGNING_KEY overrides")
     allow_dirty: bool = Field(False, description="package a git tree with uncommitted changes (recorded); "
                                                  "env LATHE_ALLOW_DIRTY=1 does the same")

@@ -183,6 +183,6 @@ def control_student(prepared_dir: Path, cfg: DistillParams, init_dir: Path | Non
 def write_student_dir(out_dir: Path, run: StudentRun, check_images: np.ndarray) -> dict:
     """write_model_dir (weights, arch, ONNX checked vs torch, train.json) plus distill.json; returns the record."""
     summary = write_model_dir(out_dir, run.model, run.spec, run.image_size, run.result, check_images)
-    record = run.record | {"onnx_max_abs_diff": summary["onnx_max_abs_diff"]}
+    record = run.record | {"onnx_check": summary["onnx_check"]}
     write_json(Path(out_dir) / RECORD, record)
     return record

@@ -48,7 +48,6 @@ PASS_THROUGH = {"DequantizeLinear", "Identity", "Transpose", "Reshape", "Flatten
 # Ops whose multiply-accumulates are counted: conv-like (out_elems * w[1:]) and matmul-like (out_elems * K).
 CONV_WEIGHT_SLOT = {"Conv": 1, "QLinearConv": 3, "ConvInteger": 1}
 MATMUL_A_SLOT = {"MatMul": 0, "QLinearMatMul": 0, "MatMulInteger": 0}
-TIMING_KEYS = ("latency_p50_ms", "latency_p95_ms", "throughput_ips")
 
 
 @dataclass(frozen=True)

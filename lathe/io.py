@@ -170,6 +170,24 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """`text` safe to print: control and other non-printable characters escaped (\\x1b, \\udcff), cut at `limit`.
+
+    For names and strings that come from outside (archive members, manifest values): a terminal
+    never receives raw escape sequences from a package.
+    """
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                  for ch in str(text))
+    return out if len(out) <= limit else f"{out[:limit]}... ({len(out)} characters)"
+
+
+def load_yaml(text: str | bytes) -> Any:
+    """Parse YAML safely, with libyaml's C parser when present (6x faster on a dvc.lock than pure Python)."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of a byte string."""
     return hashlib.sha256(data).hexdigest()

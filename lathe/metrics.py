@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Metrics measured on the machine that runs the evaluation (by nature different elsewhere): they are
+# reported, gated and shown, but never part of a model's or package's identity (lathe.ship.contract).
+TIMING_KEYS = ("latency_p50_ms", "latency_p95_ms", "throughput_ips")
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(num_classes, num_classes) int64 counts; rows are true classes, columns predictions."""

@@ -40,19 +40,40 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import (
-    CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static,
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
 )
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lathe.config import QuantizeParams
+from lathe.determinism import numerics_record
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.evaluate import MODEL_FILE, check_input, input_spec, load_proto, load_session, model_files, predict, to_input
+from lathe.evaluate import (
+    MODEL_FILE,
+    check_input,
+    input_spec,
+    load_proto,
+    load_session,
+    model_files,
+    predict,
+    to_input,
+)
 from lathe.export import set_metadata
 from lathe.ingest import load_split
 from lathe.io import sha256_bytes, sha256_file, write_bytes, write_json
 
+# 7-bit weights: CPUs without VNNI (AVX2) multiply uint8 x int8 pairs with a saturating 16-bit add
+# (vpmaddubsw), CPUs with VNNI/AMX do not; with 7 bits no pair saturates, so INT8 inference gives the
+# same bits everywhere (measured: logits identical on AVX-512/AMX and emulated AVX2 Intel and AMD,
+# 704 of 1024 logits apart without it).
+REDUCE_RANGE = True
+RANGE_BITS = 12  # calibration ranges snapped outward to 12 significant bits (snap_outward)
 CALIBRATION_SPLIT = "train"
 CHECK_SPLIT = "val"  # held-out images on which the quantized model is compared with the float one
 RECORD_FILE = "quantize.json"
@@ -232,7 +253,24 @@ def calibrate(model_path: Path, reader: ImageReader, cfg: QuantizeParams, cache:
             ranges = calibrator.compute_data()
     except Exception as exc:  # onnxruntime raises plain ValueError/RuntimeError and pybind errors
         raise LatheError(f"{model_path}: calibration ({cfg.method}) failed: {type(exc).__name__}: {exc}") from exc
+    for data in ranges.data.values():
+        if hasattr(data, "lowest") and hasattr(data, "highest"):
+            data.lowest, data.highest = snap_outward(data.lowest, up=False), snap_outward(data.highest, up=True)
     save_tensors_data(ranges, cache)
+
+
+def snap_outward(value: np.ndarray, up: bool) -> np.ndarray:
+    """`value` rounded away from the inside of its range to RANGE_BITS significant bits.
+
+    The ranges come from onnxruntime's float kernels, which differ between AVX-512 and AVX2 CPUs
+    in the last bits of some outputs (measured: logits 1 ulp apart). Two such values land on the
+    same grid point unless they straddle one (odds ~2^-(23-RANGE_BITS) per differing value), so the
+    scales in the model bytes agree across machines; the range grows by at most 2^-RANGE_BITS.
+    """
+    m, e = np.frexp(np.asarray(value, dtype=np.float64))  # value = m * 2**e, 0.5 <= |m| < 1
+    grid = 2.0 ** RANGE_BITS
+    snapped = np.ldexp((np.ceil if up else np.floor)(m * grid) / grid, e)
+    return snapped.astype(np.asarray(value).dtype)
 
 
 def _finish(path: Path, metadata: dict[str, str] | None) -> bytes:
@@ -265,7 +303,7 @@ def quantize_static_int8(model_path: Path, images: np.ndarray, cfg: QuantizePara
             with _quiet():
                 quantize_static(
                     str(pre), str(out), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZABLE_OPS,
-                    per_channel=cfg.per_channel, reduce_range=False,
+                    per_channel=cfg.per_channel, reduce_range=REDUCE_RANGE,
                     activation_type=QUANT_TYPES[cfg.activation_type], weight_type=QUANT_TYPES[cfg.weight_type],
                     calibrate_method=CALIBRATION_METHODS[cfg.method], calibration_cache_path=str(cache),
                 )
@@ -366,7 +404,8 @@ def compare_with_float(quantized_path: Path, float_path: Path, images: np.ndarra
     return {
         "n": int(len(images)),
         "argmax_agreement": round(float((q.argmax(1) == f.argmax(1)).mean()), 6),
-        "max_abs_logit_diff": round(float(np.abs(q - f).max()), 6),
+        # 4 decimals: the float model's logits differ in the last bit between AVX-512 and AVX2 kernels
+        "max_abs_logit_diff": round(float(np.abs(q - f).max()), 4),
     }
 
 
@@ -417,10 +456,12 @@ def quantize_model(model_dir: Path, prepared_dir: Path, cfg: QuantizeParams) -> 
             "preprocessing": "uint8 / 255 -> (N, 1, S, S) float32 (lathe.evaluate.to_input)",
         },
         "quantization": {
-            "format": "QDQ", "quant_pre_process": True, "per_channel": cfg.per_channel, "reduce_range": False,
+            "format": "QDQ", "quant_pre_process": True, "per_channel": cfg.per_channel, "reduce_range": REDUCE_RANGE,
+            "range_bits": RANGE_BITS,
             "activation_type": cfg.activation_type, "weight_type": cfg.weight_type, "op_types": QUANTIZABLE_OPS,
         },
         "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
+        "numerics": numerics_record(),
         "node_types": node_type_counts(proto),
         "float_compute_nodes": float_compute_nodes(proto),
         "check_vs_float": {"split": CHECK_SPLIT, **check},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from lathe.config import ArchSpec, TrainParams
-from lathe.determinism import make_deterministic
+from lathe.determinism import make_deterministic, numerics_record
 from lathe.errors import DataError, LatheError
 from lathe.export import export_onnx, max_abs_diff_vs_torch, save_onnx
 from lathe.ingest import load_split
@@ -23,6 +24,7 @@ from lathe.models import build_model, count_params
 from lathe.train import (LossFn, Progress, TrainResult, class_weights, ensemble_teacher, fit, kd_loss, memoized_teacher,
                          to_tensor)
 
+log = logging.getLogger(__name__)
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| on logits
 
 
@@ -149,9 +151,14 @@ def write_model_dir(out_dir: Path, model: nn.Module, spec: ArchSpec, image_size:
     write_bytes(out_dir / FILES.weights, save_tensors(state))
     write_json(out_dir / FILES.arch, arch_document(spec, image_size))
     save_onnx(out_dir / FILES.onnx, onnx_bytes)
+    log.info("ONNX export matches torch: max |onnxruntime - torch| %.2e on %d check images (limit %g)",
+             diff, len(check_images), ONNX_TOLERANCE)
+    # The measured difference depends on onnxruntime's kernels for this CPU, so only the limit it
+    # passed enters the file (whose bytes must be the same on every machine); the figure is logged.
     summary = {"params": count_params(model), "best_epoch": result.best_epoch,
                "best_val": {k: round(v, 6) for k, v in result.best_val.items()},
-               "onnx_max_abs_diff": diff, "epochs_run": len(result.history)}
+               "onnx_check": {"max_abs_diff_limit": ONNX_TOLERANCE, "passed": True}, "epochs_run": len(result.history),
+               "numerics": numerics_record()}
     if result.members:
         summary["ensemble_members_best_val"] = [{k: round(v, 6) for k, v in m.items()} for m in result.members]
     write_json(out_dir / FILES.summary, summary)

@@ -118,7 +118,12 @@ def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     t = temperature
     log_p_student = F.log_softmax(student_logits / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * (t * t)
+    # KL written out with softmax, not F.kl_div(log_target=True): that one calls exp() on a large
+    # contiguous tensor, which goes through MKL's vector math and differs between CPU vendors
+    # (lathe.determinism). softmax uses ATen's own pinned kernel. (N, K) -> scalar, batch mean.
+    p_teacher = F.softmax(teacher_logits.detach() / t, dim=1)
+    kl = (p_teacher * (log_p_teacher - log_p_student)).sum(dim=1).mean()
+    return kl * (t * t)
 
 
 def frozen_teacher(teacher: nn.Module) -> TeacherFn:
@@ -187,10 +192,12 @@ def memoized_teacher(teacher: TeacherFn, inputs: torch.Tensor, batch_size: int =
 
 
 def make_optimizer(model: nn.Module, cfg: FitParams) -> torch.optim.Optimizer:
-    """AdamW, or SGD with Nesterov momentum."""
+    """AdamW, or SGD with Nesterov momentum; the fused single-kernel step, whose bits are the same on
+    every x86-64 CPU under the pins (the default foreach step is not: lathe.determinism)."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def selection_score(val: dict[str, float], select_on: str = "score") -> float:
@@ -218,9 +225,10 @@ def fit(
     # NHWC ("channels_last") tensors take oneDNN's faster conv kernels on CPU: about 1.5x per epoch
     # here, and still deterministic for a fixed thread count. The model leaves `fit` in the default
     # layout, so export, pruning and safetensors see ordinary contiguous weights.
-    model.to(memory_format=torch.channels_last)
-    x_train, y_train = nhwc(to_tensor(train["images"])), torch.from_numpy(train["labels"])
-    x_val = nhwc(to_tensor(val["images"]))
+    layout = memory_layout(model)
+    model.to(memory_format=layout)
+    x_train, y_train = to_layout(to_tensor(train["images"]), layout), torch.from_numpy(train["labels"])
+    x_val = to_layout(to_tensor(val["images"]), layout)
     if loss_fn is None:
         loss_fn = cross_entropy_loss(class_weights(train["labels"], num_classes, cfg.class_weighting), cfg.label_smoothing)
     opt = make_optimizer(model, cfg)
@@ -239,7 +247,7 @@ def fit(
             idx = order[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
-            xb = nhwc(augment(x_train[idx], cfg.augment, gen))
+            xb = to_layout(augment(x_train[idx], cfg.augment, gen), layout)
             loss = loss_fn(model(xb), y_train[idx], xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -266,9 +274,23 @@ def fit(
     return result
 
 
-def nhwc(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, S, S) in the channels_last memory layout (same shape and values)."""
-    return x.contiguous(memory_format=torch.channels_last)
+def memory_layout(model: nn.Module) -> torch.memory_format:
+    """channels_last when every conv has a multiple of 8 output channels (so every input but the
+    image's too), else contiguous.
+
+    Under the pinned oneDNN (AVX2, lathe.determinism) channels_last with other channel counts (a
+    pruned network's 7 or 14) reaches a 1x1 backward-weights kernel that corrupts the heap (torch
+    2.13's oneDNN; "double free or corruption" in loss.backward()); the NCHW kernels do not.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs and all(m.out_channels % 8 == 0 for m in convs):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def to_layout(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """(N, C, S, S) in `layout` (same shape and values)."""
+    return x.contiguous(memory_format=layout)
 
 
 @torch.no_grad()

@@ -62,9 +62,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from flows.recovery import LAST_GOOD, LockfileBroken, recover_workspace  # noqa: E402
+from lathe.metrics import TIMING_KEYS  # noqa: E402
 from tests.tiny import make_workspace, offline_env, tiny_params  # noqa: E402
 
-TIMING_KEYS = ("latency_p50_ms", "latency_p95_ms", "throughput_ips")
 # compared by file names only: their bytes embed latencies measured in this run
 NAMES_ONLY = ("reports/compare.md", "reports/compare.json", "reports/pareto.png", "models/packages/")
 # tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp") in lathe/io.py: 8 chars from [a-z0-9_]

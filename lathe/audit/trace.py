@@ -1,9 +1,17 @@
-"""`lathe trace`: which data, code and settings produced this model?
+"""`lathe trace`: which data, code and settings produced this model, and can that answer be trusted?
 
-Answers from the package alone (manifest.json; offline at the plant) and, when a git + DVC repo is
-at hand, cross-checks the answer against its history: the commit whose dvc.lock lists the shipped
-model's source hash, and `data/raw.dvc` at the recorded commit. A disagreement is reported as
-`MISMATCH`, never smoothed over.
+Trace first finds the package (a folder, an archive, a bare model file through its stamp, or a
+sha256 from a plant's records, in the working tree or in the history of dvc.lock and the DVC
+cache), then verifies it with the offline checks of `lathe verify` (hashes, stamp, package id,
+signature by a trusted key; nothing is run), then, inside a repository, cross-checks the lineage
+against git history: the recorded commit, `data/raw.dvc` at that commit, and a committed dvc.lock
+holding the shipped model's whole chain of stage hashes.
+
+Verdict (first line, and exit status):
+  VERIFIED (0)   every check passed, signed by a trusted key
+  MISMATCH (2)   a hash, the stamp, the id, the signature or the repository contradicts the package
+  UNVERIFIED (3) consistent, but no trusted key to check the signature with
+  UNKNOWN (4)    verified, but the repository cannot vouch for its lineage (commit or dvc.lock not there)
 """
 
 from __future__ import annotations
@@ -12,321 +20,324 @@ import json
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lathe.audit.trust import Trust, git_toplevel
+from lathe.audit.verify import (
+    ARCHIVE_SUFFIX, VerifyReport, check_archive_sidecar, model_stamp_of, offline_checks, read_package_file,
+)
 from lathe.errors import LatheError
-from lathe.io import sha256_bytes, sha256_file
+from lathe.io import load_yaml, printable, sha256_file
+from lathe.ship.contract import MANIFEST_FILE, MANIFEST_SHA_KEY, MAX_FILE_BYTES, MODEL_FILE, PACKAGE_ID_KEY
+from lathe.ship.lineage import lock_mismatch
 
 HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 PACKAGES_DIR = Path("models/packages")
-MAX_LOCK_COMMITS = 500  # dvc.lock history walked at most this deep
+EXIT_STATUS = {"VERIFIED": 0, "MISMATCH": 2, "UNVERIFIED": 3, "UNKNOWN": 4}
 
 
-def _read_manifest(path: Path) -> dict:
+@dataclass
+class Located:
+    pkg: Path  # a folder holding the package's files (maybe a temporary copy)
+    names: list[str]  # names the package goes by (folder, archive): bound to its target
+    how: str
+    source: str
+    model_bytes: bytes | None = None  # the bare model file traced, when that was the subject
+    archive: Path | None = None  # the archive it was unpacked from, when it was one
+    skipped: list[str] = field(default_factory=list)  # unreadable packages passed over while searching
+
+
+# ---------------------------------------------------------------------------------------------
+# finding the package
+
+
+def _package_dirs(root: Path, skipped: list[str]) -> list[Path]:
+    folder = root / PACKAGES_DIR
+    if not folder.is_dir():
+        return []
+    out = []
+    for d in sorted(folder.iterdir()):
+        if d.is_dir() and not d.name.startswith("."):
+            if (d / MANIFEST_FILE).is_file():
+                out.append(d)
+            else:
+                skipped.append(f"{printable(str(d))}: no {MANIFEST_FILE}")
+    return out
+
+
+def _sha(path: Path, skipped: list[str]) -> str | None:
     try:
-        manifest = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LatheError(f"{path}: not a readable manifest ({exc})") from exc
-    if not isinstance(manifest, dict) or "files" not in manifest:
-        raise LatheError(f"{path}: not a lathe package manifest")
-    return manifest
+        if path.stat().st_size > max(MAX_FILE_BYTES.values()):
+            return None
+        return sha256_file(path)
+    except OSError as exc:
+        skipped.append(f"{printable(str(path))}: unreadable ({exc.strerror or exc})")
+        return None
 
 
-def _model_stamp(data: bytes) -> dict[str, str]:
-    from lathe.ship.contract import model_stamp
-
+def _unstamped_in_manifest(d: Path, skipped: list[str]) -> str | None:
     try:
-        return model_stamp(data)
-    except Exception as exc:
-        raise LatheError(f"not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        data = read_package_file(d, MANIFEST_FILE)
+        return str(((json.loads(data) or {}).get("files") or {}).get(MODEL_FILE) or "") or None
+    except (LatheError, ValueError, AttributeError, OSError) as exc:
+        skipped.append(f"{printable(str(d))}: {printable(str(exc), 120)}")
+        return None
+
+
+def _from_archive(archive: Path, tmp: Path, how: str) -> Located:
+    from lathe.ship.archive import extract_package
+
+    pkg = extract_package(archive, tmp / "archive")
+    return Located(pkg, [archive.name.removesuffix(ARCHIVE_SUFFIX), pkg.name], how, printable(str(archive)),
+                   archive=archive)
+
+
+def _search_working(want: str, root: Path, tmp: Path, skipped: list[str]) -> Located | None:
+    """A package folder or archive under models/packages whose model, manifest or archive hashes to `want`."""
+    for d in _package_dirs(root, skipped):
+        for name in (MODEL_FILE, MANIFEST_FILE):
+            if (d / name).is_file() and _sha(d / name, skipped) == want:
+                return Located(d, [d.name], f"sha256 of {name}", printable(str(d)))
+        if _unstamped_in_manifest(d, skipped) == want:
+            return Located(d, [d.name], "unstamped model sha256 in the manifest", printable(str(d)))
+    folder = root / PACKAGES_DIR
+    for archive in sorted(folder.glob(f"*{ARCHIVE_SUFFIX}")) if folder.is_dir() else []:
+        if _sha(archive, skipped) == want:
+            return _from_archive(archive, tmp, "sha256 of the archive")
+    return None
+
+
+def _search_history(want: str, repo: Path, tmp: Path, skipped: list[str]) -> Located | None:
+    """A package of an earlier commit (dvc.lock history + DVC cache or local remote) matching `want`."""
+    from lathe.audit import history
+
+    stores = history.stores(repo)
+    for rec in history.package_records(repo):
+        found = history.hashes_of(stores, rec)
+        what = next((k for k, v in found.items() if v == want), None)
+        if what is None:
+            continue
+        pkg = history.materialise(stores, rec, tmp / "history" / rec.commit[:12])
+        if pkg is None:
+            skipped.append(f"package {rec.target} of commit {rec.commit[:12]} matches, but its files are not all "
+                           "in the DVC cache (run `dvc fetch` for that commit)")
+            continue
+        return Located(pkg, [rec.target], f"sha256 of the {what} of package {rec.target} in dvc.lock at "
+                       f"{rec.commit[:12]}, restored from the DVC cache", f"{rec.target} @ {rec.commit[:12]}")
+    return None
+
+
+def locate(subject: str, repo: Path | None, tmp: Path) -> Located:
+    """Resolve PACKAGE | ARCHIVE | MODEL.onnx | SHA256 to a folder holding the package's files."""
+    root = repo or Path.cwd()
+    path = Path(subject)
+    if path.is_dir():
+        if not (path / MANIFEST_FILE).exists():
+            raise LatheError(f"{printable(subject)}: a folder without {MANIFEST_FILE}; not a package")
+        return Located(path, [path.name], "package folder", printable(subject))
+    if path.is_file() and path.name.endswith(ARCHIVE_SUFFIX):
+        return _from_archive(path, tmp, "package archive")
+    if path.is_file():
+        return _locate_model(path, root, repo, tmp)
+    if HEX64.match(subject):
+        want, skipped = subject.lower(), []
+        found = _search_working(want, root, tmp, skipped) or (
+            _search_history(want, repo, tmp, skipped) if repo is not None else None)
+        if found is None:
+            where = f"{root / PACKAGES_DIR}" + (" or the packages of earlier commits" if repo else "")
+            raise LatheError(f"no package in {where} has a model, manifest or archive with sha256 {want}"
+                             + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+        found.skipped = skipped
+        return found
+    near = _did_you_mean(path, root)
+    raise LatheError(f"{printable(subject)}: no such package folder, archive, model file, and not a sha256"
+                     + (f"; did you mean {near}?" if near else ""))
+
+
+def _locate_model(path: Path, root: Path, repo: Path | None, tmp: Path) -> Located:
+    if path.stat().st_size > MAX_FILE_BYTES[MODEL_FILE]:
+        raise LatheError(f"{printable(str(path))}: too large for a package model")
+    data = path.read_bytes()
+    stamp = model_stamp_of(data)
+    if not stamp:
+        raise LatheError(f"{printable(str(path))}: the model carries no {PACKAGE_ID_KEY} / {MANIFEST_SHA_KEY} "
+                         "metadata; it did not come out of a lathe package")
+    want, skipped = stamp.get(MANIFEST_SHA_KEY, ""), []
+    beside = path.parent
+    if (beside / MANIFEST_FILE).is_file() and _sha(beside / MANIFEST_FILE, skipped) == want:
+        found = Located(beside, [beside.name], "model stamp: the manifest beside it", printable(str(path)))
+    else:
+        found = _search_working(want, root, tmp, skipped) or (
+            _search_history(want, repo, tmp, skipped) if repo is not None else None)
+    if found is None:
+        raise LatheError(f"{printable(str(path))}: package {printable(stamp.get(PACKAGE_ID_KEY, '?'), 40)} "
+                         f"(manifest sha256 {printable(want, 70)}): no such manifest beside the model, under "
+                         f"{root / PACKAGES_DIR} or in the packages of earlier commits")
+    found.how, found.source, found.model_bytes, found.skipped = (
+        f"model stamp ({found.how})", printable(str(path)), data, skipped)
+    return found
+
+
+def _did_you_mean(path: Path, root: Path) -> str | None:
+    import difflib
+
+    folder = path.parent if str(path.parent) not in ("", ".") else root / PACKAGES_DIR
+    if not folder.is_dir():
+        return None
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return str(folder / close[0]) if close else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the repository cross-check
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
 
 
-def find_repo(repo: Path | None) -> Path | None:
-    """The git top-level of `repo` (or of the cwd when None); None outside a repository."""
-    res = _git(Path(repo or Path.cwd()), "rev-parse", "--show-toplevel")
-    if res.returncode != 0:
-        if repo is not None:
-            raise LatheError(f"{repo} is not a git repository")
-        return None
-    return Path(res.stdout.strip())
+def cross_check(manifest: dict, repo: Path) -> dict[str, Any]:
+    """The manifest against the repository: status OK, MISMATCH or UNKNOWN, and the findings behind it."""
+    from lathe.audit.history import lock_history
+
+    findings: list[str] = []
+    commit = str((manifest.get("git") or {}).get("commit") or "")
+    raw = manifest.get("raw_data") or {}
+    raw_path = str(raw.get("path") or "data/raw")
+    out: dict[str, Any] = {"repo": str(repo), "recorded_commit": commit}
+    mismatch = unknown = False
+    if not commit or _git(repo, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        unknown = True
+        findings.append(f"the recorded commit {commit[:12] or '(none)'} is not in this repository")
+    else:
+        res = _git(repo, "show", f"{commit}:{raw_path}.dvc")
+        try:
+            outs = (yaml.safe_load(res.stdout) or {}).get("outs") or [] if res.returncode == 0 else []
+            repo_md5 = outs[0].get("md5") if outs else None
+        except (yaml.YAMLError, AttributeError):
+            repo_md5 = None
+        if repo_md5 != raw.get("md5"):
+            mismatch = True
+            findings.append(f"MISMATCH raw data: the package says {raw.get('md5')} but {raw_path}.dvc at "
+                            f"{commit[:12]} says {repo_md5 or '(missing or unreadable)'}")
+        else:
+            findings.append(f"raw data md5 {repo_md5} = {raw_path}.dvc at {commit[:12]}")
+
+    stages = manifest.get("stages") or {}
+    model_out = _model_out(manifest)
+    holding, partial = [], []
+    for c, lock in lock_history(repo):
+        why = lock_mismatch(lock, stages)
+        if why is None:
+            holding.append(c)
+        elif model_out and model_out in _out_md5s(lock):
+            partial.append((c, why))
+    out["lock_commits"] = holding
+    if holding:
+        at = " (the recorded commit among them)" if commit in holding else ""
+        findings.append(f"dvc.lock holds the model's whole chain ({len(stages)} stages) in {len(holding)} "
+                        f"commit(s){at}; newest {holding[0][:12]}")
+    elif partial:
+        mismatch = True
+        c, why = partial[0]
+        findings.append(f"MISMATCH chain: dvc.lock at {c[:12]} lists the model ({model_out}) but {why}")
+    else:
+        unknown = True
+        work = repo / "dvc.lock"
+        try:
+            lock = load_yaml(work.read_text()) if work.is_file() else None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            lock = None
+        in_work = isinstance(lock, dict) and lock_mismatch(lock, stages) is None
+        findings.append("no committed dvc.lock holds the model's chain" + (
+            "; the working dvc.lock does: commit it (`git add dvc.lock && git commit`)" if in_work else ""))
+    out["status"] = "MISMATCH" if mismatch else "UNKNOWN" if unknown else "OK"
+    out["findings"] = findings
+    return out
 
 
-def _package_dirs(repo: Path | None) -> list[Path]:
-    roots = [repo / PACKAGES_DIR] if repo else []
-    if not repo:
-        roots.append(Path.cwd() / PACKAGES_DIR)
-    return sorted(d for r in roots if r.is_dir() for d in r.iterdir() if (d / "manifest.json").is_file())
+def _model_out(manifest: dict) -> str | None:
+    """md5 of the shipped variant's model folder (the out of the last stage before packaging)."""
+    chain = [c for c in manifest.get("chain") or [] if not str(c).startswith("package@")]
+    entry = (manifest.get("stages") or {}).get(chain[-1]) if chain else None
+    outs = [o.get("md5") for o in (entry or {}).get("outs") or [] if isinstance(o, dict)]
+    return outs[0] if len(outs) == 1 else None
 
 
-def _archives(repo: Path | None) -> list[Path]:
-    root = (repo or Path.cwd()) / PACKAGES_DIR
-    return sorted(root.glob("*.tar.gz")) if root.is_dir() else []
+def _out_md5s(lock: dict) -> set[str]:
+    return {str(o.get("md5")) for e in (lock.get("stages") or {}).values() if isinstance(e, dict)
+            for o in e.get("outs") or [] if isinstance(o, dict) and o.get("md5")}
 
 
-def _from_archive(archive: Path) -> tuple[dict, bytes | None]:
-    from lathe.ship.archive import safe_extract
+# ---------------------------------------------------------------------------------------------
+# the whole trace
 
+
+def trace(subject: str, trust: Trust, repo: Path | None = None) -> dict[str, Any]:
+    """The lineage of a package, archive, model file or sha256, verified, as a JSON-able dict."""
+    top = git_toplevel(Path(repo)) if repo is not None else git_toplevel(Path.cwd())
+    if repo is not None and top is None:
+        raise LatheError(f"{printable(str(repo))} is not a git repository")
     with tempfile.TemporaryDirectory(prefix="lathe-trace-") as tmp:
-        safe_extract(archive, Path(tmp) / "x")
-        tops = list((Path(tmp) / "x").iterdir())
-        if len(tops) != 1:
-            raise LatheError(f"{archive}: expected one top-level folder, found {[p.name for p in tops]}")
-        model = tops[0] / "model.onnx"
-        return _read_manifest(tops[0] / "manifest.json"), (model.read_bytes() if model.is_file() else None)
+        found = locate(subject, top, Path(tmp))
+        report = VerifyReport(subject=printable(subject))
+        if found.archive is not None:
+            check_archive_sidecar(found.archive, report)
+        offline_checks(found.pkg, trust, report, found.names)
+        if found.model_bytes is not None:
+            same = (found.pkg / MODEL_FILE).is_file() and read_package_file(found.pkg, MODEL_FILE) == found.model_bytes
+            report.add("model file", "PASS" if same else "FAIL",
+                       "byte-identical to the package's model.onnx" if same else
+                       "not byte-identical to the model.onnx of the package its stamp names")
+    manifest = report.manifest_raw or {}
+    result: dict[str, Any] = {
+        "subject": printable(subject), "found_by": found.how, "source": found.source, "skipped": found.skipped,
+        "checks": [c.as_dict() for c in report.checks], "facts": report.facts,
+        "package_id": manifest.get("package_id"), "target": (manifest.get("target") or {}).get("name"),
+        "variant": manifest.get("variant"), "raw_data": manifest.get("raw_data"),
+        "validation": manifest.get("validation"), "git": manifest.get("git"), "build": manifest.get("build"),
+        "calibration": manifest.get("calibration"), "params": manifest.get("params"),
+        "metrics": manifest.get("metrics"), "gates": manifest.get("gates"),
+        "chain": _chain(manifest),
+    }
+    failed = [c for c in report.checks if c.status == "FAIL"]
+    unsigned = report.status_of("signature") == "SKIP"
+    result["verdict"] = "MISMATCH" if failed else "UNVERIFIED" if unsigned else "VERIFIED"
+    if top is not None and report.manifest is not None:
+        result["cross_check"] = cross_check(manifest, top)
+    return result
 
 
-def locate(subject: str, repo: Path | None) -> dict[str, Any]:
-    """Resolve PACKAGE | ARCHIVE | MODEL.onnx | SHA256 to {"manifest", "model_bytes", "source", "how"}."""
-    path = Path(subject)
-    if path.is_dir():
-        model = path / "model.onnx"
-        return {"manifest": _read_manifest(path / "manifest.json"), "source": str(path), "how": "package folder",
-                "model_bytes": model.read_bytes() if model.is_file() else None}
-    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
-        manifest, model = _from_archive(path)
-        return {"manifest": manifest, "model_bytes": model, "source": str(path), "how": "package archive"}
-    if path.is_file():
-        data = path.read_bytes()
-        stamp = _model_stamp(data)
-        if not stamp:
-            raise LatheError(f"{path}: the model carries no lathe.package_id / lathe.manifest_sha256 metadata; "
-                             "it did not come out of a lathe package")
-        want = stamp.get("lathe.manifest_sha256")
-        candidates = [path.parent / "manifest.json"] + [d / "manifest.json" for d in _package_dirs(repo)]
-        for cand in candidates:
-            if cand.is_file() and sha256_file(cand) == want:
-                return {"manifest": _read_manifest(cand), "model_bytes": data, "how": "model metadata",
-                        "source": str(path), "manifest_path": str(cand)}
-        for archive in _archives(repo):
-            try:
-                manifest, _ = _from_archive(archive)
-            except LatheError:
-                continue
-            if sha256_bytes((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()) == want:
-                return {"manifest": manifest, "model_bytes": data, "how": "model metadata",
-                        "source": str(path), "manifest_path": str(archive)}
-        raise LatheError(f"{path}: package {stamp.get('lathe.package_id')} (manifest sha256 {want}) — no matching "
-                         f"manifest.json beside the model or under {PACKAGES_DIR}/ of "
-                         f"{repo or Path.cwd()}; copy the package folder or archive here")
-    if HEX64.match(subject):
-        want = subject.lower()
-        for d in _package_dirs(repo):
-            for name in ("model.onnx", "manifest.json"):
-                if (d / name).is_file() and sha256_file(d / name) == want:
-                    return {"manifest": _read_manifest(d / "manifest.json"), "how": f"sha256 of {name}",
-                            "model_bytes": (d / "model.onnx").read_bytes(), "source": str(d)}
-            manifest = _read_manifest(d / "manifest.json")
-            if manifest.get("files", {}).get("model.onnx") == want:
-                return {"manifest": manifest, "how": "unstamped model sha256 in manifest",
-                        "model_bytes": (d / "model.onnx").read_bytes(), "source": str(d)}
-        for archive in _archives(repo):
-            if sha256_file(archive) == want:
-                manifest, model = _from_archive(archive)
-                return {"manifest": manifest, "model_bytes": model, "how": "sha256 of archive", "source": str(archive)}
-        raise LatheError(f"no package under {(repo or Path.cwd()) / PACKAGES_DIR} has a model.onnx, manifest or "
-                         f"archive with sha256 {want}")
-    raise LatheError(f"{subject}: not a package folder, archive, model file or sha256")
+def exit_status(result: dict[str, Any]) -> int:
+    """MISMATCH anywhere 2, else UNVERIFIED 3, else a repository that cannot vouch (UNKNOWN) 4, else 0."""
+    cc = (result.get("cross_check") or {}).get("status")
+    if result["verdict"] == "MISMATCH" or cc == "MISMATCH":
+        return EXIT_STATUS["MISMATCH"]
+    if result["verdict"] == "UNVERIFIED":
+        return EXIT_STATUS["UNVERIFIED"]
+    return EXIT_STATUS["UNKNOWN"] if cc == "UNKNOWN" else EXIT_STATUS["VERIFIED"]
 
 
-def _chain(manifest: dict, model_sha: str | None) -> list[dict[str, Any]]:
+def _chain(manifest: dict) -> list[dict[str, Any]]:
     """One row per chain element: the stage and the md5s of what it wrote (raw data first, package last)."""
     stages = manifest.get("stages") or {}
+    raw = manifest.get("raw_data") or {}
     rows = []
     for name in manifest.get("chain") or []:
-        if name == (manifest.get("raw_data") or {}).get("path"):
-            rows.append({"step": name, "outs": [{"path": name, "md5": manifest["raw_data"].get("md5")}]})
+        name = str(name)
+        if name == raw.get("path"):
+            rows.append({"step": name, "outs": [{"path": name, "md5": raw.get("md5")}]})
         elif name in stages:
             rows.append({"step": name, "outs": [{"path": o.get("path"), "md5": o.get("md5")}
                                                  for o in stages[name].get("outs") or []]})
         elif name.startswith("package@"):
             files = manifest.get("files") or {}
-            outs = [{"path": "model.onnx (unstamped sha256)", "sha256": files.get("model.onnx")}]
-            if model_sha:
-                outs.append({"path": "model.onnx (shipped sha256)", "sha256": model_sha})
-            rows.append({"step": name, "outs": outs})
+            rows.append({"step": name, "outs": [{"path": f"{MODEL_FILE} (unstamped)", "sha256": files.get(MODEL_FILE)}]})
         else:
-            rows.append({"step": name, "outs": [], "note": "not recorded in manifest stages"})
+            rows.append({"step": name, "outs": [], "note": "not recorded in the manifest's stages"})
     return rows
-
-
-def _source_hashes(manifest: dict) -> set[str]:
-    """md5s dvc.lock would hold for the chosen variant's model: outs of the stage just before packaging."""
-    chain = [c for c in manifest.get("chain") or [] if not c.startswith("package@")]
-    stages = manifest.get("stages") or {}
-    if chain and chain[-1] in stages:
-        return {o.get("md5") for o in stages[chain[-1]].get("outs") or [] if o.get("md5")}
-    return set()
-
-
-def _lock_md5s(text: str) -> set[str]:
-    try:
-        lock = yaml.safe_load(text) or {}
-    except yaml.YAMLError:
-        return set()
-    out = set()
-    for entry in (lock.get("stages") or {}).values():
-        for o in entry.get("outs") or []:
-            if isinstance(o, dict) and o.get("md5"):
-                out.add(o["md5"])
-    return out
-
-
-def cross_check(manifest: dict, repo: Path) -> dict[str, Any]:
-    """Compare the manifest with the repo's history; status OK, MISMATCH or UNKNOWN plus findings."""
-    findings: list[str] = []
-    status = "OK"
-    commit = (manifest.get("git") or {}).get("commit") or ""
-    raw = manifest.get("raw_data") or {}
-    out: dict[str, Any] = {"repo": str(repo), "recorded_commit": commit}
-
-    if not commit or _git(repo, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
-        status = "UNKNOWN"
-        findings.append(f"recorded commit {commit or '(none)'} is not in this repository")
-    else:
-        res = _git(repo, "show", f"{commit}:{raw.get('path', 'data/raw')}.dvc")
-        repo_md5 = None
-        if res.returncode == 0:
-            try:
-                outs = (yaml.safe_load(res.stdout) or {}).get("outs") or []
-                repo_md5 = outs[0].get("md5") if outs else None
-            except yaml.YAMLError:
-                pass
-        out["raw_dvc_md5_at_commit"] = repo_md5
-        if repo_md5 is None:
-            status = "MISMATCH"
-            findings.append(f"{raw.get('path', 'data/raw')}.dvc is missing or unreadable at {commit[:12]}")
-        elif repo_md5 != raw.get("md5"):
-            status = "MISMATCH"
-            findings.append(f"MISMATCH raw data: the package says {raw.get('md5')} but "
-                            f"{raw.get('path', 'data/raw')}.dvc at {commit[:12]} says {repo_md5}")
-        else:
-            findings.append(f"raw data md5 {repo_md5} = {raw.get('path', 'data/raw')}.dvc at {commit[:12]}")
-
-    wanted = _source_hashes(manifest)
-    out["source_md5s"] = sorted(wanted)
-    if wanted:
-        log = _git(repo, "log", f"--max-count={MAX_LOCK_COMMITS}", "--format=%H", "--all", "--", "dvc.lock")
-        matches = []
-        for c in log.stdout.split():
-            show = _git(repo, "show", f"{c}:dvc.lock")
-            if show.returncode == 0 and wanted & _lock_md5s(show.stdout):
-                matches.append(c)
-        out["lock_commits"] = matches
-        if matches:
-            findings.append(f"dvc.lock lists the model's source hash in {len(matches)} commit(s); "
-                            f"newest {matches[0][:12]}, oldest {matches[-1][:12]}")
-        else:
-            if status == "OK":
-                status = "UNKNOWN"
-            findings.append("no committed dvc.lock lists the model's source hash "
-                            f"({', '.join(sorted(wanted))}); commit dvc.lock after `dvc repro`")
-    out["status"] = status
-    out["findings"] = findings
-    return out
-
-
-def _params_summary(params: dict) -> dict[str, str]:
-    """section -> 'k=v, k=v' (nested values in compact JSON), for the table."""
-    out = {}
-    for section, values in sorted((params or {}).items()):
-        if isinstance(values, dict):
-            out[section] = ", ".join(f"{k}={json.dumps(v, sort_keys=True, separators=(',', ':'))}"
-                                     for k, v in sorted(values.items()))
-        else:
-            out[section] = json.dumps(values)
-    return out
-
-
-def trace(subject: str, repo: Path | None = None) -> dict[str, Any]:
-    """The lineage of a package, archive, model file or sha256 as a JSON-able dict."""
-    top = find_repo(repo)
-    found = locate(subject, top)
-    manifest = found["manifest"]
-    data = found.get("model_bytes")
-    model_sha = sha256_bytes(data) if data else None
-    result: dict[str, Any] = {
-        "subject": subject, "found_by": found["how"], "source": found["source"],
-        "manifest_path": found.get("manifest_path"),
-        "package_id": manifest.get("package_id"), "target": (manifest.get("target") or {}).get("name"),
-        "variant": manifest.get("variant"), "raw_data": manifest.get("raw_data"),
-        "validation": manifest.get("validation"), "git": manifest.get("git"),
-        "build": manifest.get("build"), "calibration": manifest.get("calibration"),
-        "params": manifest.get("params"), "params_summary": _params_summary(manifest.get("params") or {}),
-        "chain": _chain(manifest, model_sha), "model_sha256": model_sha,
-        "source_model_sha256": manifest.get("source_model_sha256"), "gates": manifest.get("gates"),
-    }
-    if data:
-        from lathe.ship.contract import unstamped_model_bytes
-
-        stamp = _model_stamp(data)
-        unstamped = sha256_bytes(unstamped_model_bytes(data))
-        ok = unstamped == (manifest.get("files") or {}).get("model.onnx") and \
-            stamp.get("lathe.package_id") == manifest.get("package_id")
-        result["model_matches_manifest"] = ok
-    if top is not None:
-        result["cross_check"] = cross_check(manifest, top)
-        if result.get("model_matches_manifest") is False:
-            result["cross_check"]["status"] = "MISMATCH"
-            result["cross_check"]["findings"].append("MISMATCH model: model.onnx does not hash to the manifest's entry")
-    elif result.get("model_matches_manifest") is False:
-        result["cross_check"] = {"status": "MISMATCH", "findings": [
-            "MISMATCH model: model.onnx does not hash to the manifest's entry"]}
-    return result
-
-
-def print_trace(result: dict[str, Any], console) -> None:
-    """Human-readable tables for `lathe trace`."""
-    from rich.table import Table
-
-    raw = result.get("raw_data") or {}
-    val = result.get("validation") or {}
-    git = result.get("git") or {}
-    build = result.get("build") or {}
-    t = Table(title=f"trace: package {result.get('package_id')} ({result.get('target')})", show_header=False)
-    t.add_column("what", style="bold")
-    t.add_column("value", overflow="fold")
-    t.add_row("found by", f"{result['found_by']}: {result['source']}")
-    t.add_row("variant", str(result.get("variant")))
-    t.add_row("raw data md5", f"{raw.get('md5')}  ({raw.get('path')})")
-    t.add_row("raw files / samples", f"{raw.get('files')} files, {raw.get('samples')} samples")
-    t.add_row("class counts", ", ".join(f"{k}: {v}" for k, v in sorted((raw.get("class_counts") or {}).items())))
-    ok = val.get("success")
-    t.add_row("validation", f"{'[green]passed[/]' if ok else '[bold red]FAILED[/]'} — {val.get('summary')} "
-                            f"(sha256 {str(val.get('sha256'))[:16]}…)")
-    t.add_row("git commit", f"{git.get('commit')}{' [bold red](dirty tree)[/]' if git.get('dirty') else ''}")
-    t.add_row("build", f"{build.get('time')}, flow run {build.get('flow_run_id')}")
-    if result.get("model_sha256"):
-        match = result.get("model_matches_manifest")
-        t.add_row("model.onnx sha256", f"{result['model_sha256']} "
-                                       f"({'[green]matches manifest[/]' if match else '[bold red]DOES NOT match manifest[/]'})")
-    for section, summary in result.get("params_summary", {}).items():
-        t.add_row(f"params.{section}", summary)
-    console.print(t)
-
-    c = Table(title="chain of stage hashes, raw data -> shipped file")
-    c.add_column("step", style="bold")
-    c.add_column("output")
-    c.add_column("hash", overflow="fold")
-    for row in result.get("chain") or []:
-        outs = row.get("outs") or [{"path": row.get("note", ""), "md5": ""}]
-        for i, o in enumerate(outs):
-            h = o.get("md5") or o.get("sha256") or ""
-            c.add_row(row["step"] if i == 0 else "", str(o.get("path")), f"{'sha256 ' if o.get('sha256') else 'md5 '}{h}")
-    console.print(c)
-
-    cc = result.get("cross_check")
-    if cc is None:
-        console.print("(not inside a git repository: no history cross-check; pass --repo to add one)")
-        return
-    status = cc.get("status")
-    style = {"OK": "bold green", "MISMATCH": "bold white on red", "UNKNOWN": "bold yellow"}.get(status, "bold")
-    console.print(f"[{style}]repository cross-check: {status}[/]")
-    for f in cc.get("findings", []):
-        console.print(f"  [{'bold red' if f.startswith('MISMATCH') else 'default'}]{f}[/]")

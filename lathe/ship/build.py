@@ -28,17 +28,42 @@ import numpy as np
 import yaml
 
 from lathe.config import EvaluateParams, PackageParams, TargetParams
+from lathe.determinism import machine_record, numerics_record
 from lathe.errors import ConfigError, LatheError
 from lathe.io import remove_dead_temps, sha256_bytes, temp_prefix
 from lathe.ship.card import model_card, preprocessing_record, selftest_indices
 from lathe.ship.contract import (
-    CARD_FILE, MANIFEST_FILE, MODEL_FILE, PREPROCESSING_FILE, SCHEMA, SELFTEST_FILE, manifest_text, npz_bytes,
-    package_id_of, stamp_model_bytes, unstamped_model_bytes,
+    CARD_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PREPROCESSING_FILE,
+    SCHEMA,
+    SELFTEST_FILE,
+    manifest_text,
+    npz_bytes,
+    package_id_of,
+    stamp_model_bytes,
+    unstamped_model_bytes,
 )
-from lathe.ship.gates import REPORT_SPLIT, THRESHOLD_SPLIT, Candidate, evaluate_candidate, gate_table, select
+from lathe.ship.gates import (
+    REPORT_SPLIT,
+    THRESHOLD_SPLIT,
+    Candidate,
+    evaluate_candidate,
+    gate_table,
+    select,
+)
 from lathe.ship.lineage import (
-    MEASUREMENT_REPORTS, _rel, calibration_record, dirty_paths, git_head, library_versions, raw_data_record,
-    stage_chain, validation_record,
+    MEASUREMENT_REPORTS,
+    _rel,
+    calibration_record,
+    dirty_paths,
+    git_head,
+    library_versions,
+    lock_record,
+    raw_data_record,
+    stage_chain,
+    validation_record,
 )
 
 ENV_KEY = "LATHE_SIGNING_KEY"
@@ -151,8 +176,9 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
                                                     num_classes), indent=2, sort_keys=True) + "\n"
     validation = validation_record(inputs.validation_dir)
     calibration = calibration_record(model_dir)
+    machine = machine_record()
     card = model_card(target, profile, chosen, raw, validation, calibration, num_classes,
-                      evaluate.defective_from_class, splits_info)
+                      evaluate.defective_from_class, splits_info, machine)
     t = chosen.threshold
     manifest: dict[str, Any] = {
         "schema": SCHEMA,
@@ -177,7 +203,11 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
         "selection": [{"variant": c.variant, "passed": c.passed, "size_bytes": c.metrics["size_bytes"],
                        "latency_p50_ms": c.metrics["latency_p50_ms"],
                        "failed": [g["gate"] for g in c.gates if not g["passed"]]} for c in candidates],
-        "build": {"time": built_at, "flow_run_id": os.environ.get(ENV_FLOW_RUN) or None},
+        "numerics": numerics_record(),  # the pins every stage ran under: the same on every machine
+        # not identity (lathe.ship.contract.NOT_IDENTITY): when and where it was built, and the dvc.lock
+        # as read (its bytes hold other stages' measured metrics)
+        "build": {"time": built_at, "flow_run_id": os.environ.get(ENV_FLOW_RUN) or None, "machine": machine,
+                  "lock": lock_record(root, lock_path, commit, entries)},
     }
     manifest["package_id"] = package_id_of(manifest)
     text = manifest_text(manifest)

@@ -6,7 +6,13 @@ import numpy as np
 import onnx
 
 from lathe.config import TargetParams
-from lathe.ship.contract import SELFTEST_ATOL, SELFTEST_FILE
+from lathe.ship.contract import (
+    CARD_MEASURED_HEADER,
+    MEASURED_GATES,
+    SELFTEST_ATOL,
+    SELFTEST_FILE,
+    Preprocessing,
+)
 from lathe.ship.gates import Candidate, gate_table
 
 CLASS_NAMES = ["functional (p=0)", "possibly defective (p=1/3)", "probably defective (p=2/3)", "defective (p=1)"]
@@ -28,19 +34,21 @@ def preprocessing_record(model_bytes: bytes, image_size: int, defective_from: in
     inits = {t.name for t in proto.graph.initializer}
     inp = [i for i in proto.graph.input if i.name not in inits][0]
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inp.type.tensor_type.shape.dim]
-    return {
+    record = {
         "input": {"name": inp.name, "shape": shape, "dtype": "float32", "layout": "NCHW"},
         "output": {"name": proto.graph.output[0].name, "kind": "logits", "shape": [shape[0], num_classes]},
         "source_image": {"dtype": "uint8", "channels": 1,
                          "color": "grayscale (8-bit; RGB converted with Pillow convert('L'))"},
         "resize": {"size": [image_size, image_size], "method": "area averaging (Pillow Image.resize, BOX)"},
-        "scale": "x / 255 (float32 in [0, 1])", "mean": 0.0, "std": 1.0,
+        "normalise": {"divide_by": 255.0, "mean": 0.0, "std": 1.0, "rule": "(x / divide_by - mean) / std, float32"},
         "class_names": CLASS_NAMES[:num_classes],
         "defective_from_class": defective_from,
         "decision": {"p_defective": f"sum(softmax(logits)[{defective_from}:])", "threshold": threshold,
                      "rule": "defective when p_defective >= threshold"},
         "selftest": {"file": SELFTEST_FILE, "inputs": "images", "outputs": "logits", "atol": SELFTEST_ATOL},
     }
+    Preprocessing.model_validate(record)  # what verify will demand of it, checked before it is signed
+    return record
 
 
 def _pct(x: float) -> str:
@@ -48,7 +56,9 @@ def _pct(x: float) -> str:
 
 
 def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict, validation: dict,
-               calibration: dict | None, num_classes: int, defective_from: int, splits: dict) -> str:
+               calibration: dict | None, num_classes: int, defective_from: int, splits: dict,
+               machine: dict) -> str:
+    """The human-readable card; `machine` (lathe.determinism.machine_record) only in its last section."""
     m, t = chosen.metrics, chosen.threshold
     lines = [
         f"# Model card: {target} / {chosen.variant}", "",
@@ -80,8 +90,7 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict,
               "", "## Metrics (test split, 4-class argmax)", "",
               f"- accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m.get('balanced_accuracy', 0))}, "
               f"macro-F1 {m.get('macro_f1', 0):.3f}",
-              f"- size {m['size_bytes']:,} B, {m.get('params', '?')} parameters, p50 latency "
-              f"{m['latency_p50_ms']:.3f} ms (batch 1, measured by the evaluate stage on the build machine)", "",
+              f"- size {m['size_bytes']:,} B, {m.get('params', '?')} parameters (latency: the last section)", "",
               "| class | recall |", "|---|---:|"]
     for k in range(num_classes):
         lines.append(f"| {k} {CLASS_NAMES[k] if k < len(CLASS_NAMES) else ''} | {_pct(m.get(f'recall_class_{k}', 0.0))} |")
@@ -89,7 +98,7 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict,
     for ct in ("mono", "poly"):
         if f"accuracy_{ct}" in m:
             lines.append(f"| {ct} | {_pct(m[f'accuracy_{ct}'])} | {m.get(f'n_test_{ct}', '?')} |")
-    lines += ["", "## Gates", "", gate_table(target, [chosen]), "",
+    lines += ["", "## Gates", "", gate_table(target, [chosen], measured_apart=True), "",
               "## Limits", "",
               "- Trained and judged on the data above only; other cell sizes, cameras, exposure or module "
               "types are out of scope until evaluated.",
@@ -97,4 +106,20 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict,
               "- Latency was measured on the build machine, not on the device: run the self-test and time it there.",
               f"- Self-test: `{SELFTEST_FILE}` holds golden images and logits; outputs must match within "
               f"atol {SELFTEST_ATOL}.", ""]
+    # Last, so that everything above is the same wherever the package is rebuilt (lathe.audit.rebuild
+    # compares the text up to this header byte for byte and shows what follows side by side).
+    lines += [CARD_MEASURED_HEADER, "",
+              f"- p50 latency {m['latency_p50_ms']:.3f} ms, p95 {m.get('latency_p95_ms', 0):.3f} ms, throughput "
+              f"{m.get('throughput_ips', 0):,.0f} images/s (batch 1 and the evaluate stage's batch, onnxruntime CPU)",
+              f"- latency gate: {_latency_gate(chosen)}",
+              f"- on: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
+              f"{' '.join(machine.get('vendor_flags', [])) or 'flags unknown'})", ""]
     return "\n".join(lines)
+
+
+def _latency_gate(chosen: Candidate) -> str:
+    for g in chosen.gates:
+        if g["gate"] in MEASURED_GATES:
+            limit = "not gated" if g["limit"] is None else f"limit {g['limit']} ms"
+            return f"{limit}, {'passed' if g['passed'] else 'FAILED'}"
+    return "none"

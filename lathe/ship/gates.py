@@ -11,7 +11,7 @@ import numpy as np
 from lathe.config import TargetParams
 from lathe.errors import DataError, LatheError
 from lathe.io import read_json
-from lathe.ship.contract import MODEL_FILE
+from lathe.ship.contract import MEASURED_GATES, MODEL_FILE
 
 THRESHOLD_SPLIT = "val"
 REPORT_SPLIT = "test"
@@ -114,15 +114,20 @@ def _fmt(gate: str, value: float | int | None) -> str:
     return f"{value:.3f}"
 
 
-def gate_table(target: str, candidates: list[Candidate]) -> str:
-    """Markdown: one row per variant, one column per gate ('value PASS|FAIL'), the limits in the header."""
+def gate_table(target: str, candidates: list[Candidate], measured_apart: bool = False) -> str:
+    """Markdown: one row per variant, one column per gate ('value PASS|FAIL'), the limits in the header.
+
+    `measured_apart`: measured gates (latency) show only pass/FAIL, their value being reported apart
+    (a model card's identity part must not hold a figure of the build machine).
+    """
     if not candidates:
         return "(no candidates)"
     limits = {g["gate"]: g["limit"] for g in candidates[0].gates}
     head = ["variant"] + [f"{g} ({_fmt(g, limits[g]) if limits[g] is not None else 'not gated'})" for g in GATES] + ["all"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in candidates:
-        cells = [c.variant] + [f"{_fmt(g['gate'], g['value'])} {'pass' if g['passed'] else 'FAIL'}" for g in c.gates]
+        cells = [c.variant] + [f"{'measured' if measured_apart and g['gate'] in MEASURED_GATES else _fmt(g['gate'], g['value'])} "
+                               f"{'pass' if g['passed'] else 'FAIL'}" for g in c.gates]
         cells.append("pass" if c.passed else "FAIL")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

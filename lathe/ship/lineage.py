@@ -149,12 +149,47 @@ def _rel(root: Path, path: Path) -> str:
         return p.as_posix()
 
 
+def is_measurement(path: str) -> bool:
+    """An evaluate stage's reports/<variant>/metrics.json: it holds latency measured on the machine that
+    ran it, so its md5 is not part of any lineage (the manifest carries the metrics themselves)."""
+    return path.startswith("reports/") and path.endswith("/metrics.json")
+
+
 def _lock_entry(entry: dict) -> dict:
     def files(items):
-        return [{"path": d["path"], "md5": d.get("md5")} for d in items or []]
+        return [{"path": d["path"], "md5": None if is_measurement(d["path"]) else d.get("md5")} for d in items or []]
 
     return {"cmd": entry.get("cmd"), "deps": files(entry.get("deps")), "outs": files(entry.get("outs")),
             "params": entry.get("params") or {}}
+
+
+def lock_mismatch(lock: dict, stages: dict) -> str | None:
+    """Why dvc.lock `lock` does not hold the recorded stage entries `stages` (a manifest's), or None when it does."""
+    from lathe.ship.contract import canonical_json
+
+    entries = lock.get("stages") if isinstance(lock.get("stages"), dict) else {}
+    for name, recorded in sorted(stages.items()):
+        if name not in entries:
+            return f"it has no stage {name}"
+        try:
+            entry = _lock_entry(entries[name])
+        except (KeyError, TypeError, AttributeError):
+            return f"its stage {name} is malformed"
+        if canonical_json(entry) != canonical_json(recorded):
+            return f"its stage {name} differs"
+    return None
+
+
+def lock_record(root: Path, lock_path: Path, commit: str, entries: dict) -> dict:
+    """The dvc.lock a package is built with: its sha256 as read, and whether `commit`'s dvc.lock holds
+    every stage of the package's chain as recorded (else the lineage matches no commit yet: commit
+    dvc.lock after the run)."""
+    try:
+        committed = yaml.safe_load(_git(root, "show", f"{commit}:dvc.lock")) or {}
+    except (LatheError, yaml.YAMLError):
+        committed = {}
+    holds = isinstance(committed, dict) and lock_mismatch(committed, entries) is None
+    return {"sha256": sha256_file(Path(lock_path)), "commit_holds_chain": holds}
 
 
 def stage_chain(lock: dict, start_paths: list[str]) -> tuple[list[str], dict[str, dict], set[str]]:

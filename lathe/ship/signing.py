@@ -4,23 +4,82 @@ The signature file sits inside the package folder (`<pkg>/signature`) and covers
 of the folder as shipped (model.onnx stamped). The signature file itself is excluded from the
 hashed set; git helper paths (.gitignore, ...) are NOT excluded, so a stray file of any name is
 caught.
+
+One home for the key paths and their environment overrides. A key is named by its fingerprint: the
+sha256 of its public key in canonical PEM (SubjectPublicKeyInfo), which is also the key hint
+model-signing writes into every signature, so a signature names the key that made it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
+import hashlib
+import io
+import json
 import os
 import re
 from pathlib import Path
 
 from lathe.errors import LatheError
 
-SIGNATURE_FILE = "signature"
-DEFAULT_PRIVATE_KEY = Path(".lathe/keys/signing-key.pem")
+SIGNATURE_FILE = "signature"  # inside the package folder, covering every other file
+DEFAULT_PRIVATE_KEY = Path(".lathe/keys/signing-key.pem")  # relative to the repository; git-ignored
 DEFAULT_PUBLIC_KEY = Path(".lathe/keys/signing-key.pub")
+KEYRING_DIR = Path(".lathe/trusted-keys")  # the repository's keyring: public keys verify and trace trust
+ENV_SIGNING_KEY = "LATHE_SIGNING_KEY"  # private key for the package stage (overrides package.private_key)
+ENV_PUBLIC_KEY = "LATHE_PUBLIC_KEY"  # one trusted public key file (overrides every keyring)
+ENV_KEYRING = "LATHE_KEYRING"  # a keyring folder (overrides the repository's)
+MAX_KEY_BYTES = 16 * 1024  # a PEM public key is ~180 bytes
+MAX_SIGNATURE_BYTES = 256 * 1024  # ours are ~1.5 KB: an in-toto statement with one hash per file
+SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # what model-signing accepts
 
 
 class SignatureError(LatheError):
     """A package signature is missing, made by another key, or does not match the files."""
+
+
+class KeyFileError(LatheError):
+    """A key file is missing, unreadable or not a supported EC key."""
+
+
+def _read_small(path: Path, limit: int, what: str) -> bytes:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise KeyFileError(f"{path}: {size} bytes is too large for a {what} (limit {limit})")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} {path} not found") from None
+    except OSError as exc:
+        raise KeyFileError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+
+
+def public_key_pem(path: Path) -> bytes:
+    """The canonical PEM of the EC public key in `path` (raises KeyFileError naming the file)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    data = _read_small(path, MAX_KEY_BYTES, "public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SUPPORTED_CURVES:
+        raise KeyFileError(f"{path}: not an EC public key on {', '.join(SUPPORTED_CURVES)}")
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def fingerprint(pem: bytes) -> str:
+    """sha256 hex of a canonical PEM public key (model-signing's key hint)."""
+    return hashlib.sha256(pem).hexdigest()
+
+
+def key_fingerprint(path: Path) -> str:
+    """The fingerprint of the public key in `path`."""
+    return fingerprint(public_key_pem(path))
 
 
 def generate_keys(private_path: Path, public_path: Path, force: bool = False) -> None:
@@ -44,11 +103,11 @@ def generate_keys(private_path: Path, public_path: Path, force: bool = False) ->
                                     serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(private_path, private_pem, 0o600)
-    _write_atomic(public_path, public_pem, 0o644)
+    write_key_file(private_path, private_pem, 0o600)
+    write_key_file(public_path, public_pem, 0o644)
 
 
-def _write_atomic(dest: Path, data: bytes, mode: int) -> None:
+def write_key_file(dest: Path, data: bytes, mode: int) -> None:
     """Create the file with `mode` from the start (a private key is never world-readable, even briefly)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -99,6 +158,45 @@ def sign_package(pkg_dir: Path, private_key: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_signature(pkg_dir: Path) -> dict:
+    """The signature bundle of `pkg_dir` as JSON, checked to be in the canonical form model-signing writes.
+
+    Compact JSON in model-signing's key order: anything else (added whitespace, re-ordered or
+    duplicated keys) was not written by a signer and is refused, so an edit of the signature file
+    that leaves its meaning alone is still caught.
+    """
+    sig = Path(pkg_dir) / SIGNATURE_FILE
+    if not sig.is_file() or sig.is_symlink():
+        raise SignatureError(f"{SIGNATURE_FILE}: missing (the package is unsigned)")
+    raw = _read_small(sig, MAX_SIGNATURE_BYTES, "signature")
+    try:
+        text = raw.decode("utf-8")
+        bundle = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SignatureError(f"{SIGNATURE_FILE}: not a signature bundle (not UTF-8 JSON: {exc})") from None
+    if not isinstance(bundle, dict) or json.dumps(bundle, separators=(",", ":")) != text:
+        raise SignatureError(f"{SIGNATURE_FILE}: not in the canonical form a signer writes (edited by hand?)")
+    envelope = bundle.get("dsseEnvelope") if isinstance(bundle.get("dsseEnvelope"), dict) else {}
+    encoded = [envelope.get("payload")] + [s.get("sig") for s in envelope.get("signatures") or [] if isinstance(s, dict)]
+    if not all(isinstance(v, str) and _canonical_base64(v) for v in encoded):
+        raise SignatureError(f"{SIGNATURE_FILE}: payload or signature is not canonical base64 (edited by hand?)")
+    return bundle
+
+
+def _canonical_base64(value: str) -> bool:
+    """Decodes, and re-encodes to the same text: base64's spare bits in the last character cannot be altered."""
+    try:
+        return base64.b64encode(base64.b64decode(value, validate=True)).decode("ascii") == value
+    except (ValueError, binascii.Error):
+        return False
+
+
+def signature_key_hint(bundle: dict) -> str | None:
+    """The signing key's fingerprint as the signature states it (verified only by `verify_signature`)."""
+    hint = ((bundle.get("verificationMaterial") or {}).get("publicKey") or {}).get("hint")
+    return hint if isinstance(hint, str) and re.fullmatch(r"[0-9a-f]{64}", hint) else None
+
+
 # model-signing lists its diff as a repr()'d list, so quotes may arrive backslash-escaped
 _MISMATCH = re.compile(r"Hash mismatch for \\*'([^'\\]+)\\*'")
 _EXTRA = re.compile(r"Extra files found in model \\*'[^']*\\*': ([^\"\]]+?)(?:\\*['\"]|\]|$)")
@@ -108,30 +206,35 @@ _MISSING = re.compile(r"Missing files in model \\*'[^']*\\*': ([^\"\]]+?)(?:\\*[
 def verify_signature(pkg_dir: Path, public_key: Path) -> None:
     """Check `pkg_dir/signature` against the files of `pkg_dir` with `public_key`.
 
-    Raises SignatureError naming the problem: no signature, unreadable signature, signed by another
-    key, or which files were added, removed or changed since signing.
+    Raises SignatureError naming the problem: no signature, unreadable or non-canonical signature,
+    signed by another key, or which files were added, removed or changed since signing.
     """
     from model_signing import verifying
 
     pkg_dir = _check_dir(pkg_dir)
-    public_key = Path(public_key)
-    sig = pkg_dir / SIGNATURE_FILE
-    if not public_key.is_file():
-        raise SignatureError(f"public key {public_key} not found")
-    if not sig.is_file():
-        raise SignatureError(f"{pkg_dir}: no signature file")
-    cfg = verifying.Config().use_elliptic_key_verifier(public_key=public_key)
+    public_key_pem(public_key)  # a clear message for a bad key file before model-signing sees it
+    read_signature(pkg_dir)
+    cfg = verifying.Config().use_elliptic_key_verifier(public_key=Path(public_key))
     cfg.set_hashing_config(_hashing_config())
+    sig = pkg_dir / SIGNATURE_FILE
     try:
-        cfg.verify(pkg_dir, sig)
+        with contextlib.redirect_stdout(io.StringIO()):  # model-signing prints format warnings
+            cfg.verify(pkg_dir, sig)
     except ValueError as exc:
         msg = str(exc)
         if msg.startswith("Signature mismatch"):
-            raise SignatureError(_describe_mismatch(msg)) from exc
-        raise SignatureError(f"{sig}: signature not made by the key {public_key} or corrupt ({msg})") from exc
-    except Exception as exc:  # protobuf/json decode errors, bad PEM, cryptography InvalidSignature
-        raise SignatureError(f"{sig}: signature not made by the key {public_key} or unreadable "
-                             f"({type(exc).__name__}: {exc})") from exc
+            raise SignatureError(_describe_mismatch(msg)) from None
+        if msg.startswith("Key mismatch"):
+            raise SignatureError("signed by another key") from None
+        raise SignatureError(f"{SIGNATURE_FILE}: not a valid signature by this key ({_first_line(msg)})") from None
+    except Exception as exc:  # protobuf/json decode errors, cryptography InvalidSignature, bad bundles
+        raise SignatureError(f"{SIGNATURE_FILE}: not a valid signature by this key "
+                             f"({type(exc).__name__}{': ' + _first_line(str(exc)) if str(exc) else ''})") from None
+
+
+def _first_line(msg: str, limit: int = 200) -> str:
+    line = msg.strip().splitlines()[0] if msg.strip() else ""
+    return line[:limit] + ("..." if len(line) > limit else "")
 
 
 def _describe_mismatch(msg: str) -> str:
@@ -146,4 +249,4 @@ def _describe_mismatch(msg: str) -> str:
     m = _MISSING.search(msg)
     if m:
         parts.append(f"files removed since signing: {m.group(1).strip()}")
-    return "signature does not match the files: " + ("; ".join(parts) if parts else msg)
+    return "signature does not match the files: " + ("; ".join(parts) if parts else _first_line(msg))

@@ -149,6 +149,21 @@ def test_bad_input_stops_the_pipeline_naming_the_file_and_keeps_models(ws, kind)
     assert tree_digest(ws / "models") == models_before
 
 
+def test_the_tiny_pipeline_reproduces_the_committed_digest_on_this_machine(tiny_reference):
+    """Every data/ and models/ byte of the tiny pipeline equals tests/tiny_digest.json, whichever CPU
+    made that file and whichever runs this (README "Determinism"; rewrite it with
+    `python scripts/tiny_digest.py --write` only after a deliberate change)."""
+    from scripts.tiny_digest import COMMITTED, differences, document
+
+    expected = json.loads(COMMITTED.read_text())
+    got = document(tiny_reference["digest"])
+    diffs = differences(expected["files"], got["files"])
+
+    assert len(got["files"]) >= 40 and any(k.startswith("models/quantized/") for k in got["files"])
+    assert not diffs, (f"made on {expected['made_on']['cpu']}, rebuilt here on {got['made_on']['cpu']}: "
+                       f"{len(diffs)} of {len(expected['files'])} files differ:\n" + "\n".join(diffs))
+
+
 def test_trace_names_the_raw_data_md5_that_data_raw_dvc_holds(ws):
     commit_run(ws)
     raw_md5 = yaml.safe_load((ws / "data/raw.dvc").read_text())["outs"][0]["md5"]

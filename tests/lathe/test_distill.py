@@ -59,7 +59,7 @@ def test_distill_writes_a_smaller_student_with_its_record(inputs, first_student)
     assert record["compression_ratio"] == round(5020 / 1328, 3)
     assert (record["temperature"], record["alpha"]) == (4.0, 0.7)
     assert 1 <= record["best_epoch"] <= 2 and set(record["best_val"]) == set(record["teacher_val"])
-    assert record["onnx_max_abs_diff"] < 1e-4
+    assert record["onnx_check"] == {"max_abs_diff_limit": 1e-4, "passed": True}
     assert run.spec == tiny_cfg().student and len(run.result.history) == 2
     x = to_tensor(load_split(inputs / "prepared", "val")["images"])
     with torch.no_grad():

@@ -7,17 +7,34 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lathe.config import ArchSpec, EvaluateParams
 from lathe.errors import DataError, LatheError
 from lathe.evaluate import (
-    TIMING_KEYS, confusion_csv, count_onnx_macs, count_onnx_params, evaluate_model, load_session, measure_latency,
-    measure_throughput, model_files, predict, predictions_csv, quality_metrics, softmax, write_reports,
+    confusion_csv,
+    count_onnx_macs,
+    count_onnx_params,
+    evaluate_model,
+    load_session,
+    measure_latency,
+    measure_throughput,
+    model_files,
+    predict,
+    predictions_csv,
+    quality_metrics,
+    softmax,
+    write_reports,
 )
 from lathe.export import INPUT_NAME, export_onnx
 from lathe.io import read_json, save_arrays
+from lathe.metrics import TIMING_KEYS
 from lathe.models import build_model, count_params
 
 SIZE = 16

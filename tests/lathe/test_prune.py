@@ -133,7 +133,7 @@ def test_pruned_folder_rebuilds_from_json_and_safetensors_with_identical_outputs
     files = {p.name for p in (out / "a").iterdir()}
     assert files == {FILES.weights, FILES.arch, FILES.onnx, FILES.summary, RECORD}
     summary = json.loads((out / "a" / FILES.summary).read_text())
-    assert summary["onnx_max_abs_diff"] < 1e-4 and summary["epochs_run"] == 2
+    assert summary["onnx_check"] == {"max_abs_diff_limit": 1e-4, "passed": True} and summary["epochs_run"] == 2
     rebuilt = load_model(out / "a")
     x = to_tensor(load_split(teacher[1], "val")["images"])
     with torch.no_grad():

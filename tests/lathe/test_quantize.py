@@ -190,15 +190,49 @@ def test_quantized_model_runs_and_agrees_with_float_on_held_out_images(tmp_path)
     assert np.median(np.abs(q - f)) <= 0.02 * np.ptp(f)
 
 
-def test_own_minmax_calibration_matches_quantize_static_calibrating_itself(tmp_path):
+def test_own_minmax_calibration_matches_quantize_static_calibrating_itself_up_to_the_snapped_ranges(tmp_path):
+    """Same weights bit for bit; activation scales at most 2^-RANGE_BITS wider (lathe.quantize.snap_outward)."""
+    from onnx import numpy_helper
+
+    from lathe.quantize import RANGE_BITS
+
     src = write_model(tmp_path / "m")
     images = synthetic(40, 5)[0]  # 32 + 8: two collect_data calls on our side, one on theirs
-    ours = quantize_static_int8(src, images, TINY)
+    ours = onnx.load_from_string(quantize_static_int8(src, images, TINY))
     pre_process(src, tmp_path / "pre.onnx")
     quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "ref.onnx"), reader_for(src, images),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    assert ours == onnx.load(str(tmp_path / "ref.onnx")).SerializeToString()
+                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ref = onnx.load(str(tmp_path / "ref.onnx"))
+    a = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
+    assert sorted(a) == sorted(b)
+    wider = 0
+    for name in a:
+        if a[name].dtype == np.float32 and name.endswith("_scale"):
+            assert np.all(a[name] >= b[name]) and np.allclose(a[name], b[name], rtol=2.0 ** (1 - RANGE_BITS), atol=0)
+            wider += int(np.any(a[name] > b[name]))
+        elif a[name].dtype == np.uint8:  # activation zero points may move by one step
+            assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1
+        elif a[name].dtype == np.int32:  # biases, quantized with input scale x weight scale
+            d = np.abs(a[name].astype(np.int64) - b[name].astype(np.int64))
+            assert np.all(d <= np.maximum(1, np.abs(b[name]) * 2.0 ** (1 - RANGE_BITS))), name
+        else:
+            assert np.array_equal(a[name], b[name]), name
+    assert wider > 0  # the snapping did something
+
+
+def test_snap_outward_widens_by_at_most_the_grid_and_merges_last_bit_neighbours():
+    from lathe.quantize import RANGE_BITS, snap_outward
+
+    rng = np.random.default_rng(0)
+    v = (rng.standard_normal(1000) * 10).astype(np.float32)
+    hi, lo = snap_outward(v, up=True), snap_outward(v, up=False)
+    assert hi.dtype == np.float32 and np.all(hi >= v) and np.all(lo <= v)
+    assert np.all(np.abs(hi - v) <= np.abs(v) * 2.0 ** (1 - RANGE_BITS))
+    neighbours = np.nextafter(v, np.float32(np.inf))  # one ulp up, as another CPU's kernel may give
+    assert np.mean(snap_outward(neighbours, up=True) == hi) > 0.99
+    assert snap_outward(np.float32(0.0), up=True) == 0
 
 
 def test_entropy_and_percentile_calibrate_differently_from_minmax(tmp_path):

@@ -29,7 +29,7 @@ def test_train_writes_a_model_that_rebuilds_from_json_and_safetensors(prepared, 
     assert all(t.is_contiguous() for t in model.state_dict().values())
     check = load_split(prepared, "val")["images"]
     summary = write_model_dir(tmp_path / "m", model, cfg.arch, size, result, check)
-    assert summary["onnx_max_abs_diff"] < 1e-4
+    assert summary["onnx_check"] == {"max_abs_diff_limit": 1e-4, "passed": True}
     assert {p.name for p in (tmp_path / "m").iterdir()} == {FILES.weights, FILES.arch, FILES.onnx, FILES.summary}
     rebuilt = load_model(tmp_path / "m")
     x = to_tensor(check)

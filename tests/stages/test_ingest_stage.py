@@ -40,3 +40,28 @@ def test_params_typo_exits_1_naming_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage.main([str(tmp_path / "raw"), str(tmp_path / "prep"), "--params", str(params)])
     assert "ingest.imagesize" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, "abc"])
+def test_a_bad_seed_is_a_config_error_naming_the_key_not_a_traceback(tmp_path, capsys, seed):
+    generate_raw(tmp_path / "raw", per_class_type=3, size=32)
+    params = write_params(tmp_path, tiny_params(ingest={"seed": seed}))
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main([str(tmp_path / "raw"), str(tmp_path / "prep"), "--params", str(params)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "ingest.seed" in err and "Traceback" not in err
+
+
+def test_an_os_error_names_the_file_in_one_line_and_keeps_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    generate_raw(tmp_path / "raw", per_class_type=3, size=32)
+    params = write_params(tmp_path, tiny_params())
+    (tmp_path / "blocker").write_text("a file where the output's parent folder should be")
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main([str(tmp_path / "raw"), str(tmp_path / "blocker" / "prep"), "--params", str(params)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1
+    assert len(err.splitlines()) == 1 and err.startswith("[ingest] FAILED") and "blocker" in err, err
+    assert "Traceback" not in err
+    assert "Traceback" in (tmp_path / ".lathe" / "logs" / "ingest.traceback.txt").read_text()

@@ -16,7 +16,7 @@ import yaml
 from lathe.io import sha256_bytes, write_json
 from lathe.ship.contract import model_stamp, unstamped_model_bytes
 from stages.package import main
-from tests.lathe.test_package import tiny_onnx
+from tests.lathe.ship.test_package import tiny_onnx
 from tests.tiny import make_prepared, tiny_params
 
 TARGET = "gw"

@@ -1,0 +1,101 @@
+"""Hash what every numeric path of the pipeline computes, for comparing machines and capability caps.
+
+One short run of each: teacher-architecture training (fused AdamW, distillation loss, channels_last
+through oneDNN), a pruned-shape network's training (NCHW), an SVD (lowrank), ONNX export, onnxruntime float inference, static INT8
+quantization (calibration included) and INT8 inference. Prints one JSON line of sha256 prefixes
+(plus the kernels in use), so two runs agree exactly when every byte agrees.
+
+    python scripts/numerics_probe.py                      # here, with the pins (stages/__init__)
+    LATHE_NUMERICS=native python scripts/numerics_probe.py # unpinned, for contrast
+    qemu-x86_64 -cpu EPYC-Rome .venv/bin/python scripts/numerics_probe.py   # an AMD CPU, emulated
+
+Used by tests/test_determinism.py (capability caps in subprocesses) and scripts/cross_isa.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import stages  # noqa: E402,F401  (pins the numeric platform before torch is imported)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def probe(images: int, epochs: int, size: int) -> dict[str, object]:
+    import numpy as np
+    import torch
+
+    from lathe.config import QuantizeParams, TrainParams, load_section
+    from lathe.determinism import make_deterministic, numerics_record
+    from lathe.evaluate import load_session, predict
+    from lathe.export import export_onnx
+    from lathe.models import build_model
+    from lathe.quantize import quantize_static_int8
+    from lathe.train import fit, frozen_teacher, kd_loss
+
+    t0 = time.monotonic()
+    params = ROOT / "params.yaml"
+    cfg = load_section(params, "train_teacher", TrainParams)
+    gen = make_deterministic(0, 2)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (images, size, size), dtype=np.uint8)
+    y = rng.integers(0, cfg.arch.num_classes, images).astype(np.int64)
+    student, teacher = build_model(cfg.arch, size), build_model(cfg.arch, size)
+    loss = kd_loss(frozen_teacher(teacher), 2.0, 0.9, torch.ones(cfg.arch.num_classes), 0.05)
+    fit_cfg = cfg.model_copy(update={"epochs": epochs, "batch_size": 16})
+    result = fit(student, {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, fit_cfg, gen,
+                 cfg.arch.num_classes, loss_fn=loss)
+    state = result.model.state_dict()
+    # a pruned network's channel counts (not multiples of 8) train in the NCHW layout (lathe.train.memory_layout)
+    odd_arch = cfg.arch.model_copy(update={"stem_channels": 7, "widths": [7, 14, 29, 58]})
+    odd = fit(build_model(odd_arch, size), {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, fit_cfg,
+              gen, cfg.arch.num_classes).model
+    out: dict[str, object] = {
+        "aten": torch.backends.cpu.get_cpu_capability(), "numerics": numerics_record(),
+        "train": digest(b"".join(v.contiguous().numpy().tobytes() for v in state.values())),
+        "train_odd": digest(b"".join(v.contiguous().numpy().tobytes() for v in odd.state_dict().values())),
+    }
+    weight = [v for v in state.values() if v.dim() == 4][-1]
+    conv = weight.double().reshape(weight.shape[0], -1)  # as lathe.lowrank.weight_matrix
+    u, s, vh = torch.linalg.svd(conv, full_matrices=False)
+    out["svd"] = digest(torch.cat([u.flatten(), s, vh.flatten()]).float().numpy().tobytes())
+    onnx_bytes = export_onnx(result.model, size, cfg.arch.in_channels)
+    out["onnx"] = digest(onnx_bytes)
+    with tempfile.TemporaryDirectory(prefix="lathe-probe-") as tmp:
+        model = Path(tmp) / "model.onnx"
+        model.write_bytes(onnx_bytes)
+        out["ort_float"] = digest(predict(load_session(model, threads=1), x).tobytes())
+        qcfg = load_section(params, "quantize", QuantizeParams)
+        q_bytes = quantize_static_int8(model, x, qcfg)
+        out["int8_model"] = digest(q_bytes)
+        q = Path(tmp) / "int8.onnx"
+        q.write_bytes(q_bytes)
+        out["ort_int8"] = digest(predict(load_session(q, threads=1), x).tobytes())
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--size", type=int, default=32)
+    args = parser.parse_args(argv)
+    print(json.dumps(probe(args.images, args.epochs, args.size), sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

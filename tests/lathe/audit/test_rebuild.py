@@ -1,0 +1,146 @@
+"""The rebuild's comparison helpers and its choice of the dvc.lock a package was built with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lathe.audit.rebuild import json_diff
+from lathe.io import write_json
+from lathe.ship.archive import write_archive
+from lathe.ship.signing import sign_package
+from tests.packages import build_package, make_keys
+
+
+def test_json_diff_key_paths():
+    a = {"raw_data": {"md5": "x", "files": 3}, "gates": [{"v": 1}], "k": 1}
+    b = {"raw_data": {"md5": "y", "files": 3}, "gates": [{"v": 2}], "n": 2}
+    assert json_diff(a, b) == ["gates[0].v", "k (only in original)", "n (only in rebuilt)", "raw_data.md5"]
+
+
+def test_compare_packages_lists_files_and_manifest_keys(tmp_path):
+    keys = make_keys(tmp_path / "keys")
+    golden = build_package(tmp_path / "golden", keys["priv"])
+    from lathe.audit.rebuild import compare_archives, compare_packages
+
+    a, b = tmp_path / "a" / "edge", tmp_path / "b" / "edge"
+    shutil.copytree(golden, a)
+    shutil.copytree(golden, b)
+    sign_package(b, keys["priv"])  # a new (randomised) signature is not a difference
+    same = compare_packages(a, b)
+    assert (same.diffs, same.measured, same.follows) == ([], [], set())
+    write_archive(a, tmp_path / "a.tar.gz", mtime=0)
+    write_archive(b, tmp_path / "b.tar.gz", mtime=0)
+    assert compare_archives(tmp_path / "a.tar.gz", tmp_path / "b.tar.gz") == []
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["variant"] = "quantized/teacher"
+    write_json(b / "manifest.json", manifest)
+    (b / "model_card.md").write_text("other\n")
+    diffs = compare_packages(a, b).diffs
+    assert diffs[0] == "manifest.json: differs at variant"
+    assert diffs[1] == "model_card.md: differs before its measured section"
+    write_archive(b, tmp_path / "b.tar.gz", mtime=0)
+    assert compare_archives(tmp_path / "a.tar.gz", tmp_path / "b.tar.gz") == [
+        "archive member edge/manifest.json: differs (header or content)",
+        "archive member edge/model_card.md: differs (header or content)"]
+
+
+def test_measured_values_are_shown_side_by_side_and_every_other_byte_compared(tmp_path):
+    """Another machine measures other latencies: the package id stays, the rebuild passes and shows them."""
+    from lathe.audit.rebuild import compare_archives, compare_packages
+    from lathe.ship.contract import (
+        CARD_MEASURED_HEADER, manifest_text, package_id_of, stamp_model_bytes, unstamped_model_bytes,
+    )
+
+    keys = make_keys(tmp_path / "keys")
+    a = build_package(tmp_path / "a", keys["priv"])
+    b = tmp_path / "b" / "edge"
+    shutil.copytree(a, b)
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["metrics"]["test"]["latency_p50_ms"] = 9.99
+    manifest["build"]["machine"] = {"cpu": "AMD EPYC 7B13"}
+    assert package_id_of(manifest) == manifest["package_id"]  # measured values are not identity
+    text = manifest_text(manifest)
+    (b / "manifest.json").write_text(text)
+    from lathe.io import sha256_bytes
+    model = unstamped_model_bytes((b / "model.onnx").read_bytes())
+    (b / "model.onnx").write_bytes(stamp_model_bytes(model, manifest["package_id"], sha256_bytes(text.encode())))
+    card = (b / "model_card.md").read_text()
+    (b / "model_card.md").write_text(card + f"\n{CARD_MEASURED_HEADER}\n\n- p50 latency 9.990 ms\n")
+    (a / "model_card.md").write_text(card + f"\n{CARD_MEASURED_HEADER}\n\n- p50 latency 1.000 ms\n")
+    sign_package(b, keys["priv"])
+
+    result = compare_packages(a, b)
+
+    assert result.diffs == []
+    assert result.follows == {"manifest.json", "model.onnx", "model_card.md"}
+    joined = " ".join(result.measured)
+    assert "metrics.test.latency_p50_ms: " in joined and "(original) vs 9.99 (rebuilt)" in joined
+    assert "AMD EPYC 7B13" in joined and "9.990 ms" in joined
+    write_archive(a, tmp_path / "a.tar.gz", mtime=0)
+    write_archive(b, tmp_path / "b.tar.gz", mtime=0)
+    assert compare_archives(tmp_path / "a.tar.gz", tmp_path / "b.tar.gz", result.follows) == []
+    # a changed weight is still a difference, even with the stamp rewritten
+    (b / "model_card.md").write_text((a / "model_card.md").read_text())
+    other = build_package(tmp_path / "c", keys["priv"], seed=1) / "model.onnx"  # other weights
+    (b / "model.onnx").write_bytes(other.read_bytes())
+    assert any(d.startswith("model.onnx: sha256") for d in compare_packages(a, b).diffs)
+
+
+def test_rebuild_picks_the_dvc_lock_the_manifest_records(tmp_path):
+    """The package's commit often predates the dvc.lock it was built with: the rebuild matches the
+    manifest's recorded stages against each dvc.lock candidate and names the first stage that differs."""
+    from lathe.audit.rebuild import _tracked_outputs
+    from lathe.ship.lineage import lock_mismatch
+    from lathe.ship.lineage import _lock_entry, stage_chain
+
+    lock = {"schema": "2.0", "stages": {
+        "ingest": {"cmd": "python -m stages.ingest data/raw data/prepared",
+                   "deps": [{"path": "data/raw", "hash": "md5", "md5": "r" * 32 + ".dir", "nfiles": 3}],
+                   "params": {"params.yaml": {"ingest": {"seed": 0}}},
+                   "outs": [{"path": "data/prepared", "hash": "md5", "md5": "p" * 32 + ".dir", "size": 9}]},
+        "evaluate@x": {"cmd": "python -m stages.evaluate x",
+                       "deps": [{"path": "data/prepared", "md5": "p" * 32 + ".dir"}],
+                       "outs": [{"path": "reports/x/metrics.json", "md5": "m" * 32}]}}}
+    _, entries, _ = stage_chain(lock, ["reports/x/metrics.json"])
+    manifest = json.loads(json.dumps({"stages": entries}))  # as read back from manifest.json
+    assert lock_mismatch(lock, manifest["stages"]) is None
+    rerun = json.loads(json.dumps(lock))
+    rerun["stages"]["ingest"]["outs"][0]["md5"] = "q" * 32 + ".dir"
+    assert lock_mismatch(rerun, manifest["stages"]) == "its stage ingest differs"
+    del rerun["stages"]["evaluate@x"]
+    assert lock_mismatch(rerun, manifest["stages"]) == "it has no stage evaluate@x"
+    assert _lock_entry(lock["stages"]["ingest"])["outs"] == [{"path": "data/prepared", "md5": "p" * 32 + ".dir"}]
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "raw.dvc").write_text("outs:\n- md5: " + "r" * 32 + ".dir\n  path: raw\n")
+    assert _tracked_outputs(tmp_path, lock) == {"data/raw": "r" * 32 + ".dir", "data/prepared": "p" * 32 + ".dir",
+                                                "reports/x/metrics.json": "m" * 32}
+
+
+def test_equivalence_on_a_machine_without_the_pins_needs_selftest_within_atol_and_equal_metrics(tmp_path):
+    import numpy as np
+
+    from lathe.audit.rebuild import equivalence
+    from lathe.ship.contract import npz_bytes
+
+    keys = make_keys(tmp_path / "keys")
+    a = build_package(tmp_path / "a", keys["priv"])
+    b = tmp_path / "b" / "edge"
+
+    def rebuilt_with(shift: float, accuracy: float = 0.5) -> Path:
+        shutil.rmtree(b, ignore_errors=True)
+        shutil.copytree(a, b)
+        with np.load(a / "selftest.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["logits"] = (arrays["logits"] + shift).astype(np.float32)
+        (b / "selftest.npz").write_bytes(npz_bytes(arrays))
+        manifest = json.loads((b / "manifest.json").read_text())
+        manifest["metrics"]["test"]["accuracy"] = accuracy
+        write_json(b / "manifest.json", manifest)
+        return b
+
+    assert "within" in equivalence(a, rebuilt_with(1e-5))
+    assert equivalence(a, rebuilt_with(0.5)) is None  # beyond the package's atol (1e-3)
+    assert equivalence(a, rebuilt_with(0.0, accuracy=0.51)) is None  # another test accuracy
