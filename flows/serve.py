@@ -70,7 +70,9 @@ def start_server(home: Path, host: str, port: int, timeout: float,
     if api_healthy(api_url):
         raise ServeError(f"something already answers on {api_url}; use it with PREFECT_API_URL={api_url} "
                          "or choose another port (ops.serve.port / --port)")
-    extra = {"PREFECT_HOME": str(home)}
+    # the UI is a browser app that calls the API at PREFECT_UI_API_URL (default: port 4200), so a server
+    # started on another port must tell it, else the UI shows "Can't connect to Server API"
+    extra = {"PREFECT_HOME": str(home), "PREFECT_UI_API_URL": api_url}
     if database_url:
         extra[DB_URL_ENV] = database_url
     env = subprocess_env(extra)
@@ -161,7 +163,7 @@ def serve(repo: Path | None = None, api_url: str | None = None, database_url: st
         # SIGTERM (systemd, docker stop, kill) unwinds like Ctrl-C and stops a server started here;
         # once serving, Prefect's runner installs its own graceful SIGTERM handler.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from flows.pipeline import load_ops  # imports prefect: only after the environment is set
+    from flows.pipeline import load_ops  # noqa: I001  (imports prefect: only after the environment is set)
 
     ops = load_ops(root)
     with prefect_server(root, ops, api_url, database_url, host, port) as url:

@@ -19,7 +19,13 @@ from rich.console import Console
 
 from lathe.errors import LatheError
 from lathe.io import printable
-from lathe.ship.signing import DEFAULT_PRIVATE_KEY, DEFAULT_PUBLIC_KEY, ENV_KEYRING, ENV_PUBLIC_KEY, KEYRING_DIR
+from lathe.ship.signing import (
+    DEFAULT_PRIVATE_KEY,
+    DEFAULT_PUBLIC_KEY,
+    ENV_KEYRING,
+    ENV_PUBLIC_KEY,
+    KEYRING_DIR,
+)
 
 app = typer.Typer(help="Lathe: compress plant-floor models and keep the evidence auditors ask for.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -29,8 +35,23 @@ console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty(
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        import lathe
+
+        libs = ", ".join(f"{name} {metadata.version(name)}" for name in ("torch", "onnxruntime", "dvc", "prefect"))
+        typer.echo(f"lathe {lathe.__version__} ({libs})")
+        raise typer.Exit()
+
+
 @app.callback()
-def main_options(debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error")) -> None:
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error"),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the versions of lathe and its main libraries and exit"),
+) -> None:
     """Lathe: compress plant-floor models and keep the evidence auditors ask for."""
     _state["debug"] = debug
 
@@ -274,7 +295,8 @@ def _show_debug(tracebacks: list[str]) -> None:
 
 @app.command("serve")
 def serve_cmd(
-    repo: Path = typer.Option(None, "--repo", help="DVC repo the deployments run [default: cwd]"),
+    repo: Path = typer.Option(None, "--repo", help="DVC repo the deployments run [default: the git work tree "
+                              "around the working directory]"),
     api_url: str = typer.Option(None, "--api-url", help="use this Prefect server [default: $PREFECT_API_URL, "
                                 "else start `prefect server start` on ops.serve.host:port]"),
     database_url: str = typer.Option(None, "--database-url", help="database of a server started here, e.g. "
@@ -284,8 +306,13 @@ def serve_cmd(
     port: int = typer.Option(None, "--port", help="port of a server started here [default: ops.serve.port]"),
 ) -> None:
     """Serve the scheduled pipeline (cron ops.schedule) and the data-change trigger on a Prefect server."""
-    from flows.serve import ServeError, serve  # lazily: the core package never imports flows
+    from flows.serve import (  # lazily: the core package never imports flows
+        ServeError,
+        serve,
+    )
+    from lathe.audit.trust import git_toplevel
 
+    repo = repo if repo is not None else git_toplevel(Path.cwd()) or Path.cwd()
     try:
         serve(repo, api_url, database_url, host, port, announce=console.print)
     except ServeError as exc:

@@ -12,8 +12,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lathe.errors import ConfigError
-from lathe.ship.signing import DEFAULT_PRIVATE_KEY
 
+
+# Where `lathe keys init` puts the signing pair, relative to the repository (git-ignored); the
+# package stage's default key. One home: lathe.ship.signing imports it from here (config imports
+# nothing of lathe but errors, so every stage does not depend on the signing code).
+DEFAULT_PRIVATE_KEY = Path(".lathe/keys/signing-key.pem")
 
 # numpy's and torch's generators take 0 <= seed < 2**32 (torch more, numpy's legacy one less)
 Seed = Field(0, ge=0, le=2**32 - 1, description="random seed, 0 to 2**32 - 1")

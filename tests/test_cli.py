@@ -100,3 +100,11 @@ def test_installed_cli_output_to_a_pipe_is_not_wrapped(tmp_path):
     assert max(len(line) for line in res.stdout.splitlines()) > 80
     res = subprocess.run([str(lathe), "verify", str(tmp_path / "missing")], capture_output=True, text=True)
     assert res.returncode == 1 and "Traceback" not in res.stderr + res.stdout
+
+
+def test_version_names_lathe_and_its_main_libraries():
+    import lathe
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0
+    assert res.output.startswith(f"lathe {lathe.__version__} (torch ") and "onnxruntime" in res.output

@@ -22,10 +22,10 @@ import os
 import re
 from pathlib import Path
 
+from lathe.config import DEFAULT_PRIVATE_KEY  # noqa: F401  (re-exported: the key paths live together)
 from lathe.errors import LatheError
 
 SIGNATURE_FILE = "signature"  # inside the package folder, covering every other file
-DEFAULT_PRIVATE_KEY = Path(".lathe/keys/signing-key.pem")  # relative to the repository; git-ignored
 DEFAULT_PUBLIC_KEY = Path(".lathe/keys/signing-key.pub")
 KEYRING_DIR = Path(".lathe/trusted-keys")  # the repository's keyring: public keys verify and trace trust
 ENV_SIGNING_KEY = "LATHE_SIGNING_KEY"  # private key for the package stage (overrides package.private_key)

@@ -26,6 +26,18 @@ from typing import Any
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    DeploymentFilter,
+    DeploymentFilterId,
+)
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.env import subprocess_env
 from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: applies the offline env
@@ -34,13 +46,6 @@ from flows.trigger import TRIGGER_ARTIFACT_KEY
 from flows.workpool import deployment_names
 from lathe.data import RawSample, read_labels, synth_image, write_labels
 from tests.tiny import make_workspace, sh, stop_process, tiny_params
-
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, DeploymentFilter, DeploymentFilterId
-from prefect.client.schemas.objects import FlowRun
-from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +143,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     api_url = f"http://127.0.0.1:{port}/api"
     log = tmp / "serve.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "lathe.cli", "serve", "--repo", str(ws), "--port", str(port)],
+        # the installed console script, from outside the repo, as a user runs it (not `python -m`)
+        server = subprocess.Popen([str(Path(sys.executable).parent / "lathe"), "serve", "--repo", str(ws),
+                                   "--port", str(port)],
                                   cwd=tmp, env=child_env(tmp / "prefect-home", None), stdout=out,
                                   stderr=subprocess.STDOUT)
     procs = {"lathe serve": (server, log)}
@@ -184,6 +191,16 @@ def test_serve_started_its_own_server_and_registered_both_schedules(served):
     assert [s.schedule.cron for s in pipeline.schedules] == [served["cron"]]
     assert [s.schedule.interval for s in trigger.schedules] == [timedelta(minutes=1440)]
     assert pipeline.parameters == trigger.parameters == {"repo": str(served["ws"])}
+
+
+def test_the_ui_of_a_server_on_another_port_calls_the_api_on_that_port(served):
+    """The UI's settings endpoint (what the browser app reads) names the served port, not 4200."""
+    import urllib.request
+
+    base = served["api_url"].removesuffix("/api")
+    with urllib.request.urlopen(f"{base}/ui-settings", timeout=30) as res:
+        settings = json.loads(res.read())
+    assert settings["api_url"] == served["api_url"]
 
 
 def test_the_cron_run_executes_the_pipeline_and_completes_with_its_artifacts(served, scheduled_run):
