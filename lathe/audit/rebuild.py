@@ -119,7 +119,7 @@ def _compare_manifests(a: bytes, b: bytes) -> tuple[list[str], list[str]]:
             diffs.append(path)
     keys = [p.split(" (", 1)[0] for p in shown]  # json_diff marks a key on one side only with " (only in ...)"
     side = [f"{p}: {_at(ma, p)} (original) vs {_at(mb, p)} (rebuilt)" for p in keys
-            if p != "package_id" and not p.startswith("build.lock")]
+            if p != "package_id"]
     return diffs, side
 
 

@@ -116,6 +116,27 @@ def test_graph_check_accepts_the_tiny_classifier_and_refuses_a_shape_mismatch():
         check_model_graph(b"\x08garbage", pre)
 
 
+def test_opsets_declared_but_unused_pass_and_a_node_of_another_domain_does_not():
+    """onnxruntime's quant_pre_process declares ai.onnx.ml, com.microsoft, ... in every quantized
+    model (the pipeline's INT8 packages); only nodes decide what runs."""
+    from onnx import helper
+
+    pre = preprocessing()
+    declared = tiny_model(0)
+    for domain, version in [("ai.onnx.ml", 5), ("com.microsoft", 1), ("com.microsoft.nchwc", 1), ("org.pytorch.aten", 1)]:
+        declared.opset_import.append(helper.make_opsetid(domain, version))
+    assert "ops Flatten, MatMul" in check_model_graph(declared.SerializeToString(), pre)
+    custom = tiny_model(0)
+    custom.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    custom.graph.node[0].domain = "com.microsoft"
+    with pytest.raises(SelftestError, match="com.microsoft"):
+        check_model_graph(custom.SerializeToString(), pre)
+    newer = tiny_model(0)
+    newer.opset_import[0].version = 99
+    with pytest.raises(SelftestError, match="opset ai.onnx 99 is not allowed"):
+        check_model_graph(newer.SerializeToString(), pre)
+
+
 # --- selftest.npz headers
 
 
