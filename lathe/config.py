@@ -187,6 +187,10 @@ class EnsembleParams(Section):
     temperature: float = Field(2.0, gt=0, description="softening of the members' averaged distribution")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (ensemble) loss; 1 - alpha on the labels")
     epochs: int | None = Field(None, ge=1, description="epochs of the distilled network (default: the members' epochs)")
+    parallel: int = Field(1, ge=1, le=16, description="members trained at once, each in its own process with `threads` "
+                          "threads; changes no byte (a member's bytes depend on its seed and `threads` only)")
+    threads: int | None = Field(None, ge=1, le=256, description="intra-op threads of the distilled network, which trains "
+                                "alone after the members (default: the members' `threads`); part of the result")
 
 
 class TrainParams(FitParams):

@@ -22,7 +22,8 @@ from lathe.ingest import load_split
 from lathe.io import sha256_file, write_json
 from lathe.models import build_model, count_params
 from lathe.teacher import FILES, check_trainable, load_model, write_model_dir
-from lathe.train import Progress, TrainResult, class_weights, fit, frozen_teacher, kd_loss, predict_logits, score, to_tensor
+from lathe.train import (Progress, TrainResult, class_weights, fit, frozen_teacher, kd_loss, memoized_teacher,
+                         predict_logits, score, to_tensor)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ def distill(teacher: nn.Module, student: nn.Module, train: dict[str, np.ndarray]
             cfg: DistillParams, gen: torch.Generator, num_classes: int, progress: Progress | None = None) -> TrainResult:
     """Train `student` on `train` against the frozen `teacher`'s soft targets plus the labels; select on val."""
     weights = class_weights(train["labels"], num_classes, cfg.class_weighting)
-    loss = kd_loss(frozen_teacher(teacher), cfg.temperature, cfg.alpha, weights, cfg.label_smoothing)
+    # The teacher's logits of the un-augmented train images are computed once, not every epoch: its
+    # forward pass is ~10x the student's training step (measured: the stage took 2.6x the control).
+    teacher_logits = memoized_teacher(frozen_teacher(teacher), to_tensor(train["images"]))
+    loss = kd_loss(teacher_logits, cfg.temperature, cfg.alpha, weights, cfg.label_smoothing)
     return fit(student, train, val, cfg, gen, num_classes, loss_fn=loss, progress=progress)
 
 

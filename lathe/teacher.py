@@ -23,6 +23,7 @@ from lathe.io import write_bytes, write_json
 from lathe.models import build_model, count_params
 from lathe.train import (LossFn, Progress, TrainResult, class_weights, ensemble_teacher, fit, kd_loss, memoized_teacher,
                          to_tensor)
+from lathe.workers import map_jobs
 
 log = logging.getLogger(__name__)
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| on logits
@@ -66,14 +67,13 @@ def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | Non
     k = cfg.ensemble.members
     if k == 1:
         return *train_one(train, val, cfg, cfg.seed, image_size, progress), image_size
-    members = []
-    for i in range(k):
-        model, result = train_one(train, val, cfg, cfg.seed + i, image_size, tagged(progress, i + 1))
-        members.append((model, result))
+    jobs = [(str(prepared_dir), cfg.model_dump_json(), cfg.seed + i, i + 1) for i in range(k)]
+    members = [member_from_job(cfg.arch, image_size, out) for out in map_jobs(train_member, jobs, cfg.ensemble.parallel, progress)]
     weights = class_weights(train["labels"], cfg.arch.num_classes, cfg.class_weighting)
     teacher = memoized_teacher(ensemble_teacher([m for m, _ in members]), to_tensor(train["images"]))
     loss = kd_loss(teacher, cfg.ensemble.temperature, cfg.ensemble.alpha, weights, cfg.label_smoothing)
-    distilled_cfg = cfg.model_copy(update={"epochs": cfg.ensemble.epochs or cfg.epochs})
+    distilled_cfg = cfg.model_copy(update={"epochs": cfg.ensemble.epochs or cfg.epochs,
+                                           "threads": cfg.ensemble.threads or cfg.threads})
     model, result = train_one(train, val, distilled_cfg, cfg.seed + k, image_size, tagged(progress, 0), loss)
     result.members = [r.best_val for _, r in members]
     return model, result, image_size
@@ -85,6 +85,27 @@ def train_one(train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: Tra
     gen = make_deterministic(seed, cfg.threads)
     model = build_model(cfg.arch, image_size)
     return model, fit(model, train, val, cfg, gen, cfg.arch.num_classes, loss_fn=loss_fn, progress=progress)
+
+
+def train_member(prepared_dir: str, cfg_json: str, seed: int, member: int, progress: Progress) -> tuple[bytes, dict]:
+    """One ensemble member, as a `lathe.workers` job: its safetensors bytes and its training record.
+
+    Loads the splits itself (children share nothing with the stage but arguments); the bytes depend
+    on `seed` and `cfg` (threads included) only, not on the process that ran it.
+    """
+    cfg = TrainParams.model_validate_json(cfg_json)
+    train, val = load_split(Path(prepared_dir), "train"), load_split(Path(prepared_dir), "val")
+    model, result = train_one(train, val, cfg, seed, int(train["images"].shape[1]), tagged(progress, member))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return save_tensors(state), {"history": result.history, "best_epoch": result.best_epoch, "best_val": result.best_val}
+
+
+def member_from_job(spec: ArchSpec, image_size: int, out: tuple[bytes, dict]) -> tuple[nn.Module, TrainResult]:
+    """The (model, result) of `train_member`'s output, the model rebuilt in eval mode."""
+    weights, record = out
+    model = build_model(spec, image_size)
+    model.load_state_dict(load_tensors(weights))
+    return model.eval(), TrainResult(model=model, **record)
 
 
 def tagged(progress: Progress | None, member: int) -> Progress | None:

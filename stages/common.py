@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,3 +77,21 @@ def _keep_traceback(stage: str) -> str:
     except OSError:
         return ""
     return f" (traceback in {path})"
+
+
+class EpochClock:
+    """Elapsed time and a rough time left for a stage that runs `total` epochs (over all networks)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = max(total, 1), 0, time.monotonic()
+
+    def tick(self) -> str:
+        """Count one finished epoch; '(12/50, 1m40s elapsed, ~5m10s left)'."""
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        left = elapsed / self.done * max(self.total - self.done, 0)
+        return f"({self.done}/{self.total}, {_minutes(elapsed)} elapsed, ~{_minutes(left)} left)"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -20,7 +20,7 @@ from lathe.distill import control_student, distill_student, write_student_dir
 from lathe.ingest import load_split
 from lathe.io import write_text
 from lathe.teacher import history_csv
-from stages.common import PARAMS_FILE, run, section
+from stages.common import PARAMS_FILE, EpochClock, run, section
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         cfg = section(args, "distill", DistillParams)
 
+        clock = EpochClock(cfg.epochs)
+
         def progress(row: dict) -> None:
-            log.info("epoch %3d/%d  loss %.4f  val acc %.4f  bal %.4f  def-recall %.4f", row["epoch"], cfg.epochs,
-                     row["train_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_defective_recall"])
+            log.info("epoch %3d/%d  loss %.4f  val acc %.4f  bal %.4f  def-recall %.4f  %s", row["epoch"], cfg.epochs,
+                     row["train_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_defective_recall"],
+                     clock.tick())
 
         if args.control:
             result = control_student(args.prepared_dir, cfg, args.init_dir, progress)

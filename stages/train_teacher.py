@@ -9,7 +9,7 @@ from lathe.config import TrainParams
 from lathe.ingest import load_split
 from lathe.io import write_text
 from lathe.teacher import history_csv, train_teacher, write_model_dir
-from stages.common import parse_args, run, section
+from stages.common import EpochClock, parse_args, run, section
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +21,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = section(args, "train_teacher", TrainParams)
 
         members = cfg.ensemble.members
+        clock = EpochClock(cfg.epochs * members + ((cfg.ensemble.epochs or cfg.epochs) if members > 1 else 0))
 
         def progress(row: dict) -> None:
             who = "" if members == 1 else (f"member {row['member']}/{members}  " if row["member"] else "distilled  ")
-            log.info("%sepoch %3d/%d  loss %.4f  val acc %.4f  bal %.4f  def-recall %.4f", who, row["epoch"], cfg.epochs,
-                     row["train_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_defective_recall"])
+            log.info("%sepoch %3d/%d  loss %.4f  val acc %.4f  bal %.4f  def-recall %.4f  %s", who, row["epoch"],
+                     cfg.epochs, row["train_loss"], row["val_accuracy"], row["val_balanced_accuracy"],
+                     row["val_defective_recall"], clock.tick())
 
         model, result, image_size = train_teacher(args.prepared_dir, cfg, progress)
         check = load_split(args.prepared_dir, "val")["images"][:16]

@@ -94,3 +94,15 @@ def test_missing_model_files_are_named(tmp_path):
 
     with pytest.raises(LatheError, match="arch.json"):
         load_model(tmp_path)
+
+
+def test_members_trained_in_parallel_processes_give_the_same_teacher_as_one_after_another(prepared):
+    serial_rows, parallel_rows = [], []
+    serial, s_result, _ = train_teacher(prepared, ensemble_cfg(parallel=1), serial_rows.append)
+    parallel, p_result, _ = train_teacher(prepared, ensemble_cfg(parallel=2), parallel_rows.append)
+    for (k, a), b in zip(serial.state_dict().items(), parallel.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert s_result.members == p_result.members and s_result.history == p_result.history
+    # every progress row of both members reached the stage, whatever order the two processes sent them in
+    key = lambda r: (r["member"], r["epoch"])
+    assert sorted(serial_rows, key=key) == sorted(parallel_rows, key=key)
