@@ -1,5 +1,6 @@
 # Lathe: `make run` runs the whole pipeline on the default data; `make test` runs the tests.
-# Both set up .venv from requirements.lock first and are safe to repeat.
+# Both set up .venv from requirements.lock first and are safe to repeat. Every target that operates
+# Lathe calls the `lathe` command (the front door; `lathe --help`), never a module directly.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -18,7 +19,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup run test killtest bench serve data keys lock clean-venv
+.PHONY: setup run status exp deploy test killtest bench serve ui-screenshot data keys lock clean-venv
 
 setup: $(STAMP)
 
@@ -50,7 +51,19 @@ keys: setup
 	$(BIN)/lathe keys init
 
 run: data keys
-	$(BIN)/python -m flows.pipeline
+	$(BIN)/lathe run
+
+# What is stale (dvc status), the last pipeline run, the packages present.
+status: setup
+	$(BIN)/lathe status
+
+# Compression-recipe sweep as DVC experiments (the default grid; `lathe exp --help` for others).
+exp: data keys
+	$(BIN)/lathe exp
+
+# Scale-out: register the flows in the work pool of the server PREFECT_API_URL names (README "Scale-out").
+deploy: setup
+	$(BIN)/lathe pool deploy
 
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
@@ -69,6 +82,11 @@ bench: run
 # unless PREFECT_API_URL names an existing one, plus the nightly and data-change deployments. Ctrl-C stops both.
 serve: data keys
 	$(BIN)/lathe serve
+
+# docs/img/serve-ui.png: `lathe serve` on a throwaway repo, the UI's deployments page in headless
+# Chromium (Debian's `chromium` package), then Ctrl-C; fails unless both deployments are listed and serve stops.
+ui-screenshot: setup
+	$(BIN)/python scripts/ui_screenshot.py --out docs/img/serve-ui.png
 
 # Resolve requirements.in into exact pins in a throwaway venv. Existing pins are kept (the old lock
 # is a constraint), so adding a package does not move the others; `make lock UPGRADE=1` re-resolves all.

@@ -15,7 +15,7 @@ Pareto table needs only the evaluate metrics (pass targets=[] to run the whole p
 then points LATHE_SIGNING_KEY at the repo's key and sets LATHE_ALLOW_DIRTY=1, recorded in each
 experiment's manifest).
 
-    python -m flows.experiments [--repo PATH] [--set KEY=V1,V2 ...] [--target STAGE ...]
+    lathe exp [--repo PATH] [--set KEY=V1,V2 ...] [--target STAGE ...]   (or python -m flows.experiments ...)
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def sweep(repo: Path | None = None, grid: dict[str, list] | None = None, targets
 # --- CLI ------------------------------------------------------------------------------------------
 
 
-def _parse_set(text: str) -> tuple[str, list[Any]]:
+def parse_set(text: str) -> tuple[str, list[Any]]:
     """"quantize.method=minmax,percentile" -> ("quantize.method", ["minmax", "percentile"]); values are YAML,
     separated by ';' when a value itself holds commas ("distill.student.widths=[16,24];[12,16]")."""
     key, _, values = text.partition("=")
@@ -297,7 +297,7 @@ def _parse_set(text: str) -> tuple[str, list[Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=None)
-    parser.add_argument("--set", dest="sets", type=_parse_set, action="append", default=None,
+    parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=None,
                         help="a grid axis KEY=V1,V2 (repeatable; default: %s)" % json.dumps(DEFAULT_GRID))
     parser.add_argument("--target", dest="targets", action="append", default=None,
                         help="stage each experiment reproduces (repeatable; default compare; 'all' = whole pipeline)")

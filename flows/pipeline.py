@@ -13,7 +13,7 @@ DVC's own repo lock is the second line. Before planning and before each stage,
 `flows.recovery.recover_workspace` repairs what a killed run left: it keeps a copy of a valid dvc.lock
 and puts it back over a truncated one, and removes dead stages' scratch temp folders.
 
-    python -m flows.pipeline [--repo PATH] [--stage NAME ...] [--retries N]
+    lathe run [--repo PATH] [--stage NAME ...] [--retries N]   (or python -m flows.pipeline ...)
 """
 
 from __future__ import annotations

@@ -82,6 +82,9 @@ def start_server(home: Path, host: str, port: int, timeout: float,
         [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        # Out of the terminal's process group: Ctrl-C reaches `lathe serve` only, whose runner shuts down
+        # while the server still answers, then stops the server (it hung retrying a server killed first).
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout
     try:

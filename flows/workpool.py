@@ -4,7 +4,7 @@
 registers them once on a shared Prefect server, in a work pool, and starts a worker beside each
 checkout (or lets a Docker/Kubernetes pool start one container per run; see README "Scale-out"):
 
-    python -m flows.workpool deploy [--repo PATH] [--pool NAME] [--api-url URL]
+    lathe pool deploy [--repo PATH] [--pool NAME] [--api-url URL]   (or python -m flows.workpool deploy ...)
     prefect worker start --pool NAME            # on each machine that runs the pipeline
 
 `deploy` creates the pool (type `ops.work_pool.type`, default "process") if it does not exist and
@@ -87,7 +87,31 @@ def deploy(repo: Path, pool: str | None = None) -> tuple[str, dict[str, UUID]]:
     return name, ids
 
 
+class DeployError(RuntimeError):
+    """No server to deploy to, or a pool that cannot take these deployments."""
+
+
+def deploy_to_server(repo: Path, pool: str | None = None, api_url: str | None = None) -> tuple[str, dict[str, UUID]]:
+    """`deploy` on the server `api_url` (default $PREFECT_API_URL), after checking it answers.
+
+    Raises DeployError (one line) when no server is named or none answers, or the pool has another type."""
+    apply_offline_env()
+    if api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+    if not os.environ.get("PREFECT_API_URL"):
+        raise DeployError("set PREFECT_API_URL (or --api-url) to the shared Prefect server")
+    from flows.serve import api_healthy
+
+    if not api_healthy(os.environ["PREFECT_API_URL"], timeout=10):
+        raise DeployError(f"no Prefect server answers on {os.environ['PREFECT_API_URL']}")
+    try:
+        return deploy(repo, pool)
+    except ValueError as exc:
+        raise DeployError(str(exc)) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flows.workpool deploy ...`; the same as `lathe pool deploy`."""
     parser = argparse.ArgumentParser(prog="python -m flows.workpool", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     dep = sub.add_parser("deploy", help="create the work pool if needed and register the deployments in it")
@@ -95,26 +119,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     dep.add_argument("--pool", default=None, help="work pool name (default: params ops.work_pool.name)")
     dep.add_argument("--api-url", default=None, help="Prefect server (default: $PREFECT_API_URL)")
     args = parser.parse_args(argv)
-    apply_offline_env()
-    if args.api_url:
-        os.environ["PREFECT_API_URL"] = args.api_url
-    if not os.environ.get("PREFECT_API_URL"):
-        print("lathe deploy: set PREFECT_API_URL (or --api-url) to the shared Prefect server", file=sys.stderr)
-        return 1
-    from flows.serve import api_healthy
-
-    if not api_healthy(os.environ["PREFECT_API_URL"], timeout=10):
-        print(f"lathe deploy: no Prefect server answers on {os.environ['PREFECT_API_URL']}", file=sys.stderr)
-        return 1
     try:
-        pool, ids = deploy(args.repo, args.pool)
-    except ValueError as exc:
+        pool, ids = deploy_to_server(args.repo, args.pool, args.api_url)
+    except DeployError as exc:
         print(f"lathe deploy: {exc}", file=sys.stderr)
         return 1
-    for key, name in deployment_names(pool).items():
-        print(f"registered {name} ({ids[key]}) in work pool '{pool}'")
-    print(f"now start a worker where the repo lives: prefect worker start --pool {pool}")
+    for line in deployed_lines(pool, ids):
+        print(line)
     return 0
+
+
+def deployed_lines(pool: str, ids: dict[str, UUID]) -> list[str]:
+    """What to tell the user after a deploy: the two deployments and the worker command."""
+    return [*(f"registered {name} ({ids[key]}) in work pool '{pool}'" for key, name in deployment_names(pool).items()),
+            f"now start a worker where the repo lives: prefect worker start --pool {pool}"]
 
 
 if __name__ == "__main__":

@@ -108,3 +108,45 @@ def test_version_names_lathe_and_its_main_libraries():
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0
     assert res.output.startswith(f"lathe {lathe.__version__} (torch ") and "onnxruntime" in res.output
+
+
+def _installed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The venv's `lathe` executable with its output into pipes, on a narrow 'terminal' (COLUMNS=60)."""
+    import os
+
+    env = {**os.environ, "COLUMNS": "60"}
+    return subprocess.run([str(Path(sys.executable).parent / "lathe"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def test_a_missing_package_path_is_named_with_its_near_match(tmp_path):
+    priv, pub, _ = _keys(tmp_path)
+    build_package(tmp_path / "models" / "packages", priv, target="line-pc")
+    for command in ("trace", "verify"):
+        res = _installed(command, "models/packages/line_pc", "--public-key", str(pub), cwd=tmp_path)
+        assert res.returncode == 1 and res.stdout == "", (command, res.stdout)
+        [line] = res.stderr.strip().splitlines()
+        assert line.startswith("error: models/packages/line_pc: no such package folder"), line
+        assert line.endswith("did you mean models/packages/line-pc?"), line
+    res = _installed("verify", "models/packages/nothing-like-it", cwd=tmp_path)
+    assert res.returncode == 1 and "did you mean" not in res.stderr and "no such package" in res.stderr
+
+
+def test_piped_trace_and_verify_keep_every_hash_whole_on_one_line(tmp_path):
+    """Into a pipe, on a narrow terminal, no 64-hex sha256 (or md5) is wrapped or cut."""
+    import re
+
+    priv, pub, _ = _keys(tmp_path)
+    pkg = build_package(tmp_path / "p", priv)
+    hashes = set(re.findall(r"\b[0-9a-f]{32}(?:[0-9a-f]{32})?\b", (pkg / "manifest.json").read_text()))
+    for command in ("trace", "verify"):
+        res = _installed(command, str(pkg), "--public-key", str(pub), cwd=tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        lines = res.stdout.splitlines()
+        shown = [h for h in hashes if h[:12] in res.stdout]
+        assert any(len(h) == 64 for h in shown), (command, res.stdout)  # the check cannot pass on no hash
+        for h in shown:  # whole on one line, or shortened on purpose ("dddddddddddddddd...")
+            whole = any(h in line for line in lines)
+            assert whole or re.search(rf"{h[:12]}[0-9a-f]*(\.\.\.|…)", res.stdout), (command, h, res.stdout)
+        runs = re.findall(r"[0-9a-f]{20,}", res.stdout)
+        assert all(len(r) in (32, 40, 64) for r in runs), (command, sorted({len(r) for r in runs}))

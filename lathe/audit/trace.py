@@ -153,7 +153,7 @@ def locate(subject: str, repo: Path | None, tmp: Path) -> Located:
                              + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
         found.skipped = skipped
         return found
-    near = _did_you_mean(path, root)
+    near = did_you_mean(path, root)
     raise LatheError(f"{printable(subject)}: no such package folder, archive, model file, and not a sha256"
                      + (f"; did you mean {near}?" if near else ""))
 
@@ -182,15 +182,22 @@ def _locate_model(path: Path, root: Path, repo: Path | None, tmp: Path) -> Locat
     return found
 
 
-def _did_you_mean(path: Path, root: Path) -> str | None:
+def did_you_mean(path: Path, root: Path) -> str | None:
+    """The closest existing name beside a missing `path` (`line_pc` -> `models/packages/line-pc`), or None.
+
+    Looks in the path's folder (as given, else under `root`, the repository), or in root/models/packages
+    for a bare name."""
     import difflib
 
-    folder = path.parent if str(path.parent) not in ("", ".") else root / PACKAGES_DIR
+    if str(path.parent) in ("", "."):
+        folder = root / PACKAGES_DIR
+    else:
+        folder = path.parent if path.parent.is_dir() else root / path.parent
     if not folder.is_dir():
         return None
     names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
     close = difflib.get_close_matches(path.name, names, n=1)
-    return str(folder / close[0]) if close else None
+    return str((path.parent if folder == path.parent else folder) / close[0]) if close else None
 
 
 # ---------------------------------------------------------------------------------------------

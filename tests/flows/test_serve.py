@@ -78,3 +78,75 @@ def test_lathe_serve_runs_a_scheduled_deployment_to_completion(prefect_server: N
         assert f"Lathe: Prefect API {api_url}" in log.read_text()
     finally:
         stop_process(server)
+
+
+def lathe(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    return subprocess.run([str(Path(sys.executable).parent / "lathe"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_installed_serve_from_a_subfolder_run_status_pool_deploy_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    """`lathe serve --port N` starts its own server; `lathe run` records a run on it, `lathe status` finds
+    that server on ops.serve.port by itself and reports the run, `lathe pool deploy` registers in a pool
+    there; Ctrl-C (SIGINT to the terminal's process group) stops serve and the server it started."""
+    import json
+    import re
+    import signal
+    import socket
+
+    from flows.serve import api_healthy
+    from prefect.settings import temporary_settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api_url = f"http://127.0.0.1:{port}/api"
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump({"ops": {
+        "schedule": "30 3 * * *", "trigger_interval_minutes": 1440, "concurrency_limit": "lathe-test-cli-serve",
+        "serve": {"port": port}, "work_pool": {"name": "lathe-test-cli-pool"}}}))
+    repo = make_repo(root, {"stages": toy_stages()})
+    sub = repo / "deep" / "er"
+    sub.mkdir(parents=True)
+    env = subprocess_env({"PREFECT_HOME": str(tmp_path / ".prefect"), "PREFECT_RUNNER_POLL_FREQUENCY": "2"})
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "lathe"), "serve", "--port", str(port)], cwd=sub,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            wait_for_deployment(f"lathe-pipeline/{PIPELINE_DEPLOYMENT}", server, log, timeout=180)
+            trigger = wait_for_deployment(f"lathe-trigger/{TRIGGER_DEPLOYMENT}", server, log)
+            assert trigger.parameters == {"repo": str(repo)}  # the git work tree around the sub-folder
+            with get_client(sync_client=True) as client:
+                client.pause_deployment(trigger.id)  # only `lathe run` below runs the pipeline
+
+        ran = lathe("run", cwd=sub, env={**env, "PREFECT_API_URL": api_url})
+        assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
+        run_id = re.search(r"flow run ([0-9a-f-]{36})", ran.stdout).group(1)
+
+        status = lathe("status", "--json", cwd=sub, env=env)  # no PREFECT_API_URL: ops.serve.port answers
+        assert status.returncode == 0, status.stderr
+        last = json.loads(status.stdout)["last_run"]
+        assert (last["id"], last["state"], last["source"]) == (run_id, "Completed", f"Prefect API {api_url}")
+        assert json.loads(status.stdout)["stale"] == {}
+
+        deployed = lathe("pool", "deploy", "--api-url", api_url, cwd=sub, env=env)
+        assert deployed.returncode == 0, deployed.stderr
+        assert "registered lathe-trigger/lathe-test-cli-pool-data-change" in deployed.stdout
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            assert client.read_work_pool("lathe-test-cli-pool").type == "process"
+            pooled = client.read_deployment_by_name("lathe-pipeline/lathe-test-cli-pool-scheduled")
+            assert pooled.parameters == {"repo": str(repo)}
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in the terminal that runs `lathe serve`
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            stop_process(server)
+    assert server.returncode == 0, log.read_text()[-3000:]
+    assert "stopped" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    assert not api_healthy(api_url), "the server lathe serve started still answers after Ctrl-C"

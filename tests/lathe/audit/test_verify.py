@@ -305,7 +305,9 @@ def test_a_non_utf8_sidecar_is_one_fail_line(tmp_path, pkg, keys):
 
 def test_missing_package_and_unreadable_archive(tmp_path, keys):
     res = cli("verify", str(tmp_path / "nope"), "--public-key", str(keys["pub"]))
-    assert res.exit_code == 1 and "does not exist" in res.output
+    assert res.exit_code == 1 and f"error: {tmp_path / 'nope'}: no such package folder or archive" in res.output
+    trust = resolve_trust(None, keys["pub"], None, None)
+    assert verify_package(tmp_path / "nope", trust).failed()[0].message.endswith("does not exist")  # the API
     (tmp_path / "bad.tar.gz").write_bytes(b"junk")
     bad = failed(verify(tmp_path / "bad.tar.gz", keys["pub"]))
     assert "not a readable tar.gz archive" in bad["archive"]

@@ -6,17 +6,13 @@ traceback only with `lathe --debug ...`.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
 
+from lathe.cli.common import command_group, console, one_line_errors, output_console, show_debug, state
+from lathe.cli.operations import ops_app
 from lathe.errors import LatheError
 from lathe.io import printable
 from lathe.ship.signing import (
@@ -27,12 +23,11 @@ from lathe.ship.signing import (
     KEYRING_DIR,
 )
 
-app = typer.Typer(help="Lathe: compress plant-floor models and keep the evidence auditors ask for.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Bring data into the raw layout (images/*.png + labels.csv).", no_args_is_help=True)
+app = command_group(help="Lathe: compress plant-floor models and keep the evidence auditors ask for.",
+                    no_args_is_help=True)
+data_app = command_group(help="Bring data into the raw layout (images/*.png + labels.csv).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 100_000)
-_state = {"debug": False}
+app.add_typer(ops_app)  # run, exp, pool, status, serve: the operations front door, at the top level
 
 
 def _print_version(value: bool) -> None:
@@ -53,40 +48,7 @@ def main_options(
                                  help="print the versions of lathe and its main libraries and exit"),
 ) -> None:
     """Lathe: compress plant-floor models and keep the evidence auditors ask for."""
-    _state["debug"] = debug
-
-
-def output_console() -> Console:
-    """Standard output: the terminal's width on a terminal; never wrapped into a file or a pipe."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 100_000)
-
-
-def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn every failure of a command into one `error:` line and exit 1 (the traceback with --debug)."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
-        except LatheError as exc:
-            if _state["debug"]:
-                console.print(traceback.format_exc(), markup=False)
-            console.print(f"error: {printable(str(exc), 2000)}", markup=False)
-        except OSError as exc:  # a full disk, a permission, a vanished file: say which
-            if _state["debug"]:
-                console.print(traceback.format_exc(), markup=False)
-            where = f" ({printable(exc.filename)})" if exc.filename else ""
-            console.print(f"error: {exc.strerror or exc}{where}", markup=False)
-        except Exception as exc:
-            if _state["debug"]:
-                console.print(traceback.format_exc(), markup=False)
-            console.print(f"error: unexpected {type(exc).__name__}: {printable(str(exc), 300)} "
-                          "(rerun with `lathe --debug ...` for the traceback)", markup=False)
-        raise typer.Exit(1)
-
-    return run
+    state["debug"] = debug
 
 
 def refuse_non_empty(dest: Path) -> None:
@@ -127,7 +89,7 @@ def generate_cmd(
 # keys: the signing pair, and the keyring verify and trace trust
 
 
-keys_app = typer.Typer(help="Signing keys (EC P-256, offline) and the keyring of trusted public keys.",
+keys_app = command_group(help="Signing keys (EC P-256, offline) and the keyring of trusted public keys.",
                        no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -204,7 +166,7 @@ def keys_remove_cmd(
 @one_line_errors
 def keys_export_cmd(
     public: Path = typer.Option(DEFAULT_PUBLIC_KEY, "--public", help="the public key to export"),
-    out: Path = typer.Option(None, "--out", help="write here instead of standard output"),
+    out: Path = typer.Option(None, "--out", help="write the key here [default: standard output]"),
 ) -> None:
     """The signing public key in canonical PEM, with its fingerprint, to hand to a plant's verifiers."""
     from lathe.ship.signing import fingerprint, public_key_pem, write_key_file
@@ -221,6 +183,15 @@ def keys_export_cmd(
 # verify and trace
 
 
+def missing_path_message(path: Path, what: str, repo: Path | None) -> str:
+    """"<path>: <what>; did you mean <near match>?" (the suggestion when a sibling name is close)."""
+    from lathe.audit.trace import did_you_mean
+    from lathe.audit.trust import git_toplevel
+
+    near = did_you_mean(path, repo or git_toplevel(Path.cwd()) or Path.cwd())
+    return f"{printable(str(path))}: {what}" + (f"; did you mean {printable(near)}?" if near else "")
+
+
 PUBLIC_KEY_HELP = f"trust only this public key [default: ${ENV_PUBLIC_KEY}, else a keyring]"
 KEYRING_HELP = (f"trust the *.pub keys in this folder [default: ${ENV_KEYRING}, else <repo>/{KEYRING_DIR}, "
                 "else ~/.config/lathe/trusted-keys]")
@@ -232,9 +203,9 @@ def verify_cmd(
     package: Path = typer.Argument(..., help="package folder or <target>.tar.gz"),
     public_key: Path = typer.Option(None, "--public-key", help=PUBLIC_KEY_HELP),
     keyring: Path = typer.Option(None, "--keyring", help=KEYRING_HELP),
-    target: str = typer.Option(None, "--target", help="the target this package must be for"),
+    target: str = typer.Option(None, "--target", help="the target this package must be for [default: any]"),
     package_id: str = typer.Option(None, "--package-id", help="the exact package id your deployment record names "
-                                   "(refuses an older genuine package: the rollback defence)"),
+                                   "(refuses an older genuine package: the rollback defence) [default: any]"),
     rebuild: bool = typer.Option(False, "--rebuild", help="after every other check passed: rebuild at the recorded "
                                  "commit and compare every byte"),
     full: bool = typer.Option(False, "--full", help="with --rebuild: rerun every stage from raw data, not only package"),
@@ -247,11 +218,13 @@ def verify_cmd(
     from lathe.audit.trust import resolve_trust
     from lathe.audit.verify import verify_package
 
+    if not package.exists():
+        raise LatheError(missing_path_message(package, "no such package folder or archive", repo))
     trust = resolve_trust(package, public_key, keyring, repo)
     with console.status("verifying"):
         report = verify_package(package, trust, target=target, package_id=package_id, rebuild=rebuild, repo=repo,
                                 full=full)
-    _show_debug(report.debug)
+    show_debug(report.debug)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     else:
@@ -285,41 +258,6 @@ def trace_cmd(
     code = exit_status(result)
     if code:
         raise typer.Exit(code)
-
-
-def _show_debug(tracebacks: list[str]) -> None:
-    if _state["debug"]:
-        for tb in tracebacks:
-            console.print(tb, markup=False, highlight=False)
-
-
-@app.command("serve")
-def serve_cmd(
-    repo: Path = typer.Option(None, "--repo", help="DVC repo the deployments run [default: the git work tree "
-                              "around the working directory]"),
-    api_url: str = typer.Option(None, "--api-url", help="use this Prefect server [default: $PREFECT_API_URL, "
-                                "else start `prefect server start` on ops.serve.host:port]"),
-    database_url: str = typer.Option(None, "--database-url", help="database of a server started here, e.g. "
-                                     "postgresql+asyncpg://user:pass@host/prefect [default: "
-                                     "$PREFECT_API_DATABASE_CONNECTION_URL, else SQLite under PREFECT_HOME]"),
-    host: str = typer.Option(None, "--host", help="bind address of a server started here [default: ops.serve.host]"),
-    port: int = typer.Option(None, "--port", help="port of a server started here [default: ops.serve.port]"),
-) -> None:
-    """Serve the scheduled pipeline (cron ops.schedule) and the data-change trigger on a Prefect server."""
-    from flows.serve import (  # lazily: the core package never imports flows
-        ServeError,
-        serve,
-    )
-    from lathe.audit.trust import git_toplevel
-
-    repo = repo if repo is not None else git_toplevel(Path.cwd()) or Path.cwd()
-    try:
-        serve(repo, api_url, database_url, host, port, announce=console.print)
-    except ServeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        console.print("stopped")
 
 
 if __name__ == "__main__":
