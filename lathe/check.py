@@ -323,8 +323,10 @@ class _Checker:
         )
 
         if raw_dir is None:
-            self.report.problems.append(Problem(PROJECT_FILE, f"no '{INGEST_STAGE}' stage running {INGEST_MODULE} "
-                                                "<raw dir> ...: cannot tell where the raw data is"))
+            project = self.root / PROJECT_FILE
+            what = (f"no '{INGEST_STAGE}' stage running {INGEST_MODULE} <raw dir> ..." if project.is_file()
+                    else "not found (run lathe check inside the repository, or pass --raw)")
+            self.report.problems.append(Problem(str(project), f"{what}: cannot tell where the raw data is"))
             return
         raw = raw_dir if raw_dir.is_absolute() else self.root / raw_dir
         shown = _display(raw, self.root)

@@ -47,6 +47,18 @@ def test_the_tiny_config_and_data_pass_with_the_exact_splits(repo):
     assert report.summary().startswith("OK: params.yaml")
 
 
+def test_the_predicted_splits_are_the_ones_ingest_makes(repo):
+    from collections import Counter
+
+    from lathe.config import IngestParams
+    from lathe.ingest import ingest
+
+    rows, _ = ingest(repo / "data/raw", IngestParams(**tiny_params()["ingest"]))
+    made = Counter(r.split for r in rows)
+    fact = f"data/raw: {len(rows)} samples -> train {made['train']}, val {made['val']}, test {made['test']}"
+    assert fact in check_repo(repo).facts
+
+
 def test_the_ingest_stage_of_dvc_yaml_names_the_raw_folder(repo, tmp_path):
     assert ingest_raw_dir(repo) == Path("data/raw")
     assert ingest_raw_dir(tmp_path) is None  # no dvc.yaml
@@ -140,8 +152,8 @@ def test_missing_or_broken_params_and_data_are_named(tmp_path):
 def test_a_labels_file_without_its_columns_is_one_line(repo):
     (repo / "data/raw/labels.csv").write_text("file,prob\nimages/x.png,0\n")
     found = problems_of(repo)
-    assert found == ["data/raw/labels.csv: missing column(s) defect_probability, cell_type; "
-                     "header is ['file', 'prob']"], found
+    assert found == [("data/raw/labels.csv: missing column(s) defect_probability, cell_type; "
+                      "header is ['file', 'prob']")], found
 
 
 def test_a_gate_above_its_recall_target_is_a_warning_not_a_problem(tmp_path):
