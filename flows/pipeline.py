@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.env import apply_offline_env, subprocess_env
+from flows.precheck import CheckFailed, check_before_run
 from flows.recovery import LockfileBroken, recover_workspace
 from lathe.errors import DATA_ERROR_EXIT  # a stage's exit status for bad input data
 
@@ -503,6 +504,7 @@ def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retr
     """
     root = Path(repo if repo is not None else Path.cwd()).resolve()
     log = get_run_logger()
+    check_before_run(root, log, FAILURE_ARTIFACT_KEY)  # params and raw data, before anything waits or runs
     ops = load_ops(root)
     stage_task = run_stage.with_options(
         retries=ops.retries if retries is None else retries,
@@ -577,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         run_pipeline(repo=args.repo, stages=args.stages, retries=args.retries)
-    except (StageFailed, PipelineBusy, DvcException) as exc:  # anything else keeps its traceback
+    except (StageFailed, PipelineBusy, CheckFailed, DvcException) as exc:  # anything else keeps its traceback
         print(f"lathe pipeline: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lathe.errors import DataError
+from lathe.errors import DataError, problem_list
 from lathe.io import write_bytes, write_text
 
 LABEL_COLUMNS = ("file", "defect_probability", "cell_type")
@@ -38,8 +38,9 @@ class RawSample:
     cell_type: str
 
 
-def read_labels(raw_dir: Path) -> list[RawSample]:
-    """Parse `raw_dir/labels.csv`; errors name the line and file at fault."""
+def parse_labels(raw_dir: Path) -> tuple[list[tuple[int, RawSample]], list[str]]:
+    """Every row of `raw_dir/labels.csv` that parses, with its line number, and one problem line per row
+    that does not (naming the file, line and field). A missing or unreadable file or header raises DataError."""
     path = Path(raw_dir) / LABELS_FILE
     if not path.is_file():
         raise DataError(f"{path}: labels file not found (expected columns {','.join(LABEL_COLUMNS)})")
@@ -51,7 +52,7 @@ def read_labels(raw_dir: Path) -> list[RawSample]:
     missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; header is {reader.fieldnames}")
-    samples, problems = [], []
+    rows, problems = [], []
     for line_no, row in enumerate(reader, start=2):
         file = (row.get("file") or "").strip()
         where = f"{path}:{line_no} ({file or 'no file name'})"
@@ -74,12 +75,19 @@ def read_labels(raw_dir: Path) -> list[RawSample]:
         if not cell_type:
             problems.append(f"{where}: empty cell_type")
             continue
-        samples.append(RawSample(file=file, defect_probability=prob, cell_type=cell_type))
+        rows.append((line_no, RawSample(file=file, defect_probability=prob, cell_type=cell_type)))
+    return rows, problems
+
+
+def read_labels(raw_dir: Path) -> list[RawSample]:
+    """Parse `raw_dir/labels.csv`; errors name the line and file at fault (every bad row at once)."""
+    path = Path(raw_dir) / LABELS_FILE
+    rows, problems = parse_labels(raw_dir)
     if problems:
-        raise DataError(f"{len(problems)} bad row(s) in {path}:\n" + "\n".join(problems))
-    if not samples:
+        raise DataError(problem_list(f"{len(problems)} bad row(s) in {path}:", problems))
+    if not rows:
         raise DataError(f"{path}: no samples listed")
-    return samples
+    return [s for _, s in rows]
 
 
 def write_labels(raw_dir: Path, samples: list[RawSample], prob_texts: list[str] | None = None) -> None:

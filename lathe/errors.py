@@ -22,3 +22,13 @@ class DataError(LatheError):
 
 class ValidationFailed(LatheError):
     """The data gate rejected the prepared data; the message lists failed expectations."""
+
+
+MAX_LISTED = 20  # problems listed in one message; the rest are counted
+
+
+def problem_list(title: str, problems: list[str], limit: int = MAX_LISTED) -> str:
+    """`title`, then one line per problem (the first `limit`), then "... and N more": all of them in one message."""
+    shown = problems[:limit]
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return title + "".join(f"\n  {p}" for p in shown) + more

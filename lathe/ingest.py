@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
@@ -12,12 +14,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lathe.config import IngestParams
-from lathe.data import RawSample, read_labels
-from lathe.errors import DataError
+from lathe.data import LABELS_FILE, RawSample, parse_labels
+from lathe.errors import DataError, problem_list
 from lathe.io import load_arrays, save_arrays, sha256_bytes, write_text
 
 SPLITS = ("train", "val", "test")
 CELL_TYPES = ("mono", "poly")
+DEFECT_PROBABILITIES = (0.0, 1 / 3, 2 / 3, 1.0)  # the contract's values -> classes 0..3 (label_of)
+PROB_DECIMALS = 6  # 1/3 is written 0.3333333333333333 or 0.333333; compare at this precision
 MANIFEST_COLUMNS = (
     "sample_id", "file", "sha256", "defect_probability", "label", "cell_type", "split",
     "src_width", "src_height", "pixel_mean", "pixel_std",
@@ -69,21 +73,89 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
 
 
-def load_samples(raw_dir: Path, samples: list[RawSample], size: int) -> tuple[list[dict], np.ndarray]:
-    """Read, hash and decode every listed image; all bad files are reported together."""
+def _listed(values: Sequence[object]) -> str:
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+@dataclass(frozen=True)
+class LabelScan:
+    """labels.csv read in one pass: the usable rows (line number, sample) and every problem found."""
+
+    rows: list[tuple[int, RawSample]]
+    problems: list[str]
+
+
+def scan_labels(raw_dir: Path, probabilities: Sequence[float] = DEFECT_PROBABILITIES,
+                cell_types: Sequence[str] = CELL_TYPES) -> LabelScan:
+    """Parse labels.csv and check every row against the contract without stopping at the first:
+    unparsable fields, defect probabilities and cell types outside the allowed sets, duplicate and
+    escaping file names. Files are not opened (see `file_problems`, `load_samples`)."""
+    raw_dir = Path(raw_dir)
+    labels = raw_dir / LABELS_FILE
+    parsed, problems = parse_labels(raw_dir)
+    allowed = {round(p, PROB_DECIMALS) for p in probabilities}
+    rows, first_line = [], {}
+    for line_no, s in parsed:
+        where = f"{labels}:{line_no} ({s.file})"
+        bad = []
+        if round(s.defect_probability, PROB_DECIMALS) not in allowed:
+            bad.append(f"defect_probability {s.defect_probability:g} is not one of {_listed(list(probabilities))}")
+        if s.cell_type not in cell_types:
+            hint = difflib.get_close_matches(s.cell_type, cell_types, n=1)
+            bad.append(f"cell_type {s.cell_type!r} is not one of {_listed(list(cell_types))}"
+                       + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        try:
+            resolve_inside(raw_dir, s.file)
+        except DataError:
+            bad.append(f"file {s.file!r} points outside {raw_dir}")
+        if s.file in first_line:
+            bad.append(f"file listed again (first on line {first_line[s.file]})")
+        else:
+            first_line[s.file] = line_no
+        problems += [f"{where}: {b}" for b in bad]
+        if not bad:
+            rows.append((line_no, s))
+    return LabelScan(rows, problems)
+
+
+def file_problems(raw_dir: Path, rows: list[tuple[int, RawSample]], min_side: int = 1) -> list[str]:
+    """Every listed file that is missing, unreadable, not an image (by its header) or smaller than
+    `min_side` px. Reads headers only: fast enough for a pre-run check of thousands of files."""
+    labels, out = Path(raw_dir) / LABELS_FILE, []
+    for line_no, s in rows:
+        where, path = f"{labels}:{line_no} ({s.file})", resolve_inside(raw_dir, s.file)
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except FileNotFoundError:
+            out.append(f"{where}: file not found ({path})")
+            continue
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            out.append(f"{where}: not a readable image ({getattr(exc, 'strerror', None) or exc})")
+            continue
+        if min(width, height) < min_side:
+            out.append(f"{where}: image is {width}x{height} px, smaller than {min_side} px on a side")
+    return out
+
+
+def load_samples(raw_dir: Path, rows: list[tuple[int, RawSample]],
+                 size: int) -> tuple[list[dict], np.ndarray, list[str]]:
+    """Read, hash and decode every listed image: records and (N, size, size) uint8 images of the
+    usable ones, and one problem line per file that is missing or does not decode."""
     records, images, problems = [], [], []
-    for s in samples:
-        path = resolve_inside(raw_dir, s.file)
+    labels = Path(raw_dir) / LABELS_FILE
+    for line_no, s in rows:
+        where, path = f"{labels}:{line_no} ({s.file})", resolve_inside(raw_dir, s.file)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            problems.append(f"{path}: listed in labels.csv but missing")
+            problems.append(f"{where}: file not found ({path})")
             continue
         except OSError as exc:
-            problems.append(f"{path}: cannot read ({exc.strerror})")
+            problems.append(f"{where}: cannot read {path} ({exc.strerror})")
             continue
         try:
-            img = decode_gray(data, str(path))
+            img = decode_gray(data, where)
         except DataError as exc:
             problems.append(str(exc))
             continue
@@ -94,9 +166,8 @@ def load_samples(raw_dir: Path, samples: list[RawSample], size: int) -> tuple[li
             "pixel_mean": round(float(img.mean()), 4), "pixel_std": round(float(img.std()), 4),
         })
         images.append(resize(img, size))
-    if problems:
-        raise DataError(f"{len(problems)} unusable image file(s):\n" + "\n".join(problems))
-    return records, np.stack(images)  # (N, size, size) uint8
+    stacked = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+    return records, stacked, problems
 
 
 def stratified_split(strata: list[tuple], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
@@ -123,8 +194,14 @@ def stratified_split(strata: list[tuple], val_fraction: float, test_fraction: fl
 
 def ingest(raw_dir: Path, cfg: IngestParams) -> tuple[list[ManifestRow], np.ndarray]:
     """Raw folder -> manifest rows and (N, S, S) uint8 images in manifest order."""
-    samples = read_labels(raw_dir)
-    records, images = load_samples(raw_dir, samples, cfg.image_size)
+    scan = scan_labels(raw_dir)
+    records, images, unusable = load_samples(raw_dir, scan.rows, cfg.image_size)
+    problems = scan.problems + unusable
+    if problems:
+        raise DataError(problem_list(f"{len(problems)} problem(s) in {Path(raw_dir) / LABELS_FILE} "
+                                     "and the files it lists:", problems))
+    if not records:
+        raise DataError(f"{Path(raw_dir) / LABELS_FILE}: no samples listed")
     splits = stratified_split(
         [(r["label"], r["cell_type"]) for r in records], cfg.val_fraction, cfg.test_fraction, cfg.seed
     )

@@ -85,6 +85,31 @@ def generate_cmd(
     console.print(f"generated {n} synthetic samples into {dest}")
 
 
+@app.command("check")
+@one_line_errors
+def check_cmd(
+    params: Path = typer.Option(None, "--params", help="params file [default: params.yaml of the repository "
+                                "around the working directory]"),
+    raw: Path = typer.Option(None, "--raw", help="raw-data folder [default: the one dvc.yaml's ingest stage reads]"),
+) -> None:
+    """Check params.yaml, every target and the raw data before a run (about a second; nothing is trained).
+    Every problem is one line naming the key or file row; exit 1 when there is any."""
+    from flows.ops import OpsParams  # lazily: the core package never imports flows at import time
+    from lathe.audit.trust import git_toplevel
+    from lathe.check import check_repo
+
+    root = git_toplevel(Path.cwd()) or Path.cwd()
+    report = check_repo(root, params and params.resolve(), raw and raw.resolve(), extra_sections={"ops": OpsParams})
+    out = output_console()
+    for problem in report.problems:
+        out.print(str(problem), markup=False)
+    for warning in report.warnings:
+        out.print(f"warning: {warning}", markup=False)
+    out.print(report.summary(), markup=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # keys: the signing pair, and the keyring verify and trace trust
 

@@ -65,7 +65,7 @@ def test_unreadable_and_missing_images_are_all_named(raw):
     (raw / gone).unlink()
     with pytest.raises(DataError) as err:
         ingest(raw, CFG)
-    assert broken in str(err.value) and gone in str(err.value) and "2 unusable" in str(err.value)
+    assert broken in str(err.value) and gone in str(err.value) and "2 problem(s)" in str(err.value)
 
 
 def test_truncated_png_is_named(raw):
@@ -89,3 +89,46 @@ def test_rgb_images_are_converted_to_gray(raw):
     (raw / first).write_bytes(buf.getvalue())
     rows, images = ingest(raw, CFG)
     assert images.shape[1:] == (16, 16) and rows[0].src_width == 32
+
+
+def test_every_kind_of_bad_row_and_file_is_named_in_one_pass(raw):
+    """Rows that do not parse, values outside the contract, duplicates, escapes, missing and broken
+    files: one DataError, one line each naming labels.csv:<line> and the file, no second round."""
+    lines = (raw / "labels.csv").read_text().splitlines()
+    name = [line.split(",")[0] for line in lines]
+    lines[1] = f"{name[1]},0.5,mono"  # not one of 0, 1/3, 2/3, 1
+    lines[2] = f"{name[2]},0.0,polly"  # unknown cell type
+    lines[3] = f"{name[3]},abc,mono"  # not a number
+    (raw / name[4]).unlink()  # missing
+    (raw / name[5]).write_bytes(b"\x89PNG not really")  # undecodable
+    lines += [lines[6], "../outside.png,0.0,mono", f"{name[7]},,poly"]  # duplicate, escape, empty field
+    (raw / "labels.csv").write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(DataError) as err:
+        ingest(raw, CFG)
+
+    msg = str(err.value)
+    expected = {
+        2: "defect_probability 0.5 is not one of 0, 0.333333, 0.666667, 1",
+        3: "cell_type 'polly' is not one of mono, poly (did you mean 'poly'?)",
+        4: "defect_probability 'abc' is not a number",
+        5: "file not found",
+        6: "cannot decode image",
+        50: "file listed again (first on line 7)",
+        51: "points outside",
+        52: "empty defect_probability",
+    }
+    body = msg.splitlines()[1:]
+    assert msg.splitlines()[0].startswith("8 problem(s) in ") and len(body) == 8, msg
+    for line_no, text in expected.items():
+        assert any(f"labels.csv:{line_no} (" in b and text in b for b in body), (line_no, msg)
+
+
+def test_a_long_list_of_problems_is_capped_with_a_count(raw):
+    for path in sorted((raw / "images").iterdir())[:25]:
+        path.unlink()
+    with pytest.raises(DataError) as err:
+        ingest(raw, CFG)
+    msg = str(err.value).splitlines()
+    assert msg[0].startswith("25 problem(s)") and len(msg) == 1 + 20 + 1
+    assert msg[-1].strip() == "... and 5 more"

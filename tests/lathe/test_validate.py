@@ -82,14 +82,14 @@ def rewrite_csv(path, transform):
     path.write_text(buf.getvalue())
 
 
-def set_label_field(root, file, **changes):
-    """Change one labels.csv row, e.g. defect_probability='0.5'."""
+def set_manifest_field(root, file, **changes):
+    """Change one row of the prepared manifest.csv, e.g. cell_type='cigs'."""
     def edit(rows):
         for r in rows:
             if r["file"] == file:
                 r.update(changes)
         return rows
-    rewrite_csv(root / "raw" / "labels.csv", edit)
+    rewrite_csv(root / "prep" / "manifest.csv", edit)
 
 
 def png(pixels):
@@ -135,8 +135,9 @@ def test_reports_are_strict_json_and_byte_identical_across_runs(clean, tmp_path)
 
 def test_defect_probability_outside_the_set_fails_naming_the_file(work):
     victim = manifest_rows(work)[0]["file"]
-    set_label_field(work, victim, defect_probability="0.5")
-    prepare(work / "raw", work / "prep")
+    # ingest refuses such a row (tests/lathe/test_ingest.py); the gate still catches a prepared folder
+    # written otherwise (an older ingest, a hand edit)
+    set_manifest_field(work, victim, defect_probability="0.5")
     report = run(work)
     assert failed_names(report) == {"defect_probability_in_set"}
     msg = gate_message(report)
@@ -157,10 +158,10 @@ def test_label_outside_the_set_fails_naming_the_file(work):
 
 def test_unknown_cell_type_fails_naming_the_file(work):
     victim = manifest_rows(work)[5]["file"]
-    set_label_field(work, victim, cell_type="cigs")
-    prepare(work / "raw", work / "prep")
+    set_manifest_field(work, victim, cell_type="cigs")  # ingest refuses it in labels.csv
     report = run(work)
-    assert failed_names(report) == {"cell_type_in_set"}
+    # the arrays still hold the row's old cell type code, so the cross-check fails too
+    assert failed_names(report) == {"cell_type_in_set", "arrays_cell_type_match"}
     assert f"{victim} (cigs)" in gate_message(report)
 
 

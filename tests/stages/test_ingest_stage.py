@@ -65,3 +65,26 @@ def test_an_os_error_names_the_file_in_one_line_and_keeps_the_traceback(tmp_path
     assert len(err.splitlines()) == 1 and err.startswith("[ingest] FAILED") and "blocker" in err, err
     assert "Traceback" not in err
     assert "Traceback" in (tmp_path / ".lathe" / "logs" / "ingest.traceback.txt").read_text()
+
+
+def test_every_bad_row_and_file_is_named_at_once_with_the_data_error_status(tmp_path, capsys):
+    generate_raw(tmp_path / "raw", per_class_type=3, size=32)
+    labels = tmp_path / "raw" / "labels.csv"
+    lines = labels.read_text().splitlines()
+    (tmp_path / "raw" / lines[1].split(",")[0]).unlink()
+    lines[2] = lines[2].split(",")[0] + ",0.5,mono"
+    lines[3] = lines[3].split(",")[0] + ",0.0,cigs"
+    labels.write_text("\n".join(lines + [lines[4]]) + "\n")
+    params = write_params(tmp_path, tiny_params())
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main([str(tmp_path / "raw"), str(tmp_path / "prep"), "--params", str(params)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == DATA_ERROR_EXIT and "Traceback" not in "\n".join(err)
+    assert err[0].startswith("[ingest] FAILED: 4 problem(s) in ") and len(err) == 5, err
+    assert [line.split(": ", 1)[1] for line in err[1:]] == [
+        "defect_probability 0.5 is not one of 0, 0.333333, 0.666667, 1",
+        "cell_type 'cigs' is not one of mono, poly",
+        "file listed again (first on line 5)",
+        f"file not found ({tmp_path / 'raw' / lines[1].split(',')[0]})",
+    ]
+    assert not (tmp_path / "prep").exists()

@@ -1,0 +1,111 @@
+"""The installed `lathe check` in a real git + DVC repo (tests/tiny.make_workspace): every mistake at once."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny import BIN, make_workspace, offline_env, tiny_params
+
+# ten different mistakes: (params change, the key the output must name, a text its line must hold)
+TEN = [
+    ({"quantise": {"method": "minmax"}}, "quantise", "did you mean 'quantize'"),
+    ({"targets": {"tiny-gw": {"gates": {"max_sise_bytes": 400000}}}}, "targets.tiny-gw.gates.max_sise_bytes",
+     "did you mean 'max_size_bytes'"),
+    ({"quantize": {"calibration_size": 256}}, "quantize.calibration_size", "at most 24"),
+    ({"prune": {"ratio": 1.5}}, "prune.ratio", "less than 1"),
+    ({"quantize": {"method": "minmx"}}, "quantize.method", "did you mean 'minmax'"),
+    ({"package": {"variants": ["quantized/studnet"]}}, "package.variants[0]", "did you mean 'quantized/student'"),
+    ({"validate": {"min_per_class_per_split": 3}}, "validate.min_per_class_per_split", "val/class 0: 2"),
+    ({"package": {"private_key": ".lathe/keys/gone.pem"}}, "package.private_key", "not found"),
+    ({"evaluate": {"defective_from_class": 4}}, "evaluate.defective_from_class", "no class would count as defective"),
+    ({"ops": {"retires": 2}}, "ops.retires", "did you mean 'retries'"),
+]
+
+
+def lathe_check(cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    """The venv's console script, as a user runs it; (result, wall seconds)."""
+    start = time.monotonic()
+    res = subprocess.run([str(BIN / "lathe"), "check", *args], cwd=cwd, env=offline_env(), capture_output=True,
+                         text=True, check=False)
+    return res, time.monotonic() - start
+
+
+def bad_params() -> dict:
+    params = tiny_params()
+    params["validate"]["min_per_class_per_split"] = 1
+    for change, _, _ in TEN:
+        for section, values in change.items():
+            if section == "targets":
+                params["targets"]["tiny-gw"]["gates"].update(values["tiny-gw"]["gates"])
+            else:
+                params.setdefault(section, {}).update(values)
+    return params
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("check") / "ws", tiny_params())
+
+
+def test_ten_mistakes_are_named_in_one_run_from_a_subfolder_and_nothing_runs(ws):
+    good = (ws / "params.yaml").read_text()
+    (ws / "params.yaml").write_text(yaml.safe_dump(bad_params(), sort_keys=False))
+    (ws / "docs").mkdir(exist_ok=True)
+    try:
+        res, seconds = lathe_check(ws / "docs")  # default --params: the repository's params.yaml
+    finally:
+        (ws / "params.yaml").write_text(good)
+
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    problems = [line for line in res.stdout.splitlines() if line.startswith("params.yaml: ")]
+    for _, key, text in TEN:
+        assert any(line.startswith(f"params.yaml: {key}:") and text in line for line in problems), (key, out)
+    assert len(problems) == 10, out
+    assert "10 problem(s) found" in res.stdout and "Traceback" not in out
+    assert not (ws / "data" / "prepared").exists() and not (ws / "models").exists()
+    assert seconds < 10, f"lathe check took {seconds:.1f} s"  # ~1.5 s here, interpreter start included
+
+
+def test_bad_rows_and_params_are_named_together(ws):
+    labels = ws / "data" / "raw" / "labels.csv"
+    good = labels.read_text()
+    lines = good.splitlines()
+    victim = lines[3].split(",")[0]
+    lines[1] = lines[1].split(",")[0] + ",0.5,mono"
+    lines[2] = lines[2].split(",")[0] + ",1.0,bifacial"
+    lines[3] = "images/gone.png,0.0,mono"
+    lines.append(lines[4])
+    labels.write_text("\n".join(lines) + "\n")
+    params = tiny_params(quantize={"calibration_size": 30})
+    (ws / "check-params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        res, _ = lathe_check(ws, "--params", "check-params.yaml")
+    finally:
+        labels.write_text(good)
+        (ws / "check-params.yaml").unlink()
+
+    found = res.stdout.splitlines()
+    assert res.returncode == 1
+    assert any(f.startswith("data/raw/labels.csv:2 (") and "defect_probability 0.5" in f for f in found), found
+    assert any(f.startswith("data/raw/labels.csv:3 (") and "'bifacial'" in f for f in found), found
+    assert any(f.startswith("data/raw/labels.csv:4 (images/gone.png): file not found") for f in found), found
+    assert any(f.startswith("data/raw/labels.csv:50 (") and "listed again (first on line 5)" in f for f in found)
+    # 46 usable rows of 49 make a train split of 23 (3 strata lost a sample)
+    assert any(f.startswith("check-params.yaml: quantize.calibration_size: 30 is larger") for f in found), found
+    assert victim  # the image of the replaced row stays on disk, unlisted: not a problem
+
+
+def test_a_good_repo_says_ok_quickly(ws):
+    res, seconds = lathe_check(ws)
+    assert res.returncode == 0, res.stdout + res.stderr
+    last = res.stdout.splitlines()[-1]
+    assert last.startswith("OK: params.yaml") and "48 samples -> train 24, val 8, test 16" in last, res.stdout
+    assert "signing key .lathe/keys/signing-key.pem" in last
+    assert "warning" not in res.stdout  # committed tree, no gate above its target
+    assert seconds < 10, f"lathe check took {seconds:.1f} s"

@@ -1,0 +1,184 @@
+"""lathe/check.py on a real repo layout (dvc.yaml, params.yaml, generated raw data), in-process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lathe.check import check_repo, did_you_mean, ingest_raw_dir
+from lathe.data import generate_raw
+from tests.tiny import ROOT, tiny_params
+
+KEY = ".lathe/keys/signing-key.pem"
+
+
+def make_repo(root: Path, params: dict) -> Path:
+    """dvc.yaml of the project, `params`, 48 generated samples in data/raw and a key file (not a git repo)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    generate_raw(root / "data" / "raw", per_class_type=6, size=32)
+    (root / KEY).parent.mkdir(parents=True)
+    (root / KEY).write_text("-----BEGIN PRIVATE KEY-----\n")  # presence is what the check can see
+    return root
+
+
+def problems_of(root: Path) -> list[str]:
+    return [str(p) for p in check_repo(root).problems]
+
+
+@pytest.fixture()
+def repo(tmp_path: Path) -> Path:
+    return make_repo(tmp_path / "repo", tiny_params())
+
+
+def test_the_tiny_config_and_data_pass_with_the_exact_splits(repo):
+    report = check_repo(repo)
+    assert report.ok, report.problems
+    assert report.warnings == []
+    # 8 strata of 6: 2 test, 1 val, 3 train each (lathe.ingest.stratified_split), as ingest will make them
+    assert any("data/raw: 48 samples -> train 24, val 8, test 16" in f for f in report.facts), report.facts
+    assert report.summary().startswith("OK: params.yaml")
+
+
+def test_the_predicted_splits_are_the_ones_ingest_makes(repo):
+    from collections import Counter
+
+    from lathe.config import IngestParams
+    from lathe.ingest import ingest
+
+    rows, _ = ingest(repo / "data/raw", IngestParams(**tiny_params()["ingest"]))
+    made = Counter(r.split for r in rows)
+    fact = f"data/raw: {len(rows)} samples -> train {made['train']}, val {made['val']}, test {made['test']}"
+    assert fact in check_repo(repo).facts
+
+
+def test_the_ingest_stage_of_dvc_yaml_names_the_raw_folder(repo, tmp_path):
+    assert ingest_raw_dir(repo) == Path("data/raw")
+    assert ingest_raw_dir(tmp_path) is None  # no dvc.yaml
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"a": {"cmd": "echo a"}}}))
+    assert ingest_raw_dir(tmp_path) is None
+
+
+# (params change, the problem's key, a text the message must hold)
+MISTAKES = {
+    "unknown section": ({"quantise": {"calibration_size": 8}}, "params.yaml: quantise", "did you mean 'quantize'"),
+    "unknown key": ({"prune": {"ration": 0.5}}, "params.yaml: prune.ration", "did you mean 'ratio'"),
+    "out of range": ({"prune": {"ratio": 1.5}}, "params.yaml: prune.ratio", "less than 1"),
+    "literal typo": ({"quantize": {"method": "minmx"}}, "params.yaml: quantize.method", "did you mean 'minmax'"),
+    "calibration": ({"quantize": {"calibration_size": 256}}, "params.yaml: quantize.calibration_size",
+                    "train split ingest will make (24 samples); lower it to at most 24"),
+    "per class": ({"validate": {"min_per_class_per_split": 3}}, "params.yaml: validate.min_per_class_per_split",
+                  "val/class 0: 2"),
+    "variant": ({"package": {"variants": ["quantized/studnet"]}}, "params.yaml: package.variants[0]",
+                "did you mean 'quantized/student'"),
+    "key": ({"package": {"private_key": "keys/none.pem"}}, "params.yaml: package.private_key", "lathe keys init"),
+    "num_classes": ({"train_teacher": {"arch": {"num_classes": 3}}}, "params.yaml: train_teacher.arch.num_classes",
+                    "classes [0, 1, 2, 3]"),
+    "gate typo": ({"targets": {"tiny-gw": {"gates": {"max_sise_bytes": 1}}}},
+                  "params.yaml: targets.tiny-gw.gates.max_sise_bytes", "did you mean 'max_size_bytes'"),
+    "target name": ({"targets": {"Line PC": {}}}, "params.yaml: targets.Line PC", "must match"),
+    "defective class": ({"evaluate": {"defective_from_class": 4}}, "params.yaml: evaluate.defective_from_class",
+                        "no class would count as defective"),
+    "cross-field": ({"ingest": {"val_fraction": 0.45, "test_fraction": 0.45}}, "params.yaml: ingest",
+                    "leaves less than 20% for training"),
+    "min rows": ({"validate": {"min_rows": 100}}, "params.yaml: validate.min_rows", "the data has 48 rows"),
+    "cell types": ({"validate": {"cell_types": ["mono", "poyl"]}}, "params.yaml: validate.cell_types[1]",
+                   "did you mean 'poly'"),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_each_mistake_is_one_line_naming_its_key(tmp_path, name):
+    change, key, text = MISTAKES[name]
+    params = tiny_params()
+    for section, values in change.items():
+        if section == "targets":
+            params["targets"] = values
+        else:
+            params.setdefault(section, {}).update(values)
+    found = problems_of(make_repo(tmp_path / "repo", params))
+    hits = [p for p in found if p.startswith(key + ":")]
+    assert hits and any(text in p for p in hits), found
+    assert all("\n" not in p for p in found)
+
+
+def test_every_mistake_at_once_and_every_bad_row(tmp_path):
+    params = tiny_params()
+    for change, _, _ in MISTAKES.values():
+        for section, values in change.items():
+            if section not in ("targets", "ingest"):  # one targets mapping; ingest's would hide the splits
+                params.setdefault(section, {}).update(values)
+    params["validate"]["cell_types"] = ["mono", "poly"]  # else the data rows below are judged against "poyl"
+    repo = make_repo(tmp_path / "repo", params)
+    labels = repo / "data/raw/labels.csv"
+    lines = labels.read_text().splitlines()
+    lines[2] = lines[2].split(",")[0] + ",0.5,mono"
+    lines[3] = lines[3].split(",")[0] + ",0.0,cigs"
+    (repo / "data/raw" / lines[4].split(",")[0]).unlink()
+    labels.write_text("\n".join(lines + [lines[5], "images/extra.png,abc,mono"]) + "\n")
+
+    found = problems_of(repo)
+
+    keys = {p.split(": ")[1] for p in found if p.startswith("params.yaml: ")}
+    assert {"quantise", "prune.ration", "prune.ratio", "quantize.method", "package.variants[0]",
+            "package.private_key", "train_teacher.arch.num_classes", "evaluate.defective_from_class",
+            "validate.min_rows"} <= keys, found
+    # 47 usable rows of 50: 24 train still (the calibration check runs on what ingest will keep)
+    assert "quantize.calibration_size" in keys
+    data = [p for p in found if p.startswith("data/raw/labels.csv:")]
+    assert any(":3 (" in p and "defect_probability 0.5" in p for p in data), data
+    assert any(":4 (" in p and "'cigs'" in p for p in data), data
+    assert any(":5 (" in p and "file not found" in p for p in data), data
+    assert any(":50 (" in p and "listed again (first on line 6)" in p for p in data), data
+    assert any(":51 (" in p and "'abc' is not a number" in p for p in data), data
+
+
+def test_missing_or_broken_params_and_data_are_named(tmp_path):
+    repo = make_repo(tmp_path / "repo", tiny_params())
+    (repo / "params.yaml").write_text("ingest: [1\n")
+    shutil.rmtree(repo / "data/raw")
+    found = problems_of(repo)
+    assert found[0].startswith("params.yaml: not valid YAML"), found
+    assert "data/raw: raw-data folder not found (`dvc pull`, or `make data`)" in found
+
+
+def test_a_labels_file_without_its_columns_is_one_line(repo):
+    (repo / "data/raw/labels.csv").write_text("file,prob\nimages/x.png,0\n")
+    found = problems_of(repo)
+    assert found == [("data/raw/labels.csv: missing column(s) defect_probability, cell_type; "
+                      "header is ['file', 'prob']")], found
+
+
+def test_a_gate_above_its_recall_target_is_a_warning_not_a_problem(tmp_path):
+    params = tiny_params()
+    params["targets"]["tiny-gw"]["gates"]["min_defective_recall"] = 0.9
+    report = check_repo(make_repo(tmp_path / "repo", params))
+    assert report.ok
+    assert [w.where for w in report.warnings] == ["params.yaml: targets.tiny-gw.gates.min_defective_recall"]
+
+
+def test_did_you_mean_is_quiet_when_nothing_is_close():
+    assert did_you_mean("quantise", ["quantize", "ingest"]) == " (did you mean 'quantize'?)"
+    assert did_you_mean("zzz", ["quantize", "ingest"]) == ""
+
+
+def test_the_check_imports_no_torch_onnxruntime_or_great_expectations(repo):
+    """A fresh interpreter, as `lathe check` starts: the heavy libraries stay out, and it is quick."""
+    code = (
+        "import json, sys, time; from pathlib import Path; t = time.monotonic(); "
+        "from lathe.check import check_repo; r = check_repo(Path(sys.argv[1])); "
+        "print(json.dumps({'ok': r.ok, 'seconds': time.monotonic() - t, "
+        "'heavy': sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'great_expectations', 'prefect') "
+        "if m in sys.modules)}))"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = json.loads(res.stdout)
+    assert out["ok"] and out["heavy"] == [], out
+    assert out["seconds"] < 5, out  # ~0.5 s here; the bound leaves room for a loaded 2-core machine
