@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from flows.env import apply_offline_env, subprocess_env
@@ -46,7 +46,13 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 METRICS_ARTIFACT_KEY = "lathe-metrics"
-COMPARISON_JSON = "compare.json"  # the compare stage's metrics file; compare.md sits beside it
+COMPARISON_MD = "reports/compare.md"  # the compare stage's table, shown first in the metrics artifact
+REPORTS_DIR = "reports"  # reports/<variant>/confusion.png: the packaged variants' pictures are embedded
+PARETO_PNG = "reports/pareto.png"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg")
+# PNG bytes embedded (base64 data: URIs) in one metrics artifact; the rest are listed by path. The
+# artifact lives in Prefect's database and travels to every UI client: keep it small.
+EMBED_LIMIT_BYTES = 300_000
 FAILURE_ARTIFACT_KEY = "lathe-failure"
 PROJECT_FILE = "dvc.yaml"
 PARAMS_FILE = "params.yaml"
@@ -222,6 +228,16 @@ def read_metrics(repo: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def read_pictures(repo: Path) -> list[str]:
+    """Repo-relative paths of the images dvc.yaml declares as plots (what `dvc plots show` renders), sorted."""
+    from dvc.repo import Repo
+
+    root = Path(repo).resolve()
+    with contextlib.chdir(root), Repo(".") as dvc_repo:
+        paths = {Path(os.path.relpath(out.fs_path, root)).as_posix() for out in dvc_repo.index.outs if out.plot}
+    return sorted(p for p in paths if p.lower().endswith(IMAGE_SUFFIXES))
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mapping -> {"a.b": value}, as DVC shows metrics and params."""
     flat: dict[str, Any] = {}
@@ -352,10 +368,15 @@ def _cell(value: Any) -> str:
 
 
 def _row_labels(paths: Sequence[str]) -> list[str]:
-    """reports/<variant>/metrics.json -> <variant> when those names are unique, else the path."""
-    parents = [Path(p).parent.name for p in paths]
-    if all(parents) and len(set(parents)) == len(parents):
-        return parents
+    """reports/<variant>/metrics.json -> <variant> (e.g. quantized/student) when unique, else the path."""
+    parents = [PurePosixPath(p).parent for p in paths]
+    if len(paths) > 1 and len({PurePosixPath(p).name for p in paths}) == 1:
+        common = PurePosixPath(os.path.commonpath([str(p) for p in parents]))
+        labels = [p.relative_to(common).as_posix() for p in parents]
+    else:
+        labels = [p.name for p in parents]
+    if all(label not in ("", ".") for label in labels) and len(set(labels)) == len(labels):
+        return labels
     return list(paths)
 
 
@@ -376,18 +397,42 @@ def metrics_markdown(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def metrics_report(root: Path, metrics: Mapping[str, Mapping[str, Any]], results: Sequence[Mapping[str, Any]]) -> str:
-    """The run's markdown artifact: the comparison table when the pipeline wrote one, every
-    per-variant metrics file, then the stages. The comparison's JSON (one nested document over all
-    variants) is left out of the per-file table; its markdown twin is the readable form."""
-    per_file = {path: values for path, values in metrics.items() if Path(path).name != COMPARISON_JSON}
-    comparisons = [root / Path(p).with_suffix(".md") for p in metrics if Path(p).name == COMPARISON_JSON]
-    parts = ["# Lathe metrics\n"] + [c.read_text() for c in comparisons if c.is_file()]
-    parts += [f"## Every metrics file\n\n{metrics_markdown(per_file)}",
-              f"## Packages\n\n{packages_markdown(read_packages(root))}",
+def metrics_report(root: Path, metrics: Mapping[str, Mapping[str, Any]], results: Sequence[Mapping[str, Any]],
+                   pictures: Sequence[str] = ()) -> str:
+    """The run's markdown artifact: the comparison table when the pipeline wrote one, the headline
+    figures of every metrics file, the pictures, packages, validation and stages. Every path in it is
+    relative to the repository root (the artifact is read on other machines)."""
+    comparison = root / COMPARISON_MD
+    packages = read_packages(root)
+    parts = ["# Lathe metrics\n"] + ([comparison.read_text()] if comparison.is_file() else [])
+    parts += [f"## Every metrics file\n\n{metrics_markdown(metrics)}",
+              f"## Pictures\n\n{pictures_markdown(root, pictures, [p.get('variant') for p in packages])}",
+              f"## Packages\n\n{packages_markdown(packages)}",
               f"## Data validation\n\n{validation_markdown(root)}",
               f"## Stages\n\n{stages_markdown(results)}"]
     return "\n".join(parts)
+
+
+def pictures_markdown(root: Path, pictures: Sequence[str], packaged: Sequence[Any] = ()) -> str:
+    """The Pareto plot and the packaged variants' confusion matrices embedded as data: URIs (within
+    EMBED_LIMIT_BYTES), then every picture by its repo-relative path."""
+    import base64
+
+    if not pictures:
+        return "_No pictures declared as plots in dvc.yaml._\n"
+    wanted = [PARETO_PNG] + [f"{REPORTS_DIR}/{v}/confusion.png" for v in packaged if isinstance(v, str)]
+    budget, shown = EMBED_LIMIT_BYTES, []
+    for rel in [p for p in dict.fromkeys(wanted) if p in pictures and p.endswith(".png")]:
+        path = root / rel
+        size = path.stat().st_size if path.is_file() else budget + 1
+        if size <= budget:
+            budget -= size
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            shown.append(f"`{rel}`\n\n![{rel}](data:image/png;base64,{data})\n")
+    listed = [f"- `{p}`{'' if (root / p).is_file() else ' (missing)'}" for p in pictures]
+    note = (f"All {len(pictures)} pictures, repository-relative; `dvc plots show` renders them offline into "
+            "`dvc_plots/index.html` (git-ignored):\n")
+    return "\n".join([*shown, note, *listed]) + "\n"
 
 
 def stages_markdown(results: Sequence[Mapping[str, Any]], not_run: Sequence[str] = ()) -> str:
@@ -470,8 +515,8 @@ def validation_markdown(root: Path) -> str:
                    f"{stats.get('evaluated_expectations', '?')} expectations")
     except (OSError, ValueError, AttributeError) as exc:
         verdict = f"unreadable: {exc}"
-    where = f"`{root / VALIDATION_SUMMARY}`" if summary.is_file() else "(no summary.md)"
-    return f"Validation {verdict}. Report: {where} and `{result}`.\n"
+    where = f"`{VALIDATION_SUMMARY}`" if summary.is_file() else "(no summary.md)"
+    return f"Validation {verdict}. Report: {where} and `{VALIDATION_RESULT}`.\n"
 
 
 # --- the flow -------------------------------------------------------------------------------------
@@ -540,8 +585,8 @@ def run_pipeline(repo: Path | None = None, stages: list[str] | None = None, retr
         metrics = read_metrics(root)
         create_markdown_artifact(
             key=METRICS_ARTIFACT_KEY,
-            markdown=metrics_report(root, metrics, results),
-            description="Metrics of every variant, packages (ids, sha256s, gates) and the validation report",
+            markdown=metrics_report(root, metrics, results, read_pictures(root)),
+            description="Metrics of every variant, pictures, packages (ids, sha256s, gates) and the validation report",
         )
     ran = [r["stage"] for r in results if r["ran"]]
     log.info("pipeline done: %d ran (%s), %d up to date", len(ran), ", ".join(ran) or "none", len(results) - len(ran))

@@ -45,6 +45,7 @@ from lathe.evaluate import (
 )
 from lathe.ingest import load_split
 from lathe.io import write_bytes
+from lathe.metrics import latency_method
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,12 @@ def _floor_note(f: Mapping[str, Any]) -> str:
             f"median of {f['matmul_repeats']} calls each, fastest shape, {f['threads']} thread(s)")
 
 
+def bench_timing_method(threads: int, runs: int, warmup: int) -> str:
+    """How this benchmark times every model (lathe.metrics.latency_method)."""
+    return latency_method("`make bench`", threads, runs, warmup,
+                          "all models interleaved round-robin in one process (order rotated every round)")
+
+
 def bench_markdown(report: Mapping[str, Any]) -> str:
     """bench.md: the side-by-side table, the physical floor, and PASS/FAIL per acceptance criterion."""
     rows, floor, acc, setup = report["rows"], report["floor"], report["acceptance"], report["setup"]
@@ -293,8 +300,9 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['platform']}; "
         f"onnxruntime {machine['onnxruntime']}, CPU provider, {setup['threads']} intra-op thread(s), batch 1.",
-        f"Latency: p50 (median) and p95 of {setup['runs']} timed calls per model after {setup['warmup']} warm-up "
-        "rounds, all models interleaved round-robin (order rotated every round).",
+        f"Latency: {bench_timing_method(setup['threads'], setup['runs'], setup['warmup'])}. These are this "
+        "benchmark's own figures: reports/compare.md and the model cards quote the evaluate stage's (each model "
+        "timed alone, in its own stage run, with the evaluate params), so the two differ on the same machine.",
         f"Quality: the test split of `{setup['prepared_dir']}`, {setup['test_samples']} images of "
         f"{setup['image_size']}x{setup['image_size']} px; defective = class >= {setup['defective_from_class']}. "
         "1 KB = 1000 B.",
@@ -537,6 +545,7 @@ def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams
     }
     setup = {
         "machine": machine_info(), "threads": cfg.threads, "warmup": cfg.warmup, "runs": cfg.runs, "batch": 1,
+        "timing_method": bench_timing_method(cfg.threads, cfg.runs, cfg.warmup),
         "prepared_dir": str(prepared_dir), "test_samples": int(len(labels)), "image_size": image_size,
         "defective_from_class": defective_from, "origins": {m.name: m.origin or str(m.onnx_path) for m in models},
         "notes": list(notes),

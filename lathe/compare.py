@@ -1,26 +1,26 @@
-"""Compare evaluated model variants side by side: a table, ratios to a reference, a Pareto front, a plot.
+"""Compare evaluated model variants side by side: a table, ratios to a reference, a Pareto front.
 
-Input is what the evaluate stage wrote, `reports/<variant>/metrics.json`, one per variant; nothing
-is re-measured here. Latency and throughput are therefore those of the evaluate stage (its
-`threads`, batch 1 for latency, `throughput_batch` for throughput).
+Input is what the evaluate stage wrote, `reports/<variant>/{metrics,detail}.json` (lathe.reports), one
+per variant; nothing is re-measured here. Latency and throughput are therefore those of the evaluate
+stage, and the report says how it measured them (its `timing_method`).
 
-The JSON output is keyed by variant name (not a list) because `dvc metrics show/diff` only reads
-numbers inside nested mappings and skips lists.
+compare.json is a plain output, not a DVC metrics file: its ~200 numbers (ratios, flags) would be
+columns of `dvc metrics show`; the per-variant headline figures are there already.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lathe.errors import LatheError
+from lathe.metrics import HEADLINE_KEYS
+from lathe.plots import figure, png_bytes, style
+from lathe.reports import DETAIL_FILE, METRICS_FILE, TIMING_METHOD, read_report
 
-METRICS_FILE = "metrics.json"
-# What each row carries from metrics.json (all numbers; fractions for quality, bytes, ms, images/s).
+# What each row carries from the variant's report (all numbers; fractions for quality, bytes, ms, images/s).
 METRIC_KEYS = (
     "params", "macs", "size_bytes", "accuracy", "balanced_accuracy", "defective_recall", "escape_rate",
     "latency_p50_ms", "latency_p95_ms", "throughput_ips",
@@ -29,7 +29,7 @@ QUALITY_KEYS = ("accuracy", "balanced_accuracy", "defective_recall", "escape_rat
 # The two Pareto views: (name, cost key to minimise). Quality (the y key) is maximised.
 PARETO_VIEWS = (("size", "size_bytes"), ("latency", "latency_p50_ms"))
 
-Row = dict[str, Any]  # {"name": str, <METRIC_KEYS>: number}
+Row = dict[str, Any]  # {"name": str, <METRIC_KEYS>: number, "timing_method": str}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def _check_variant_name(name: str) -> None:
 
 
 def load_rows(reports_dir: Path, variants: Sequence[str]) -> list[Row]:
-    """One row per variant, in the order given, from `reports_dir/<variant>/metrics.json`.
+    """One row per variant, in the order given, from `reports_dir/<variant>/` (lathe.reports.read_report).
 
     Errors name the file: missing, not JSON, or lacking one of METRIC_KEYS.
     """
@@ -55,24 +55,21 @@ def load_rows(reports_dir: Path, variants: Sequence[str]) -> list[Row]:
     rows = []
     for variant in variants:
         _check_variant_name(variant)
-        path = Path(reports_dir) / variant / METRICS_FILE
-        if not path.is_file():
-            raise LatheError(f"{path}: metrics for variant {variant!r} not found; the evaluate stage writes it "
+        report_dir = Path(reports_dir) / variant
+        if not report_dir.is_dir():
+            raise LatheError(f"{report_dir}: report of variant {variant!r} not found; the evaluate stage writes it "
                              f"(evaluate models/{variant} first, or drop {variant!r} from the list)")
-        try:
-            metrics = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LatheError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(metrics, dict):
-            raise LatheError(f"{path}: expected a JSON object of metrics, got {type(metrics).__name__}")
+        metrics = read_report(report_dir)
         missing = [k for k in METRIC_KEYS if k not in metrics]
         if missing:
-            raise LatheError(f"{path}: missing metrics {missing}; re-run the evaluate stage for {variant!r}")
+            where = METRICS_FILE if missing[0] in HEADLINE_KEYS else DETAIL_FILE
+            raise LatheError(f"{report_dir / where}: missing metrics {missing}; re-run the evaluate stage for "
+                             f"{variant!r}")
         bad = [k for k in METRIC_KEYS if isinstance(metrics[k], bool) or not isinstance(metrics[k], (int, float))
                or not math.isfinite(metrics[k])]
         if bad:
-            raise LatheError(f"{path}: metrics {bad} are not finite numbers")
-        rows.append({"name": variant, **{k: metrics[k] for k in METRIC_KEYS}})
+            raise LatheError(f"{report_dir}: metrics {bad} are not finite numbers")
+        rows.append({"name": variant, **{k: metrics[k] for k in METRIC_KEYS}, TIMING_METHOD: metrics[TIMING_METHOD]})
     return rows
 
 
@@ -126,6 +123,7 @@ def build_comparison(rows: Sequence[Row], reference: str, pareto_metric: str = "
     """The content of compare.json: per variant its metrics, ratios to `reference` and Pareto flags.
 
     {"reference": str, "pareto_metric": str, "order": [names as listed],
+     "timing_methods": {method: [variants timed that way]},
      "variants": {name: {<METRIC_KEYS>, <ratios_to keys>, "pareto_size": bool, "pareto_latency": bool}}}
     """
     names = [r["name"] for r in rows]
@@ -142,7 +140,11 @@ def build_comparison(rows: Sequence[Row], reference: str, pareto_metric: str = "
         for view, _ in PARETO_VIEWS:
             entry[f"pareto_{view}"] = r["name"] in fronts[view]
         variants[r["name"]] = entry
-    return {"reference": reference, "pareto_metric": pareto_metric, "order": names, "variants": variants}
+    methods: dict[str, list[str]] = {}
+    for r in rows:
+        methods.setdefault(r.get(TIMING_METHOD) or "not recorded", []).append(r["name"])
+    return {"reference": reference, "pareto_metric": pareto_metric, "order": names, "timing_methods": methods,
+            "variants": variants}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,12 +200,22 @@ def compare_markdown(comparison: Mapping[str, Any]) -> str:
     def marks(e: Mapping[str, Any]) -> str:
         return " + ".join(view for view, _ in PARETO_VIEWS if e[f"pareto_{view}"]) or "-"
 
+    methods = comparison.get("timing_methods") or {}
+    if len(methods) == 1:
+        timing = [f"Latency and throughput as measured by the {next(iter(methods))}."]
+    else:
+        timing = ["Latency and throughput as measured by:", ""] + [f"- {', '.join(names)}: the {method}"
+                                                                   for method, names in methods.items()]
     lines = [
         "# Variant comparison",
         "",
-        f"Reference: **{ref}**. Quality on the test split; latency is p50/p95 of batch-1 calls and throughput "
-        "the median at the evaluate stage's `throughput_batch`, both with the evaluate stage's `threads` "
-        "(onnxruntime, CPU). 1 KB = 1000 B.",
+        f"Reference: **{ref}**. Quality on the test split. 1 KB = 1000 B.",
+        "",
+        *timing,
+        "",
+        "`make bench` times the INT8 variants again, interleaved in one process (reports/bench.md): "
+        "expect other figures there on the same machine.",
+        "",
         f"★ = Pareto-optimal on size or on p50 latency against {label}: no other variant is at least as small "
         "(or fast) and at least as good, and strictly better in one of the two.",
         "",
@@ -250,52 +262,42 @@ def compare_markdown(comparison: Mapping[str, Any]) -> str:
 def pareto_png(comparison: Mapping[str, Any], dpi: int = 120) -> bytes:
     """Two panels, quality against size (log x) and against p50 latency; PNG bytes, byte-stable.
 
-    Pareto-optimal points are filled and joined by the front's staircase; the others are hollow.
-    Every point is labelled with its variant name. No timestamp or software tag is written.
+    `comparison` is build_comparison's. Pareto-optimal points are filled and joined by
+    the front's staircase; the others are hollow. Every point is labelled with its variant name.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    except ImportError as exc:  # the lock file installs it; a bare environment may not have it
-        raise LatheError("matplotlib is not installed, cannot draw the Pareto plot "
-                         "(install the locked requirements: make setup)") from exc
-
     metric = comparison["pareto_metric"]
     order, variants = comparison["order"], comparison["variants"]
-    fig = Figure(figsize=(11, 4.5), dpi=dpi)
-    FigureCanvasAgg(fig)  # attaches the Agg canvas; no pyplot, no global backend state
-    panels = (("size_bytes", "model size (log scale; 1 KB = 1000 B)", True, "pareto_size"),
-              ("latency_p50_ms", "p50 latency, batch 1 (ms)", False, "pareto_latency"))
-    for i, (x_key, x_label, log_x, flag) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
-        front = sorted((variants[n][x_key], 100 * variants[n][metric]) for n in order if variants[n][flag])
-        if len(front) > 1:
-            xs, ys = zip(*front)
-            ax.step(xs, ys, where="post", color="tab:blue", linewidth=1, alpha=0.6, label="Pareto front")
-        for name in order:
-            e = variants[name]
-            x, y = e[x_key], 100 * e[metric]
-            on_front = e[flag]
-            ax.plot([x], [y], marker="o", markersize=7, linestyle="none",
-                    markerfacecolor="tab:blue" if on_front else "white",
-                    markeredgecolor="tab:blue" if on_front else "tab:gray")
-            ax.annotate(name, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
-        if log_x:
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_bytes(v)))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
-        ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
-        ax.margins(x=0.15, y=0.12)
-        if len(front) > 1:
-            ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{metric.replace('_', ' ')} against cost (filled: Pareto-optimal; reference "
-                 f"{comparison['reference']})", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    # PNG from Agg carries no timestamp; dropping "Software" also removes the matplotlib version.
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
-    return buf.getvalue()
+    with style():
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        fig = figure(11, 4.5, dpi)
+        panels = (("size_bytes", "model size (log scale; 1 KB = 1000 B)", True, "pareto_size"),
+                  ("latency_p50_ms", "p50 latency, batch 1, evaluate stage (ms)", False, "pareto_latency"))
+        for i, (x_key, x_label, log_x, flag) in enumerate(panels):
+            ax = fig.add_subplot(1, 2, i + 1)
+            front = sorted((variants[n][x_key], 100 * variants[n][metric]) for n in order if variants[n][flag])
+            if len(front) > 1:
+                xs, ys = zip(*front, strict=True)
+                ax.step(xs, ys, where="post", color="tab:blue", linewidth=1, alpha=0.6, label="Pareto front")
+            for name in order:
+                e = variants[name]
+                x, y = e[x_key], 100 * e[metric]
+                on_front = e[flag]
+                ax.plot([x], [y], marker="o", markersize=7, linestyle="none",
+                        markerfacecolor="tab:blue" if on_front else "white",
+                        markeredgecolor="tab:blue" if on_front else "tab:gray")
+                ax.annotate(name, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+            if log_x:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: fmt_bytes(v)))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+            ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
+            ax.margins(x=0.15, y=0.12)
+            if len(front) > 1:
+                ax.legend(loc="lower right", fontsize=8)
+        fig.suptitle(f"{metric.replace('_', ' ')} against cost (filled: Pareto-optimal; reference "
+                     f"{comparison['reference']})", fontsize=10)
+        return png_bytes(fig, dpi)

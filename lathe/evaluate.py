@@ -9,8 +9,6 @@ measurements and vary run to run.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from collections.abc import Iterator
@@ -24,9 +22,8 @@ import onnxruntime as ort
 from lathe.config import EvaluateParams
 from lathe.errors import ConfigError, DataError, LatheError
 from lathe.ingest import CELL_TYPES, load_split
-from lathe.io import write_json, write_text
 from lathe.metrics import (
-    accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix, macro_f1, per_class_recall,
+    accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix, latency_method, macro_f1, per_class_recall,
 )
 
 MODEL_FILE = "model.onnx"
@@ -59,6 +56,8 @@ class EvaluationResult:
     labels: np.ndarray  # (N,) int64 true class
     predicted: np.ndarray  # (N,) int64 argmax class
     p_defective: np.ndarray  # (N,) float64 softmax mass on classes >= defective_from_class
+    confusion: np.ndarray  # (K, K) int64 counts; rows true class, columns predicted
+    timing_method: str  # how latency and throughput were measured (lathe.metrics.latency_method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,35 +455,16 @@ def evaluate_model(model_dir: Path, prepared_dir: Path, cfg: EvaluateParams) -> 
         "throughput_ips": round(measure_throughput(session, image_size, cfg.throughput_batch, cfg.throughput_runs), 2),
     })
     p_defective = softmax(logits)[:, cfg.defective_from_class :].sum(axis=1)
+    predicted = np.argmax(logits, axis=1).astype(np.int64)
     return EvaluationResult(
         metrics=metrics, sample_ids=test["sample_ids"].astype(np.int64), labels=labels,
-        predicted=np.argmax(logits, axis=1).astype(np.int64), p_defective=p_defective,
+        predicted=predicted, p_defective=p_defective, confusion=confusion_matrix(labels, predicted, num_classes),
+        timing_method=timing_method(cfg, fixed_batch(session)),
     )
 
 
-def _csv(header: tuple[str, ...], rows: Iterator[tuple]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def confusion_csv(result: EvaluationResult) -> str:
-    """`actual,predicted`, one row per test sample: the input of dvc's `confusion` plot template."""
-    return _csv(("actual", "predicted"), zip(result.labels.tolist(), result.predicted.tolist()))
-
-
-def predictions_csv(result: EvaluationResult) -> str:
-    """`sample_id,label,predicted,p_defective` per test sample; p_defective to 6 decimals."""
-    rows = ((int(s), int(y), int(p), f"{q:.6f}") for s, y, p, q in
-            zip(result.sample_ids, result.labels, result.predicted, result.p_defective))
-    return _csv(("sample_id", "label", "predicted", "p_defective"), rows)
-
-
-def write_reports(out_dir: Path, result: EvaluationResult) -> None:
-    """Atomically write predictions.csv, confusion.csv and (last) metrics.json into `out_dir`."""
-    out_dir = Path(out_dir)
-    write_text(out_dir / "predictions.csv", predictions_csv(result))
-    write_text(out_dir / "confusion.csv", confusion_csv(result))
-    write_json(out_dir / "metrics.json", result.metrics)
+def timing_method(cfg: EvaluateParams, fixed: int | None = None) -> str:
+    """How this stage times a model (`fixed`: the model's fixed batch size, if it has one)."""
+    return (latency_method("evaluate stage", cfg.threads, cfg.latency_runs, cfg.latency_warmup,
+                           "each model timed alone, in its own stage run", batch=fixed or 1)
+            + f"; throughput: median of {cfg.throughput_runs} calls at batch {fixed or cfg.throughput_batch}")

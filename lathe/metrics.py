@@ -7,6 +7,21 @@ import numpy as np
 # Metrics measured on the machine that runs the evaluation (by nature different elsewhere): they are
 # reported, gated and shown, but never part of a model's or package's identity (lathe.ship.contract).
 TIMING_KEYS = ("latency_p50_ms", "latency_p95_ms", "throughput_ips")
+# The headline figures of an evaluated variant: what reports/<variant>/metrics.json holds, and so what
+# `dvc metrics show/diff` and `dvc exp show` list (one column each). Everything else the evaluate stage
+# measures goes to reports/<variant>/detail.json, which is not a DVC metrics file (lathe.reports).
+HEADLINE_KEYS = ("accuracy", "balanced_accuracy", "defective_recall", "false_reject_rate",
+                 "size_bytes", "params", "macs", *TIMING_KEYS)
+
+
+def latency_method(stage: str, threads: int, runs: int, warmup: int, order: str, batch: int = 1) -> str:
+    """How a latency figure was measured, in one line (shown wherever two sources of latency meet).
+
+    e.g. "evaluate stage: onnxruntime CPU, batch 1, 1 thread, p50/p95 of 300 calls after 20 warm-up calls,
+    each model timed alone"
+    """
+    return (f"{stage}: onnxruntime CPU, batch {batch}, {threads} thread{'s' if threads != 1 else ''}, "
+            f"p50/p95 of {runs} calls after {warmup} warm-up calls, {order}")
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""DVC stage `compare`: reports/<variant>/metrics.json for each listed variant -> reports/compare.json,
+"""DVC stage `compare`: reports/<variant>/{metrics,detail}.json for each listed variant -> reports/compare.json,
 reports/compare.md and reports/pareto.png.
 
 Usage: python -m stages.compare REPORTS_DIR VARIANT [VARIANT ...] [--reference NAME] [--params FILE]
@@ -23,7 +23,8 @@ OUTPUTS = ("compare.json", "compare.md", "pareto.png")  # written inside REPORTS
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("reports_dir", type=Path, help="folder holding <variant>/metrics.json; outputs go here")
+    parser.add_argument("reports_dir", type=Path,
+                        help="folder holding <variant>/{metrics,detail}.json; outputs go here")
     parser.add_argument("variants", nargs="+", help="variant names, e.g. teacher pruned quantized/student")
     parser.add_argument("--reference", default=None, help="variant the ratios are taken against (default: first)")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE)

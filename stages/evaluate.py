@@ -1,5 +1,5 @@
 """DVC stage `evaluate` (foreach variant): models/<variant> + data/prepared -> reports/<variant>
-(metrics.json, confusion.csv, predictions.csv)."""
+(metrics.json headline figures, detail.json, predictions.csv, confusion.png)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import logging
 from collections.abc import Sequence
 
 from lathe.config import EvaluateParams
-from lathe.evaluate import evaluate_model, write_reports
+from lathe.evaluate import evaluate_model
+from lathe.plots import confusion_png
+from lathe.reports import detail_record, predictions_csv, write_reports
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)
@@ -18,9 +20,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def body() -> None:
         cfg = section(args, "evaluate", EvaluateParams)
-        result = evaluate_model(args.model_dir, args.prepared_dir, cfg)
-        write_reports(args.out_dir, result)
-        m = result.metrics
+        r = evaluate_model(args.model_dir, args.prepared_dir, cfg)
+        picture = confusion_png(r.confusion, args.model_dir.as_posix(), cfg.defective_from_class)
+        write_reports(args.out_dir, r.metrics, detail_record(r.metrics, r.confusion, r.timing_method),
+                      predictions_csv(r.sample_ids, r.labels, r.predicted, r.p_defective), picture)
+        m = r.metrics
         log.info("%s: acc %.4f  bal %.4f  def-recall %.4f  escape %.4f | %d B, %d params, %d MACs, "
                  "p50 %.3f ms, %.0f img/s -> %s", args.model_dir, m["accuracy"], m["balanced_accuracy"],
                  m["defective_recall"], m["escape_rate"], m["size_bytes"], m["params"], m["macs"],

@@ -33,6 +33,7 @@ SHARED_BUILD_MODULES = frozenset({
     "tests/flows/test_experiments.py",
     "tests/integration/test_kill.py",
     "tests/integration/test_pipeline.py",
+    "tests/integration/test_reports.py",
 })
 LONGEST_FIRST = ("tests/integration/test_operations.py", SHARED_BUILD_GROUP)
 

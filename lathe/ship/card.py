@@ -110,7 +110,9 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict,
     # compares the text up to this header byte for byte and shows what follows side by side).
     lines += [CARD_MEASURED_HEADER, "",
               f"- p50 latency {m['latency_p50_ms']:.3f} ms, p95 {m.get('latency_p95_ms', 0):.3f} ms, throughput "
-              f"{m.get('throughput_ips', 0):,.0f} images/s (batch 1 and the evaluate stage's batch, onnxruntime CPU)",
+              f"{m.get('throughput_ips', 0):,.0f} images/s",
+              f"- measured by the {m.get('timing_method', 'evaluate stage (method not recorded)')}; `make bench` "
+              "times models interleaved in one process, so reports/bench.md differs on the same machine",
               f"- latency gate: {_latency_gate(chosen)}",
               f"- on: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
               f"{' '.join(machine.get('vendor_flags', [])) or 'flags unknown'})", ""]

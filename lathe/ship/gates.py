@@ -10,7 +10,7 @@ import numpy as np
 
 from lathe.config import TargetParams
 from lathe.errors import DataError, LatheError
-from lathe.io import read_json
+from lathe.reports import read_report
 from lathe.ship.contract import MEASURED_GATES, MODEL_FILE
 
 THRESHOLD_SPLIT = "val"
@@ -65,7 +65,7 @@ def choose_threshold(p_def: np.ndarray, labels: np.ndarray, defective_from: int,
 @dataclass(frozen=True)
 class Candidate:
     variant: str
-    metrics: dict  # reports/<variant>/metrics.json
+    metrics: dict  # reports/<variant>/ as lathe.reports.read_report joins it (headline + detail + timing_method)
     threshold: Threshold
     gates: list[dict]  # [{"gate", "limit", "value", "passed"}] in GATES order
 
@@ -142,17 +142,11 @@ def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits
     from lathe.evaluate import load_session, model_files, predict
 
     model_path = models_dir / variant / MODEL_FILE
-    metrics_path = reports_dir / variant / "metrics.json"
     files = model_files(model_path)
     if len(files) != 1:
         raise LatheError(f"{model_path}: keeps weights in external data files {[str(f) for f in files[1:]]}; "
                          "a package ships a single self-contained model.onnx")
-    if not metrics_path.is_file():
-        raise LatheError(f"{metrics_path}: metrics not found (run the evaluate stage for {variant})")
-    metrics = read_json(metrics_path)
-    missing = [k for k in ("size_bytes", "latency_p50_ms", "accuracy") if k not in metrics]
-    if missing:
-        raise LatheError(f"{metrics_path}: lacks {missing}; rerun the evaluate stage")
+    metrics = read_report(reports_dir / variant)  # metrics.json + detail.json; errors name the file
     session = load_session(model_path, threads=1)
     logits = {s: predict(session, splits[s]["images"]) for s in (THRESHOLD_SPLIT, REPORT_SPLIT)}
     val, test = splits[THRESHOLD_SPLIT], splits[REPORT_SPLIT]

@@ -224,18 +224,36 @@ def test_cli_exits_nonzero_with_the_stage_message(prefect_server: None, tmp_path
     assert not (repo / "c.txt").exists()
 
 
-def test_metrics_report_shows_the_comparison_markdown_instead_of_its_json(tmp_path: Path) -> None:
-    (tmp_path / "reports").mkdir()
-    (tmp_path / "reports/compare.md").write_text("| variant | size |\n|---|---|\n| student | 173 KB |\n")
-    metrics = {"reports/teacher/metrics.json": {"accuracy": 0.7},
-               "reports/compare.json": {"variants.teacher.metrics.accuracy": 0.7}}
+def test_metrics_report_shows_the_comparison_and_pictures_with_repo_relative_paths_only(tmp_path: Path) -> None:
+    import base64
 
-    report = metrics_report(tmp_path, metrics, [{"stage": "compare", "status": "ran", "seconds": 1.0}])
+    from lathe.plots import confusion_png
+
+    root = tmp_path / "checkout-on-the-build-machine"
+    (root / "reports/quantized/student").mkdir(parents=True)
+    (root / "data/validation").mkdir(parents=True)
+    (root / "reports/compare.md").write_text("| variant | size |\n|---|---|\n| student | 173 KB |\n")
+    picture = confusion_png([[3, 1], [0, 2]], "quantized/student", 1)
+    (root / "reports/pareto.png").write_bytes(picture)
+    (root / "reports/quantized/student/confusion.png").write_bytes(picture)
+    (root / "data/validation/result.json").write_text(json.dumps({"success": True, "statistics": {}}))
+    (root / "data/validation/summary.md").write_text("ok\n")
+    metrics = {"reports/teacher/metrics.json": {"accuracy": 0.7},
+               "reports/quantized/teacher/metrics.json": {"accuracy": 0.69}}
+    pictures = ["reports/pareto.png", "reports/quantized/student/confusion.png", "reports/training/teacher.png"]
+
+    report = metrics_report(root, metrics, [{"stage": "compare", "status": "ran", "seconds": 1.0}], pictures)
 
     assert "| student | 173 KB |" in report
-    assert "| teacher | 0.7 |" in report
-    assert "variants.teacher" not in report
+    assert "| teacher | 0.7 |" in report and "| quantized/teacher | 0.69 |" in report
     assert "| compare | ran | 1.0 |" in report
+    # the Pareto plot is embedded; the packaged variants' confusion matrices would be too (none packaged here)
+    assert report.count("](data:image/png;base64,") == 1
+    assert f"![reports/pareto.png](data:image/png;base64,{base64.b64encode(picture).decode()})" in report
+    assert "- `reports/quantized/student/confusion.png`" in report
+    assert "- `reports/training/teacher.png` (missing)" in report
+    assert "`data/validation/summary.md` and `data/validation/result.json`" in report
+    assert str(tmp_path) not in report and "checkout-on-the-build-machine" not in report
 
 
 # --- concurrency: one run at a time (Prefect global concurrency limit, then DVC's lock) -----------
@@ -374,4 +392,5 @@ def test_metrics_report_lists_packages_gates_and_the_validation_report(tmp_path:
 
     assert f"| gw | `0123456789abcdef` | quantized/student | `{'f' * 64}` | max_size_bytes 900 (limit 1000) pass | run-1 |" in report
     assert "Validation passed: 9/9 expectations" in report
-    assert str(tmp_path / "data/validation/summary.md") in report
+    assert "Report: `data/validation/summary.md` and `data/validation/result.json`" in report
+    assert str(tmp_path) not in report  # repo-relative paths only: the artifact is read on other machines

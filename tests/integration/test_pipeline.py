@@ -21,7 +21,7 @@ FLOAT_VARIANTS = ["teacher", "pruned", "student", "student_control", "lowrank"]
 VARIANTS = FLOAT_VARIANTS + [f"quantized/{v}" for v in FLOAT_VARIANTS]
 EVALUATES = [f"evaluate@{v}" for v in VARIANTS]
 STAGES = (["ingest", "validate", "train_teacher", "prune", "prune_baseline", "lowrank", "distill", "distill_control"]
-          + [f"quantize@{v}" for v in FLOAT_VARIANTS] + EVALUATES + ["compare", "package@tiny-gw"])
+          + [f"quantize@{v}" for v in FLOAT_VARIANTS] + EVALUATES + ["compare", "plot_training", "package@tiny-gw"])
 PACKAGE = "models/packages/tiny-gw"
 
 
@@ -60,7 +60,8 @@ def ws(built, tmp_path) -> Path:
 
 def test_pipeline_produces_every_declared_output(built):
     for path in ["data/prepared/manifest.csv", "data/validation/result.json", "models/teacher/model.onnx",
-                 "reports/teacher/metrics.json", "reports/teacher/confusion.csv", "reports/training/teacher.csv",
+                 "reports/teacher/metrics.json", "reports/teacher/detail.json", "reports/teacher/confusion.png",
+                 "reports/training/teacher.csv", "reports/training/teacher.png",
                  "models/pruned/prune.json", "models/student/distill.json", "models/student_control/distill.json",
                  "models/lowrank/lowrank.json", "models/quantized/student/quantize.json",
                  "models/baselines/pruned_50/prune.json", "reports/compare.md", "reports/compare.json",
@@ -71,6 +72,7 @@ def test_pipeline_produces_every_declared_output(built):
         assert (built / "reports" / variant / "metrics.json").is_file(), variant
     metrics = yaml.safe_load((built / "reports/teacher/metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 1 and "defective_recall" in metrics and "balanced_accuracy" in metrics
+    assert not (built / "reports/teacher/confusion.csv").exists()  # predictions.csv holds label and prediction
 
 
 def test_second_repro_runs_no_stage(ws):

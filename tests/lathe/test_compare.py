@@ -7,6 +7,7 @@ from lathe.compare import (
     ratios_to,
 )
 from lathe.errors import LatheError
+from lathe.metrics import HEADLINE_KEYS
 
 # Realistic shapes: the DESIGN calibration numbers (teacher 4.95 MB / 1.27 ms, INT8 student 173 KB / 0.17 ms).
 METRICS = {
@@ -25,10 +26,18 @@ METRICS = {
 }
 
 
-def write_metrics(reports, metrics=METRICS):
+TIMING = "evaluate stage: onnxruntime CPU, batch 1, 1 thread, p50/p95 of 300 calls after 20 warm-up calls, alone"
+
+
+def write_metrics(reports, metrics=METRICS, timing=TIMING):
+    """Reports as the evaluate stage lays them out (lathe.reports): headline metrics.json + detail.json."""
     for name, m in metrics.items():
+        full = {**m, "n_test": 654, "macro_f1": 0.4, "false_reject_rate": 0.1}
         (reports / name).mkdir(parents=True, exist_ok=True)
-        (reports / name / "metrics.json").write_text(json.dumps({**m, "n_test": 654, "macro_f1": 0.4}))
+        (reports / name / "metrics.json").write_text(json.dumps({k: full[k] for k in HEADLINE_KEYS if k in full}))
+        detail = {"metrics": {k: v for k, v in full.items() if k not in HEADLINE_KEYS},
+                  "confusion_matrix": [[1, 0], [0, 1]], "timing_method": timing}
+        (reports / name / "detail.json").write_text(json.dumps(detail))
     return reports
 
 
@@ -43,14 +52,18 @@ def rows_of(**points):
 def test_load_rows_keeps_order_and_only_the_row_metrics(tmp_path):
     rows = load_rows(write_metrics(tmp_path), ["quantized/student", "teacher"])
     assert [r["name"] for r in rows] == ["quantized/student", "teacher"]
-    assert set(rows[0]) == {"name", *METRIC_KEYS}
+    assert set(rows[0]) == {"name", *METRIC_KEYS, "timing_method"}
+    assert rows[0]["escape_rate"] == METRICS["quantized/student"]["escape_rate"]  # from detail.json
     assert rows[1]["size_bytes"] == 4_950_000
 
 
 def test_missing_metrics_file_names_it(tmp_path):
     write_metrics(tmp_path)
-    with pytest.raises(LatheError, match=r"lowrank/metrics\.json: metrics for variant 'lowrank' not found"):
+    with pytest.raises(LatheError, match=r"lowrank: report of variant 'lowrank' not found"):
         load_rows(tmp_path, ["teacher", "lowrank"])
+    (tmp_path / "teacher" / "detail.json").unlink()
+    with pytest.raises(LatheError, match=r"teacher/detail\.json: not found"):
+        load_rows(tmp_path, ["teacher"])
 
 
 def test_incomplete_or_broken_metrics_name_the_file_and_key(tmp_path):
@@ -116,6 +129,15 @@ def test_markdown_has_human_units_ratios_and_stars(tmp_path):
     assert "| teacher | 1.20M | 40.0M | 4.95 MB | 71.5% |" in md
     assert "28.6x smaller" in md and "7.5x faster" in md and "+1.4 pt" in md
     assert "| teacher | reference |" in md and "0.170 ms" in md and "1.27 ms" in md
+
+
+def test_markdown_says_which_stage_measured_latency_and_how(tmp_path):
+    one = compare_markdown(build_comparison(load_rows(write_metrics(tmp_path), list(METRICS)), "teacher"))
+    assert f"Latency and throughput as measured by the {TIMING}." in one and "`make bench`" in one
+    write_metrics(tmp_path, {"pruned": METRICS["pruned"]}, timing="evaluate stage: batch 8")
+    two = compare_markdown(build_comparison(load_rows(tmp_path, list(METRICS)), "teacher"))
+    assert "- pruned: the evaluate stage: batch 8" in two
+    assert f"- teacher, student, quantized/student: the {TIMING}" in two
 
 
 def test_formatting_helpers():

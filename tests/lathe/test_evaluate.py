@@ -18,7 +18,6 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from lathe.config import ArchSpec, EvaluateParams
 from lathe.errors import DataError, LatheError
 from lathe.evaluate import (
-    confusion_csv,
     count_onnx_macs,
     count_onnx_params,
     evaluate_model,
@@ -27,13 +26,11 @@ from lathe.evaluate import (
     measure_throughput,
     model_files,
     predict,
-    predictions_csv,
     quality_metrics,
     softmax,
-    write_reports,
 )
 from lathe.export import INPUT_NAME, export_onnx
-from lathe.io import read_json, save_arrays
+from lathe.io import save_arrays
 from lathe.metrics import TIMING_KEYS
 from lathe.models import build_model, count_params
 
@@ -296,21 +293,12 @@ def test_evaluate_model_reports_everything_and_quality_is_deterministic(tmp_path
     np.testing.assert_array_equal(first.p_defective, second.p_defective)
     assert first.sample_ids.tolist() == list(range(100, 112))
     assert np.all((first.p_defective >= 0) & (first.p_defective <= 1))
-
-
-def test_reports_are_written_in_dvc_friendly_formats(tmp_path):
-    result = evaluate_model(write_model_dir(tmp_path / "m"), write_test_split(tmp_path / "prep", n=5), FAST)
-    write_reports(tmp_path / "out", result)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["confusion.csv", "metrics.json", "predictions.csv"]
-    conf = (tmp_path / "out" / "confusion.csv").read_text().splitlines()
-    assert conf[0] == "actual,predicted" and len(conf) == 6
-    assert conf[1:] == [f"{y},{p}" for y, p in zip(result.labels, result.predicted)]
-    pred = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
-    assert pred[0] == "sample_id,label,predicted,p_defective"
-    assert pred[1].startswith("100,0,") and len(pred[1].split(",")[3].split(".")[1]) == 6
-    saved = read_json(tmp_path / "out" / "metrics.json")
-    assert saved == result.metrics and list(saved) == sorted(saved)
-    assert confusion_csv(result) == "\n".join(conf) + "\n" and predictions_csv(result) == "\n".join(pred) + "\n"
+    # rows: true class, columns: predicted; the counts add up to the split and agree with accuracy
+    assert first.confusion.shape == (4, 4) and first.confusion.sum() == 12
+    assert np.trace(first.confusion) / 12 == pytest.approx(m["accuracy"], abs=1e-6)
+    assert first.timing_method == ("evaluate stage: onnxruntime CPU, batch 1, 1 thread, p50/p95 of 5 calls after 1 "
+                                   "warm-up calls, each model timed alone, in its own stage run; throughput: median "
+                                   "of 1 calls at batch 4")
 
 
 # --- failures -----------------------------------------------------------------------------------

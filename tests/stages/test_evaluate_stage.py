@@ -4,6 +4,8 @@ import json
 import pytest
 import yaml
 
+from lathe.metrics import HEADLINE_KEYS
+from lathe.reports import read_report
 from stages import evaluate as stage
 from tests.lathe.test_evaluate import write_model_dir, write_test_split
 from tests.tiny import tiny_params
@@ -17,20 +19,25 @@ def run(tmp_path, params=None):
     return tmp_path / "reports" / "teacher"
 
 
-def test_stage_writes_metrics_confusion_and_predictions(tmp_path):
+def test_stage_writes_headline_detail_predictions_and_confusion_picture(tmp_path):
     write_model_dir(tmp_path / "models" / "teacher")
     write_test_split(tmp_path / "prepared", n=10)
     out = run(tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["confusion.csv", "metrics.json", "predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "detail.json", "metrics.json", "predictions.csv"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_test"] == 10 and metrics["params"] > 0 and metrics["macs"] > 0
+    assert sorted(metrics) == sorted(HEADLINE_KEYS) and metrics["params"] > 0 and metrics["macs"] > 0
     assert all(isinstance(v, (int, float)) for v in metrics.values())
-    with open(out / "confusion.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == 10 and set(rows[0]) == {"actual", "predicted"}
+    report = read_report(out)
+    assert report["n_test"] == 10 and report["timing_method"].startswith("evaluate stage: onnxruntime CPU, batch 1")
+    detail = json.loads((out / "detail.json").read_text())
+    assert sum(map(sum, detail["confusion_matrix"])) == 10
+    png = (out / "confusion.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"tIME" not in png
     with open(out / "predictions.csv", newline="") as fh:
         preds = list(csv.DictReader(fh))
     assert [int(r["sample_id"]) for r in preds] == list(range(100, 110))
+    # the picture is the same bytes on a rerun (the timings in metrics.json are not)
+    assert run(tmp_path) and (out / "confusion.png").read_bytes() == png
 
 
 def test_missing_model_exits_1_naming_the_file(tmp_path, capsys):

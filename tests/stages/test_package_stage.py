@@ -29,7 +29,8 @@ DVC_YAML = """stages:
   quantize: {foreach: [teacher], do: {cmd: q, outs: ['models/quantized/${item}']}}
   evaluate:
     foreach: [teacher, quantized/teacher]
-    do: {cmd: e, outs: ['reports/${item}/predictions.csv'], metrics: ['reports/${item}/metrics.json']}
+    do: {cmd: e, outs: ['reports/${item}/predictions.csv', 'reports/${item}/detail.json'],
+         metrics: ['reports/${item}/metrics.json']}
   package:
     foreach: ${targets}
     do: {cmd: p, outs: ['models/packages/${key}', 'models/packages/${key}.tar.gz', 'models/packages/${key}.tar.gz.sha256']}
@@ -64,8 +65,10 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
         (ws / "models" / v).mkdir(parents=True)
         (ws / "models" / v / "model.onnx").write_bytes(tiny_onnx(seed=i, size=16))
         write_json(ws / "reports" / v / "metrics.json", {
-            "size_bytes": 5000 // (i + 1), "latency_p50_ms": 0.5 / (i + 1), "accuracy": 0.4 + 0.01 * i,
-            "recall_class_0": 0.5, "accuracy_mono": 0.4, "n_test_mono": 6, "n_test": 12})
+            "size_bytes": 5000 // (i + 1), "latency_p50_ms": 0.5 / (i + 1), "accuracy": 0.4 + 0.01 * i})
+        write_json(ws / "reports" / v / "detail.json", {
+            "metrics": {"recall_class_0": 0.5, "accuracy_mono": 0.4, "n_test_mono": 6, "n_test": 12},
+            "confusion_matrix": [[6, 0], [0, 6]], "timing_method": "evaluate stage: as in the test"})
     write_json(ws / "models/quantized/teacher/quantize.json",
                {"calibration": {"sample_ids_sha256": "c" * 64, "size": 8, "method": "minmax"}})
     lock = {"schema": "2.0", "stages": {
@@ -74,7 +77,8 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
         "train_teacher": lock_entry("t", ["data/prepared", "data/validation"], ["models/teacher"]),
         "quantize@teacher": lock_entry("q", ["models/teacher/model.onnx", "data/prepared"], ["models/quantized/teacher"]),
         **{f"evaluate@{v}": lock_entry("e", [f"models/{v}", "data/prepared"],
-                                       [f"reports/{v}/predictions.csv", f"reports/{v}/metrics.json"]) for v in VARIANTS}}}
+                                       [f"reports/{v}/predictions.csv", f"reports/{v}/detail.json",
+                                        f"reports/{v}/metrics.json"]) for v in VARIANTS}}}
     (ws / "dvc.lock").write_text(yaml.safe_dump(lock))
     params = tiny_params(
         targets={TARGET: {"description": "test gateway", "defective_recall_target": 0.5,
