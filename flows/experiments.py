@@ -1,8 +1,8 @@
 """Compression-recipe sweeps as DVC experiments, run by a Prefect flow, summarised as a Pareto table.
 
-Prefect orchestrates, DVC decides: every grid point is one queued `dvc exp run --queue -S key=value`
-experiment; `dvc exp run --run-all --jobs 1` runs the queue (one at a time: 2 cores, and latencies
-are measured); `dvc exp show --json` is read back, and every (experiment, variant) row with its
+Prefect orchestrates, DVC decides: every grid point is one `dvc exp run --temp -S key=value`
+experiment, run one at a time (2 cores, and latencies are measured; with jobs > 1 the points are
+queued, `dvc exp run --queue`, and `dvc exp run --run-all --jobs N` runs them); `dvc exp show --json` is read back, and every (experiment, variant) row with its
 accuracy, size and batch-1 latency goes into a Pareto table (lathe.compare.pareto_front; lower size
 or latency, higher quality is better):
 
@@ -215,6 +215,24 @@ def queue_experiment(repo: str, name: str, point: dict[str, Any], targets: list[
     return {"name": name, "params": point}
 
 
+@task(name="dvc-exp-run", task_run_name="{name}", persist_result=False, cache_policy=NO_CACHE)
+def run_experiment(repo: str, name: str, point: dict[str, Any], targets: list[str]) -> dict[str, Any]:
+    """One experiment now, in a temporary copy of the repo (`dvc exp run --temp`): no queue, no celery
+    worker. A failed experiment does not raise here (the sweep collects the others, then fails naming it)."""
+    sets = set_args(yaml.safe_load((Path(repo) / "params.yaml").read_text()) or {}, point)
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", name, *sets, *targets],
+                         cwd=repo, env=_dvc_env(Path(repo), targets), capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)
+    seconds = round(time.monotonic() - start, 1)
+    log = get_run_logger()
+    log.info("%s %s: exit %d in %.1f s", name, point, res.returncode, seconds)
+    if res.returncode != 0:
+        log.error("dvc exp run --temp %s exited %d:\n%s", name, res.returncode, res.stderr[-3000:])
+    return {"name": name, "params": point, "seconds": seconds, "returncode": res.returncode,
+            "stderr_tail": res.stderr[-2000:]}
+
+
 @task(name="dvc-exp-run-all", persist_result=False, cache_policy=NO_CACHE)
 def run_queue(repo: str, targets: list[str], jobs: int = 1) -> dict[str, Any]:
     """`dvc exp run --run-all`; a failed experiment does not raise here: the sweep still collects
@@ -260,9 +278,19 @@ def sweep(repo: Path | None = None, grid: dict[str, list] | None = None, targets
     points = grid_points(grid)
     log.info("%d experiments over %s", len(points), list(grid))
     t0 = time.monotonic()
-    queued = [queue_experiment(str(root), experiment_name(prefix, i, p), p, targets) for i, p in enumerate(points)]
-    t_queue = time.monotonic() - t0
-    ran = run_queue(str(root), targets, jobs)
+    if jobs == 1:
+        # One after another, each in its own temp dir. DVC's queue (celery over a filesystem broker) is
+        # not used here: under load its worker can die reading a half-written message, and
+        # `dvc exp run --run-all` then waits forever for it (seen on a loaded 2-core machine).
+        queued = [run_experiment(str(root), experiment_name(prefix, i, p), p, targets) for i, p in enumerate(points)]
+        t_queue = 0.0
+        failed = [q for q in queued if q["returncode"] != 0]
+        ran = {"seconds": round(time.monotonic() - t0, 1), "returncode": failed[0]["returncode"] if failed else 0,
+               "stderr_tail": failed[0]["stderr_tail"] if failed else ""}
+    else:
+        queued = [queue_experiment(str(root), experiment_name(prefix, i, p), p, targets) for i, p in enumerate(points)]
+        t_queue = time.monotonic() - t0
+        ran = run_queue(str(root), targets, jobs)
     shown = show_experiments(str(root))
     names = [q["name"] for q in queued]
     experiments = experiments_from_show(shown, names, list(grid))
@@ -274,8 +302,8 @@ def sweep(repo: Path | None = None, grid: dict[str, list] | None = None, targets
     create_markdown_artifact(key=ARTIFACT_KEY, markdown=markdown,
                              description=f"Pareto table of {len(experiments)} DVC experiments ({prefix})")
     if missing:
-        raise SweepFailed(f"experiments without results in `dvc exp show` (see `dvc queue logs NAME`): {missing}; "
-                          f"dvc exp run --run-all exited {ran['returncode']}: {ran['stderr_tail'][-500:]}")
+        raise SweepFailed(f"experiments without results in `dvc exp show` (see the flow log, or `dvc queue logs NAME` "
+                          f"with --jobs > 1): {missing}; dvc exp run exited {ran['returncode']}: {ran['stderr_tail'][-500:]}")
     return {"repo": str(root), "experiments": table["experiments"], "rows": table["rows"],
             "report": str(root / REPORT_MD),
             "seconds": {"queue": round(t_queue, 1), "run_all": ran["seconds"], "total": round(time.monotonic() - t0, 1)}}
