@@ -19,6 +19,7 @@ Safe to call only while holding the pipeline's concurrency slot (one writer per 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -44,11 +45,19 @@ def recover_workspace(repo: Path) -> list[str]:
     """
     from lathe.io import remove_dead_scratch, remove_dead_temps_under
 
-    done = [f"removed the scratch folder of a killed stage: {path}" for path in remove_dead_scratch(repo)]
-    done += [f"removed a temp file of a killed writer: {path}" for path in remove_dead_temps_under(repo)]
-    done += [f"removed a partial file of a killed DVC: {path}" for path in remove_dvc_temps(repo)]
+    done = [f"removed the scratch folder of a killed stage: {_shown(repo, p)}" for p in remove_dead_scratch(repo)]
+    done += [f"removed a temp file of a killed writer: {_shown(repo, p)}" for p in remove_dead_temps_under(repo)]
+    done += [f"removed a partial file of a killed DVC: {_shown(repo, p)}" for p in remove_dvc_temps(repo)]
     repaired = [message for message in (repair_rwlock(repo), guard_lockfile(repo)) if message]
     return done + repaired
+
+
+def _shown(repo: Path, path: Path) -> str:
+    """`path` relative to the repo (messages land in run logs and reports: no build-machine paths)."""
+    try:
+        return Path(path).relative_to(repo).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
 
 
 def repair_rwlock(repo: Path) -> str | None:
@@ -76,8 +85,8 @@ def repair_rwlock(repo: Path) -> str | None:
                 return None
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 path.unlink()
-                return (f"removed {path}: not valid JSON ({exc}), most likely left by a DVC command killed "
-                        "while it wrote the file; no DVC command is running, so no lock is lost")
+                return (f"removed {_shown(repo, path)}: not valid JSON ({exc}), most likely left by a DVC command "
+                        "killed while it wrote the file; no DVC command is running, so no lock is lost")
     except DvcException:  # rwlock.lock held: a DVC command is editing it right now
         return None
 
@@ -117,7 +126,10 @@ def lockfile_problem(path: Path) -> str | None:
         load(str(path), schema=COMPILED_LOCKFILE_SCHEMA)
     except DvcException as exc:
         cause = f": {exc.__cause__}" if exc.__cause__ else ""
-        return f"{exc}{cause}".splitlines()[0]
+        text = f"{exc}{cause}".splitlines()[0]
+        for shown in (os.path.relpath(path), str(path)):  # DVC names the file relative to the cwd
+            text = text.replace(shown, Path(path).name)
+        return text
     return None
 
 
@@ -138,5 +150,5 @@ def guard_lockfile(repo: Path) -> str | None:
         raise LockfileBroken(f"{lock} is broken ({problem}) and there is no earlier copy at {copy}; "
                              f"restore it with `git checkout {LOCK_FILE}` and rerun")
     write_bytes(lock, copy.read_bytes())  # atomic, pid-tagged temp (lathe.io)
-    return (f"{lock} was broken ({problem}), most likely by a run killed while DVC wrote it; "
-            f"restored the copy taken before the last stage ({copy})")
+    return (f"{LOCK_FILE} was broken ({problem}), most likely by a run killed while DVC wrote it; "
+            f"restored the copy taken before the last stage ({_shown(repo, copy)})")

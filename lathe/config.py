@@ -351,6 +351,8 @@ ALL_VARIANTS = ["teacher", "pruned", "student", "student_control", "lowrank",
                 "quantized/teacher", "quantized/pruned", "quantized/student", "quantized/student_control",
                 "quantized/lowrank"]
 TARGET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # a folder name and a dvc.yaml foreach key
+# How a target picks among the variants passing all its gates (ranking and tie-breaks: lathe.ship.gates.RANKS)
+SelectionPolicy = Literal["smallest", "fastest", "most_accurate"]
 
 
 class GateParams(Section):
@@ -375,6 +377,9 @@ class TargetParams(Section):
     defective_recall_target: float = Field(
         0.85, gt=0, le=1, description="the decision threshold is the highest one reaching this recall on the val split")
     gates: GateParams = GateParams()
+    selection: SelectionPolicy = Field(
+        "smallest", description="among the variants passing every gate: smallest (bytes), fastest (p50 measured by "
+                                "the evaluate stage on the build machine) or most_accurate (test accuracy)")
 
 
 class PackageParams(Section):

@@ -1,4 +1,4 @@
-"""Glue every stage shares: argv parsing, params loading, and turning LatheErrors into clean exits."""
+"""Glue every stage shares: argv parsing, params loading, quiet logs, and turning LatheErrors into clean exits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,43 @@ from lathe.io import printable, scratch_tempdir, write_text
 
 S = TypeVar("S", bound=Section)
 PARAMS_FILE = Path("params.yaml")
+VERBOSE_ENV = "LATHE_VERBOSE"
+VERBOSE_FLAG = "--verbose"
+OWN_LOGGERS = ("lathe", "stages", "flows", "__main__")  # a stage module run with `python -m` logs as __main__
+
+
+def is_verbose() -> bool:
+    """Env LATHE_VERBOSE=1 (or `--verbose` on the stage's command line, which sets it: configure_warnings)."""
+    return os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def configure_warnings() -> bool:
+    """Keep library warnings and chatter (torch, onnx, onnxscript, onnxruntime: UserWarning,
+    DeprecationWarning, FutureWarning, their loggers' warnings and notes) out of stage logs unless
+    verbose; True when verbose.
+
+    Verbose is env LATHE_VERBOSE=1 or `--verbose` anywhere on a stage's command line (taken out of
+    sys.argv here, so no stage parser needs to know it). Runs when `stages` is imported, before any
+    stage module imports a library, so import-time warnings are covered too. Verbose shows every
+    warning once per place through the stage's log; quiet drops them, sets torch.onnx's logger to
+    errors (TORCH_LOGS, read when torch loads; a TORCH_LOGS of the user's own is kept), and `run`
+    shows only this project's log records (and any library's errors).
+    """
+    if VERBOSE_FLAG in sys.argv[1:]:
+        sys.argv = [a for a in sys.argv if a != VERBOSE_FLAG]
+        os.environ[VERBOSE_ENV] = "1"
+    if is_verbose():
+        warnings.simplefilter("default")
+        logging.captureWarnings(True)
+        return True
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TORCH_LOGS", "-onnx")  # "torchvision is not installed. Skipping torchvision::nms" x4
+    return False
+
+
+def _own_or_error(record: logging.LogRecord) -> bool:
+    """This project's records, and any library's errors (onnxruntime's quantizer logs on the root logger)."""
+    return record.name.split(".")[0] in OWN_LOGGERS or record.levelno >= logging.ERROR
 
 
 def parse_args(description: str, argv: Sequence[str] | None, *names: str, section: str | None = None) -> argparse.Namespace:
@@ -50,6 +88,9 @@ def run(stage: str, body: Callable[[], None]) -> None:
     permission) names the file; anything else names the error and the file holding its traceback
     (printed too with LATHE_DEBUG=1)."""
     logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s", stream=sys.stderr)
+    if not is_verbose():  # library notes (onnxscript's passes, onnxruntime's quantizer) only when verbose
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_own_or_error)
     try:
         with scratch_tempdir(Path.cwd(), stage):
             body()

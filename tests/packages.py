@@ -61,7 +61,7 @@ def build_package(dest: Path, private_key: Path, seed: int = 0, target: str = "e
     write_json(pkg / "preprocessing.json", preprocessing_record(unstamped, SIZE, 2, 0.5, 4))
     (pkg / "model_card.md").write_text(f"# model card {seed}\n")
     manifest = {
-        "schema": "lathe.package/1", "target": {"name": target},
+        "schema": "lathe.package/1", "target": {"name": target, "selection": "smallest"},
         "variant": "quantized/student",
         "files": {"model.onnx": sha256_bytes(unstamped),
                   **{n: sha256_file(pkg / n) for n in ("preprocessing.json", "model_card.md", "selftest.npz")}},
@@ -80,6 +80,12 @@ def build_package(dest: Path, private_key: Path, seed: int = 0, target: str = "e
         "metrics": {"test": {"accuracy": 0.5, "latency_p50_ms": 1.0}, "threshold": {"value": 0.5, "chosen_on": "val",
                                                               "test": {"defective_recall": 0.9, "false_reject_rate": 0.2}}},
         "gates": [{"gate": "max_size_bytes", "limit": 500000, "value": 300, "passed": True}],
+        "selection": [{"variant": "teacher", "passed": False, "size_bytes": 900000, "latency_p50_ms": 2.0,
+                       "accuracy": 0.6, "failed": ["max_size_bytes"]},
+                      {"variant": "quantized/student", "passed": True, "size_bytes": 300, "latency_p50_ms": 1.0,
+                       "accuracy": 0.5, "failed": []},
+                      {"variant": "student", "passed": True, "size_bytes": 900, "latency_p50_ms": 0.5,
+                       "accuracy": 0.55, "failed": []}],
         "build": {"time": build_time, "flow_run_id": None},
     }
     manifest["package_id"] = package_id_of(manifest)

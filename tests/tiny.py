@@ -14,12 +14,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# Params small enough for a 2-core machine: 16 px images, a two-stage CNN, two epochs.
+# Params small enough for a 2-core machine: 16 px images, a two-stage CNN, one or two epochs per step
+# after the teacher. The teacher gets enough optimizer steps (10 epochs of batch 8) to learn the generated
+# classes well above chance (tests/integration/test_pipeline.py says by how much); ~2 s here.
 TINY_PARAMS = {
     "ingest": {"image_size": 16, "seed": 0, "val_fraction": 0.2, "test_fraction": 0.25},
     "validate": {"min_rows": 20, "min_per_class_per_split": 1},
     "train_teacher": {
-        "seed": 0, "threads": 1, "epochs": 2, "batch_size": 16, "lr": 0.003,
+        "seed": 0, "threads": 1, "epochs": 10, "batch_size": 8, "lr": 0.01,
         "arch": {"stem_channels": 8, "stem_stride": 1, "widths": [8, 16], "blocks": [1, 1]},
     },
     "evaluate": {"latency_warmup": 1, "latency_runs": 5, "throughput_batch": 8, "throughput_runs": 1,
@@ -99,7 +101,7 @@ def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return res
 
 
-def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 6) -> Path:
+def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 12) -> Path:
     """A real git + DVC repo holding the project code, tiny params and generated raw data, committed."""
     from lathe.data import generate_raw
 

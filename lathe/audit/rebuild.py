@@ -136,6 +136,14 @@ def _at(obj: Any, path: str) -> str:
     return json.dumps(cur, sort_keys=True) if isinstance(cur, (dict, list)) else str(cur)
 
 
+def _other_choice(original: Path, rebuilt: Path) -> str:
+    """Why the rebuilt package holds another variant: said first, as it explains every other difference."""
+    ma, mb = (json.loads(p.read_bytes()) for p in (original, rebuilt))
+    policy = _at(ma, "target.selection")
+    why = " (policy fastest ranks by latency, and this rebuild measured it again)" if policy == "fastest" else ""
+    return f"the rebuild chose {_at(mb, 'variant')} where the package holds {_at(ma, 'variant')}{why}"
+
+
 def compare_packages(original: Path, rebuilt: Path) -> Comparison:
     """Files (other than `signature`) that differ between two package folders; manifest.json by key
     path. Measured values (lathe.ship.contract.measurement_paths, the model card's last section) are
@@ -154,6 +162,8 @@ def compare_packages(original: Path, rebuilt: Path) -> Comparison:
     if MANIFEST_FILE in differing:
         keys, side = _compare_manifests(*differing.pop(MANIFEST_FILE))
         result.measured += side
+        if "variant" in keys:
+            result.diffs.append(_other_choice(original / MANIFEST_FILE, rebuilt / MANIFEST_FILE))
         if keys:
             result.diffs.append(f"{MANIFEST_FILE}: differs at {', '.join(keys)}")
         else:

@@ -4,7 +4,8 @@ the target and id a plant expects, does it still work, and does it rebuild ident
 Checks run in a fixed order, each a named line (PASS, FAIL or SKIP with a reason):
 
 1. offline, on bytes only: archive hash and safe extraction, manifest schema, binding (target name,
-   pinned package id), file set, file hashes, the model's stamp, preprocessing.json's schema and
+   pinned package id), file set, file hashes, the model's stamp, the choice of variant under the
+   target's selection policy, preprocessing.json's schema and
    bounds, the model graph (parsed, never run), and the signature against trusted keys only
    (lathe.audit.trust);
 2. only when every offline check passed: the self-test, in a confined child process
@@ -270,6 +271,28 @@ def check_stamp(pkg: Path, manifest: Manifest, report: VerifyReport) -> None:
             report.add("model stamp", "PASS", f"{PACKAGE_ID_KEY} and {MANIFEST_SHA_KEY} match {MANIFEST_FILE}")
 
 
+def check_selection(manifest: Manifest, report: VerifyReport) -> None:
+    """The chosen variant is the best, under the target's selection policy, of the passing candidates listed."""
+    from lathe.ship.gates import choice_problems, rank_rule
+
+    with report.guard("selection"):
+        policy, rows = manifest.target.selection, manifest.selection
+        if policy is None or rows is None:
+            why = ("the manifest names no selection policy (target.selection; built before policies existed)"
+                   if policy is None else f"policy {policy}, but the manifest lists no candidates")
+            report.add("selection", "SKIP", f"{why}: the choice of {manifest.variant} is not checked")
+            return
+        test = manifest.metrics.get("test")
+        problems = choice_problems(policy, manifest.variant, [r.model_dump() for r in rows],
+                                   test if isinstance(test, dict) else {})
+        if problems:
+            report.add("selection", "FAIL", printable("; ".join(problems), 600))
+        else:
+            passing = sum(r.passed for r in rows)
+            report.add("selection", "PASS", f"{manifest.variant} is policy {policy}'s best ({rank_rule(policy)}) "
+                                            f"of the {passing} listed candidates passing every gate")
+
+
 def check_preprocessing(pkg: Path, report: VerifyReport) -> Preprocessing | None:
     with report.guard("preprocessing"):
         pre = parse_json_file(read_package_file(pkg, PREPROCESSING_FILE), PREPROCESSING_FILE, Preprocessing)
@@ -329,8 +352,9 @@ def offline_checks(pkg: Path, trust: Trust, report: VerifyReport, names: list[st
         check_binding(manifest, names, report, target, package_id)
         check_hashes(pkg, manifest, report)
         check_stamp(pkg, manifest, report)
+        check_selection(manifest, report)
     else:
-        for what in ("binding", "hashes", "model stamp"):
+        for what in ("binding", "hashes", "model stamp", "selection"):
             report.add(what, "SKIP", f"needs a valid {MANIFEST_FILE}")
     pre = check_preprocessing(pkg, report)
     check_model(pkg, pre, report)

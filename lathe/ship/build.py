@@ -52,6 +52,7 @@ from lathe.ship.gates import (
     evaluate_candidate,
     gate_table,
     select,
+    selection_row,
 )
 from lathe.ship.lineage import (
     MEASUREMENT_REPORTS,
@@ -144,7 +145,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
                                        evaluate.defective_from_class)
         candidates.append(c)
         logits_of[variant] = logits
-    chosen = select(candidates)
+    chosen = select(candidates, profile.selection)
     if chosen is None:
         raise LatheError(f"no variant passes every gate of target '{target}'; the previous package is left "
                          f"as it was.\n\n{gate_table(target, candidates)}\n")
@@ -177,7 +178,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
     validation = validation_record(inputs.validation_dir)
     calibration = calibration_record(model_dir)
     machine = machine_record()
-    card = model_card(target, profile, chosen, raw, validation, calibration, num_classes,
+    card = model_card(target, profile, chosen, candidates, raw, validation, calibration, num_classes,
                       evaluate.defective_from_class, splits_info, machine)
     t = chosen.threshold
     manifest: dict[str, Any] = {
@@ -200,9 +201,8 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
                     "threshold": {"value": t.value, "recall_target": t.recall_target, "chosen_on": THRESHOLD_SPLIT,
                                   "defective_from_class": evaluate.defective_from_class, "val": t.val, "test": t.test}},
         "gates": chosen.gates,
-        "selection": [{"variant": c.variant, "passed": c.passed, "size_bytes": c.metrics["size_bytes"],
-                       "latency_p50_ms": c.metrics["latency_p50_ms"],
-                       "failed": [g["gate"] for g in c.gates if not g["passed"]]} for c in candidates],
+        # every candidate, so a verifier can re-rank them under target.selection (lathe.ship.gates.RANKS)
+        "selection": [selection_row(c) for c in candidates],
         "numerics": numerics_record(),  # the pins every stage ran under: the same on every machine
         # not identity (lathe.ship.contract.NOT_IDENTITY): when and where it was built, and the dvc.lock
         # as read (its bytes hold other stages' measured metrics)

@@ -13,7 +13,7 @@ from lathe.ship.contract import (
     SELFTEST_FILE,
     Preprocessing,
 )
-from lathe.ship.gates import Candidate, gate_table
+from lathe.ship.gates import MEASURED_RANK_FIELDS, RANKS, Candidate, gate_table, rank_rule
 
 CLASS_NAMES = ["functional (p=0)", "possibly defective (p=1/3)", "probably defective (p=2/3)", "defective (p=1)"]
 
@@ -55,8 +55,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict, validation: dict,
-               calibration: dict | None, num_classes: int, defective_from: int, splits: dict,
+def selection_lines(profile: TargetParams, chosen: Candidate, candidates: list[Candidate]) -> list[str]:
+    """The card's "Selection" section: policy, its ranking, and the passing candidates (no measured figure)."""
+    policy = profile.selection
+    passing = [c.variant for c in candidates if c.passed]
+    lines = ["## Selection", "",
+             (f"Policy `{policy}`: among the {len(passing)} of {len(candidates)} evaluated variants passing every "
+              f"gate ({', '.join(passing)}), the best by {rank_rule(policy)}; chosen: **{chosen.variant}**.")]
+    if any(f in MEASURED_RANK_FIELDS for f, _ in RANKS[policy]):
+        lines.append("This policy ranks by latency measured on the build machine (figures in the last section): "
+                     "a rebuild that measures again elsewhere may rank the variants differently.")
+    return lines + [""]
+
+
+def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates: list[Candidate], raw: dict,
+               validation: dict, calibration: dict | None, num_classes: int, defective_from: int, splits: dict,
                machine: dict) -> str:
     """The human-readable card; `machine` (lathe.determinism.machine_record) only in its last section."""
     m, t = chosen.metrics, chosen.threshold
@@ -98,8 +111,9 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict,
     for ct in ("mono", "poly"):
         if f"accuracy_{ct}" in m:
             lines.append(f"| {ct} | {_pct(m[f'accuracy_{ct}'])} | {m.get(f'n_test_{ct}', '?')} |")
-    lines += ["", "## Gates", "", gate_table(target, [chosen], measured_apart=True), "",
-              "## Limits", "",
+    lines += ["", "## Gates", "", gate_table(target, [chosen], measured_apart=True), ""]
+    lines += selection_lines(profile, chosen, candidates)
+    lines += ["## Limits", "",
               "- Trained and judged on the data above only; other cell sizes, cameras, exposure or module "
               "types are out of scope until evaluated.",
               "- The middle classes (p=1/3, p=2/3) are small and hard; read per-class recall before relying on them.",
@@ -113,8 +127,11 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, raw: dict,
               f"{m.get('throughput_ips', 0):,.0f} images/s",
               f"- measured by the {m.get('timing_method', 'evaluate stage (method not recorded)')}; `make bench` "
               "times models interleaved in one process, so reports/bench.md differs on the same machine",
-              f"- latency gate: {_latency_gate(chosen)}",
-              f"- on: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
+              f"- latency gate: {_latency_gate(chosen)}"]
+    if any(f in MEASURED_RANK_FIELDS for f, _ in RANKS[profile.selection]):
+        ranked = ", ".join(f"{c.variant} {c.metrics['latency_p50_ms']:.3f} ms" for c in candidates if c.passed)
+        lines.append(f"- selection `{profile.selection}` ranked these p50 latencies: {ranked}")
+    lines += [f"- on: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, "
               f"{' '.join(machine.get('vendor_flags', [])) or 'flags unknown'})", ""]
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lathe.config import TARGET_NAME
+from lathe.config import TARGET_NAME, GateParams, SelectionPolicy
 from lathe.errors import LatheError
 from lathe.export import write_metadata
 from lathe.io import sha256_bytes
@@ -246,6 +246,25 @@ class Preprocessing(_Record):
 
 class TargetRecord(_Open):
     name: str = Field(pattern=TARGET_NAME)
+    selection: SelectionPolicy | None = None  # absent in packages built before selection policies
+
+
+class SelectionRow(_Open):
+    """One evaluated candidate as manifest.selection lists it (lathe.ship.gates.selection_row)."""
+
+    variant: str = Field(pattern=VARIANT)
+    passed: bool
+    size_bytes: int = Field(ge=0)
+    latency_p50_ms: float = Field(ge=0, le=1e7)
+    accuracy: float | None = Field(None, ge=0, le=1)  # absent in packages built before selection policies
+    failed: list[str] = Field(max_length=len(GateParams.model_fields))
+
+    @model_validator(mode="after")
+    def _gate_names(self) -> SelectionRow:
+        unknown = [g for g in self.failed if g not in GateParams.model_fields]
+        if unknown:
+            raise ValueError(f"failed lists {len(unknown)} name(s) that are not gates")
+        return self
 
 
 class GitRecord(_Open):
@@ -307,6 +326,7 @@ class Manifest(_Open):
     validation: ValidationRecord
     metrics: dict[str, Any]
     gates: list[GateRecord]
+    selection: list[SelectionRow] | None = Field(None, min_length=1, max_length=256)
 
     @model_validator(mode="after")
     def _files(self) -> "Manifest":

@@ -96,12 +96,90 @@ def check_gates(gates_cfg, metrics: dict, threshold: Threshold) -> list[dict]:
     return out
 
 
-def select(candidates: list[Candidate]) -> Candidate | None:
-    """Among candidates passing every gate: the smallest, then the fastest (p50), then by name."""
+# Each selection policy (lathe.config.SelectionPolicy) ranks the candidates passing every gate by these
+# keys, best first: (manifest.selection row field, "asc" | "desc"). Ties fall to the next key and
+# finally to the variant name, so a choice is deterministic. Only `fastest` reads a measurement
+# (latency on the build machine); the other two rank by machine-independent figures alone.
+RANKS: dict[str, tuple[tuple[str, str], ...]] = {
+    "smallest": (("size_bytes", "asc"), ("accuracy", "desc"), ("variant", "asc")),
+    "fastest": (("latency_p50_ms", "asc"), ("size_bytes", "asc"), ("accuracy", "desc"), ("variant", "asc")),
+    "most_accurate": (("accuracy", "desc"), ("size_bytes", "asc"), ("variant", "asc")),
+}
+MEASURED_RANK_FIELDS = ("latency_p50_ms",)
+
+
+def rank_rule(policy: str) -> str:
+    """The policy's ranking in words ("size_bytes ascending, then accuracy descending, then variant name")."""
+    words = [f"{f} {'ascending' if o == 'asc' else 'descending'}" for f, o in RANKS[policy] if f != "variant"]
+    return ", then ".join(words + ["variant name"])
+
+
+def rank_key(policy: str, row: dict) -> tuple:
+    """Sort key of a selection row under `policy` (smaller is better). KeyError/TypeError on a missing field."""
+    key: list = []
+    for field, order in RANKS[policy]:
+        value = row[field]
+        if field == "variant":
+            key.append(str(value))
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{field} is {value!r}, not a number")
+        else:
+            key.append(value if order == "asc" else -value)
+    return tuple(key)
+
+
+def selection_row(c: Candidate) -> dict:
+    """A candidate as manifest.selection lists it (latency_p50_ms is a measurement: not identity)."""
+    return {"variant": c.variant, "passed": c.passed, "size_bytes": c.metrics["size_bytes"],
+            "latency_p50_ms": c.metrics["latency_p50_ms"], "accuracy": c.metrics["accuracy"],
+            "failed": [g["gate"] for g in c.gates if not g["passed"]]}
+
+
+def select(candidates: list[Candidate], policy: str = "smallest") -> Candidate | None:
+    """The best candidate under `policy` (RANKS) among those passing every gate; None when none passes."""
     ok = [c for c in candidates if c.passed]
     if not ok:
         return None
-    return min(ok, key=lambda c: (c.metrics["size_bytes"], c.metrics["latency_p50_ms"], c.variant))
+    return min(ok, key=lambda c: rank_key(policy, selection_row(c)))
+
+
+def choice_problems(policy: str, chosen: str, rows: list[dict], metrics_test: dict | None = None) -> list[str]:
+    """What is wrong with choosing `chosen` under `policy` given the candidate rows (manifest.selection).
+
+    Empty when: the rows name each variant once, `passed` agrees with `failed`, the chosen variant
+    is listed, passed, agrees with `metrics_test` (manifest.metrics.test) on size and accuracy, and
+    is the policy's best among the passing rows.
+    """
+    problems: list[str] = []
+    names = [r.get("variant") for r in rows]
+    twice = sorted({str(n) for n in names if names.count(n) > 1})
+    if twice:
+        problems.append(f"candidates listed twice: {', '.join(twice)}")
+    for r in rows:
+        if bool(r.get("passed")) == bool(r.get("failed")):
+            problems.append(f"candidate {r.get('variant')}: passed={r.get('passed')} but failed gates "
+                            f"{r.get('failed') or []}")
+    row = next((r for r in rows if r.get("variant") == chosen), None)
+    if row is None:
+        return problems + [f"the chosen variant {chosen} is not among the {len(rows)} candidates listed"]
+    if not row.get("passed"):
+        problems.append(f"the chosen variant {chosen} did not pass every gate (failed {row.get('failed')})")
+    for key in ("size_bytes", "accuracy"):
+        if key in (metrics_test or {}) and metrics_test[key] != row.get(key):
+            problems.append(f"selection lists {chosen} with {key} {row.get(key)} but metrics.test says "
+                            f"{str(metrics_test[key])[:40]}")
+    passing = [r for r in rows if r.get("passed")]
+    fields = [f for f, _ in RANKS[policy]]
+    lacking = sorted({str(r.get("variant")) for r in passing for f in fields if r.get(f) is None})
+    if lacking:
+        return problems + [(f"policy {policy} ranks by {', '.join(fields)}, which candidate(s) {', '.join(lacking)} "
+                            "do not list")]
+    best = min(passing, key=lambda r: rank_key(policy, r))
+    if best["variant"] != chosen:
+        shown = ", ".join(f"{f} {best[f]} vs {row[f]}" for f, _ in RANKS[policy] if f != "variant")
+        problems.append(f"policy {policy} ({rank_rule(policy)}) picks {best['variant']} among the {len(passing)} "
+                        f"passing candidates, not {chosen} ({shown})")
+    return problems
 
 
 def _fmt(gate: str, value: float | int | None) -> str:

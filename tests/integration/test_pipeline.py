@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -73,6 +75,69 @@ def test_pipeline_produces_every_declared_output(built):
     metrics = yaml.safe_load((built / "reports/teacher/metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 1 and "defective_recall" in metrics and "balanced_accuracy" in metrics
     assert not (built / "reports/teacher/confusion.csv").exists()  # predictions.csv holds label and prediction
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion correct/n (sound at small n, unlike the normal one)."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_wilson_interval_matches_published_values():
+    lo, hi = wilson_interval(8, 10)  # the textbook Wilson interval of 8/10: 0.490-0.943
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert abs(wilson_interval(0, 20)[0]) < 1e-12 and round(wilson_interval(0, 20)[1], 4) == 0.1611
+
+
+def test_the_tiny_teacher_learns_the_generated_classes_well_above_chance(built):
+    """lathe.data.generate_raw's classes are learnable: on the tiny pipeline's test split the teacher's
+    4-class accuracy has a 95% interval wholly above the best a constant guess could do (the majority class)."""
+    rows = list(csv.DictReader((built / "reports/teacher/predictions.csv").open()))
+    labels = [int(r["label"]) for r in rows]
+    correct = sum(int(r["label"]) == int(r["predicted"]) for r in rows)
+    n = len(rows)
+    chance = max(labels.count(k) for k in set(labels)) / n  # 0.25 here: ingest stratifies balanced classes
+    lo, hi = wilson_interval(correct, n)
+    metrics = json.loads((built / "reports/teacher/metrics.json").read_text())
+
+    assert n >= 20 and len(set(labels)) == 4
+    assert metrics["n_test"] == n and abs(metrics["accuracy"] - correct / n) < 1e-6
+    assert lo > chance + 0.1, f"teacher {correct}/{n} = {correct / n:.3f}, 95% CI [{lo:.3f}, {hi:.3f}], chance {chance}"
+
+
+def machine_paths(ws: Path) -> tuple[list[str], list[str]]:
+    """Absolute paths of this machine an artifact must not hold: (specific ones: the build folder, the
+    source checkout, the virtualenv; short prefixes: the temp folder and home)."""
+    import sys
+    import tempfile
+
+    from tests.tiny import ROOT
+
+    specific = {str(ws), str(ws.resolve()), str(ROOT), sys.prefix}
+    short = {tempfile.gettempdir(), str(Path.home())} - {"", "/"}
+    return sorted(p.rstrip("/") + "/" for p in specific), sorted(p.rstrip("/") + "/" for p in short)
+
+
+def test_no_artifact_or_manifest_holds_an_absolute_path_of_the_build_machine(built):
+    text = [p for pattern in ("models/**/*.json", "models/**/*.csv", "reports/**/*.json", "reports/**/*.csv",
+                              "reports/**/*.md", "data/validation/**/*", "data/prepared/*.csv",
+                              "models/packages/*/model_card.md") for p in built.glob(pattern) if p.is_file()]
+    binary = [p for pattern in ("models/**/*.onnx", "models/**/*.npz", "models/**/*.safetensors", "reports/**/*.png")
+              for p in built.glob(pattern) if p.is_file()]
+    specific, short = machine_paths(built)
+    found = []
+    for p in text:  # any of them where a path starts: after a quote, space, '=', '(' or '`' (".dvc/tmp/" is fine)
+        for n in specific + short:
+            found += [f"{p.relative_to(built)}: {m.group(0)[:100]}" for m in
+                      re.finditer(rb"(?:^|(?<=[\s\"'=(`]))" + re.escape(n.encode()) + rb"\S*", p.read_bytes(), re.MULTILINE)]
+    for p in binary:  # protobuf and zip strings have no delimiters: the specific paths anywhere
+        found += [f"{p.relative_to(built)}: holds {n}" for n in specific if n.encode() in p.read_bytes()]
+
+    assert {"manifest.json", "model_card.md", "metrics.json", "train.json", "quantize.json"} <= {p.name for p in text}
+    assert len(text) >= 50 and len(binary) >= 10 and str(built).startswith(tuple(short))  # tmp prefix scanned
+    assert not found, "\n".join(sorted(set(found)))
 
 
 def test_second_repro_runs_no_stage(ws):

@@ -17,6 +17,34 @@ def test_generate_raw_is_deterministic(tmp_path):
     assert {round(3 * s.defect_probability) for s in labels} == {0, 1, 2, 3}
 
 
+def test_generated_defects_grow_with_the_class_but_neighbouring_classes_overlap():
+    """Learnable (the dark area grows with the grade) but noisy (some grade-1 cells look like grade 0, grades
+    2 and 3 overlap, and brightness separates none); the tiny pipeline's teacher learning them is
+    tests/integration/test_pipeline.py."""
+    import numpy as np
+
+    from lathe.data import synth_image
+
+    rng = np.random.default_rng(0)
+    dark, mean = {}, {}
+    for k in range(4):
+        images = [synth_image(rng, 32, k, ct).astype(float) for ct in ("mono", "poly") for _ in range(40)]
+        dark[k] = np.array([(im < 0.6 * np.median(im)).mean() for im in images])  # busbars alone: 0.125
+        mean[k] = np.array([im.mean() for im in images])
+    assert dark[0].mean() < dark[1].mean() < dark[2].mean() < dark[3].mean()
+    assert dark[3].mean() - dark[0].mean() > 0.1
+    assert dark[1].min() <= dark[0].max() and dark[2].max() > dark[3].min()
+    assert all(mean[k].max() > mean[k + 1].min() for k in range(3))
+
+
+def test_generation_is_fast(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    assert generate_raw(tmp_path / "raw", per_class_type=12, size=32) == 96  # the tiny pipeline's raw data
+    assert time.perf_counter() - start < 10  # ~0.3 s here
+
+
 @pytest.mark.parametrize(
     "row, expected",
     [

@@ -215,3 +215,35 @@ def test_missing_key_and_unknown_target_fail_before_writing(ws, capsys, monkeypa
         main(["other", *ARGV[1:]])
     assert "no target 'other'" in capsys.readouterr().err
     assert not (ws / "models/packages").exists()
+
+
+@pytest.mark.parametrize("policy, teacher_metrics, expected", [
+    ("smallest", {"latency_p50_ms": 0.1, "accuracy": 0.9}, "quantized/teacher"),  # faster, more accurate: still bigger
+    ("fastest", {"latency_p50_ms": 0.1}, "teacher"),
+    ("most_accurate", {"accuracy": 0.9}, "teacher"),
+    ("most_accurate", {}, "quantized/teacher"),  # 0.41 beats the teacher's 0.40
+])
+def test_the_targets_selection_policy_chooses_and_records_its_choice(ws, policy, teacher_metrics, expected):
+    from lathe.ship.gates import choice_problems
+
+    metrics = json.loads((ws / "reports/teacher/metrics.json").read_text())
+    write_json(ws / "reports/teacher/metrics.json", {**metrics, **teacher_metrics})  # a DVC metric: not dirty
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["targets"][TARGET]["selection"] = policy
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(ws, "commit", "-q", "-am", f"selection {policy}")
+
+    main(ARGV)
+
+    pkg = ws / "models/packages" / TARGET
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    card = (pkg / "model_card.md").read_text()
+    assert manifest["variant"] == expected and manifest["target"]["selection"] == policy
+    assert [(r["variant"], r["passed"], round(r["accuracy"], 6)) for r in manifest["selection"]] == [
+        ("teacher", True, teacher_metrics.get("accuracy", 0.4)), ("quantized/teacher", True, 0.41)]
+    assert f"Policy `{policy}`: among the 2 of 2 evaluated variants" in card and f"chosen: **{expected}**" in card
+    measured_part = card.split("## Measured on the build machine")[1]
+    assert ("ranked these p50 latencies" in measured_part) == (policy == "fastest")
+    assert ("ranks by latency measured on the build machine" in card) == (policy == "fastest")
+    # what verify's "selection" line checks (a full verify needs real md5s in the lineage: tiny pipeline tests)
+    assert choice_problems(policy, manifest["variant"], manifest["selection"], manifest["metrics"]["test"]) == []

@@ -38,12 +38,34 @@ def test_compare_packages_lists_files_and_manifest_keys(tmp_path):
     write_json(b / "manifest.json", manifest)
     (b / "model_card.md").write_text("other\n")
     diffs = compare_packages(a, b).diffs
-    assert diffs[0] == "manifest.json: differs at variant"
-    assert diffs[1] == "model_card.md: differs before its measured section"
+    assert diffs[0] == "the rebuild chose quantized/teacher where the package holds quantized/student"
+    assert diffs[1] == "manifest.json: differs at variant"
+    assert diffs[2] == "model_card.md: differs before its measured section"
     write_archive(b, tmp_path / "b.tar.gz", mtime=0)
     assert compare_archives(tmp_path / "a.tar.gz", tmp_path / "b.tar.gz") == [
         "archive member edge/manifest.json: differs (header or content)",
         "archive member edge/model_card.md: differs (header or content)"]
+
+
+def test_a_rebuild_choosing_another_variant_says_why_when_the_policy_ranks_by_latency(tmp_path):
+    """Policy fastest: `verify --rebuild --full` measures latency again and may rank another variant first."""
+    from lathe.audit.rebuild import compare_packages
+
+    keys = make_keys(tmp_path / "keys")
+    a = build_package(tmp_path / "a", keys["priv"])
+    b = tmp_path / "b" / "edge"
+    shutil.copytree(a, b)
+    for pkg, variant in ((a, "quantized/student"), (b, "student")):
+        manifest = json.loads((pkg / "manifest.json").read_text())
+        manifest["target"]["selection"] = "fastest"
+        manifest["variant"] = variant
+        write_json(pkg / "manifest.json", manifest)
+
+    diffs = compare_packages(a, b).diffs
+
+    assert diffs[0] == ("the rebuild chose student where the package holds quantized/student (policy fastest ranks "
+                        "by latency, and this rebuild measured it again)")
+    assert diffs[1].startswith("manifest.json: differs at") and "variant" in diffs[1]
 
 
 def test_measured_values_are_shown_side_by_side_and_every_other_byte_compared(tmp_path):

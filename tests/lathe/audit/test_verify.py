@@ -63,7 +63,8 @@ def test_valid_package_passes_every_check_in_order(pkg, keys):
     assert report.ok, failed(report)
     names = [c.name for c in report.checks]
     assert names == ["file set", "manifest", "binding", "hash model.onnx", "hash model_card.md",
-                     "hash preprocessing.json", "hash selftest.npz", "model stamp", "preprocessing", "model graph",
+                     "hash preprocessing.json", "hash selftest.npz", "model stamp", "selection", "preprocessing",
+                     "model graph",
                      "signature", "self-test"]
     assert report.facts["package id"] == json.loads((pkg / "manifest.json").read_text())["package_id"]
     assert report.facts["target"] == "edge" and report.facts["variant"] == "quantized/student"
@@ -251,6 +252,62 @@ def test_selftest_with_wrong_expected_outputs_fails(pkg, keys):
     (pkg / "selftest.npz").write_bytes(npz_bytes({"images": images, "logits": expected + 0.01}))
     reseal(pkg, keys["priv"])
     assert "differ from the expected ones by more than 0.001" in failed(verify(pkg, keys["pub"]))["self-test"]
+
+
+# --- the choice of variant under the target's selection policy (issue 13)
+
+
+def edit_manifest(pkg: Path, private_key: Path, edit) -> None:
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    edit(manifest)
+    write_json(pkg / "manifest.json", manifest)
+    reseal(pkg, private_key)
+
+
+def test_selection_passes_for_the_policys_choice_and_says_how_it_ranked(pkg, keys):
+    report = verify(pkg, keys["pub"])
+    line = next(c for c in report.checks if c.name == "selection")
+    assert line.status == "PASS", line.message
+    assert "quantized/student is policy smallest's best (size_bytes ascending" in line.message
+    assert "of the 2 listed candidates passing every gate" in line.message
+
+
+@pytest.mark.parametrize("policy, best", [("most_accurate", "student"), ("fastest", "student")])
+def test_a_signed_choice_that_is_not_the_policys_best_fails_selection(pkg, keys, policy, best):
+    edit_manifest(pkg, keys["priv"], lambda m: m["target"].update(selection=policy))  # an insider's key
+    report = verify(pkg, keys["pub"])
+    assert set(failed(report)) == {"selection"}, failed(report)
+    assert f"policy {policy}" in failed(report)["selection"] and f"picks {best}" in failed(report)["selection"]
+    assert report.status_of("signature") == "PASS"  # intact and signed: only its choice is wrong
+
+
+def test_a_chosen_variant_that_failed_a_gate_fails_selection(pkg, keys):
+    edit_manifest(pkg, keys["priv"], lambda m: m.update(variant="teacher"))
+    bad = failed(verify(pkg, keys["pub"]))
+    assert set(bad) == {"selection"} and "teacher did not pass every gate" in bad["selection"]
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda m: m["target"].update(selection="biggest"), "target.selection"),
+    (lambda m: m["selection"][0].update(size_bytes=-1), "selection.0.size_bytes"),
+    (lambda m: m["selection"][1].update(failed=["rm -rf"]), "selection.1"),
+    (lambda m: m["selection"][1].update(accuracy=2.0), "selection.1.accuracy"),
+    (lambda m: m.update(selection=[]), "selection"),
+])
+def test_a_malformed_selection_fails_the_manifest_schema_in_one_line(pkg, keys, edit, key):
+    edit_manifest(pkg, keys["priv"], edit)
+    report = verify(pkg, keys["pub"])
+    bad = failed(report)
+    assert "manifest" in bad and bad["manifest"].startswith(f"manifest.json: {key}"), bad
+    assert "\n" not in bad["manifest"] and report.status_of("selection") == "SKIP"
+
+
+def test_a_package_from_before_selection_policies_gets_a_skip_line(pkg, keys):
+    edit_manifest(pkg, keys["priv"], lambda m: (m["target"].pop("selection"), m.pop("selection")))
+    report = verify(pkg, keys["pub"])
+    assert report.ok, failed(report)
+    line = next(c for c in report.checks if c.name == "selection")
+    assert line.status == "SKIP" and "not checked" in line.message
 
 
 # --- class 5: one-line verdicts, bounded values, escaped names

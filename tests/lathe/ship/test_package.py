@@ -16,7 +16,17 @@ from lathe.config import GateParams, PackageParams, TargetParams, parse_targets
 from lathe.errors import ConfigError, DataError
 from lathe.ship.card import selftest_indices
 from lathe.ship.contract import model_stamp, npz_bytes, package_id_of, stamp_model_bytes, unstamped_model_bytes
-from lathe.ship.gates import Candidate, Threshold, check_gates, choose_threshold, gate_table, rates_at, select
+from lathe.ship.gates import (
+    Candidate,
+    Threshold,
+    check_gates,
+    choice_problems,
+    choose_threshold,
+    gate_table,
+    rates_at,
+    select,
+    selection_row,
+)
 from lathe.ship.lineage import dirty_paths, stage_chain
 
 
@@ -71,11 +81,68 @@ def cand(name: str, size: int, p50: float, acc: float = 0.8, recall: float = 0.9
                                                                    min_defective_recall=0.85, max_false_reject_rate=0.2), m, th))
 
 
-def test_select_smallest_then_fastest_among_passing():
-    cs = [cand("big", 900, 0.1), cand("small_slow", 100, 0.9), cand("small_fast", 100, 0.2),
-          cand("tiny_bad", 10, 0.01, acc=0.5)]
-    assert select(cs).variant == "small_fast"
-    assert not cs[3].passed and [g["gate"] for g in cs[3].gates if not g["passed"]] == ["min_accuracy"]
+def policy_pool() -> list[Candidate]:
+    """Five candidates: the smallest, fastest and most accurate passing ones differ; one fails but beats all."""
+    return [cand("big_accurate", 900, 0.5, acc=0.95), cand("mid_fast", 400, 0.05, acc=0.8),
+            cand("small", 100, 0.9, acc=0.75), cand("small_accurate", 100, 0.9, acc=0.76),
+            cand("tiny_bad", 10, 0.01, acc=0.5)]
+
+
+def test_select_smallest_breaks_size_ties_by_accuracy_never_by_latency():
+    cs = policy_pool()
+    assert select(cs, "smallest").variant == "small_accurate"  # 100 B twice: the more accurate one
+    assert select(cs).variant == "small_accurate"  # smallest is the default
+    assert not cs[4].passed and [g["gate"] for g in cs[4].gates if not g["passed"]] == ["min_accuracy"]
+    # equal size and accuracy: the name decides, whatever the latencies
+    tie = [cand("b", 100, 0.1), cand("a", 100, 0.9)]
+    assert select(tie, "smallest").variant == "a"
+
+
+def test_select_fastest_ranks_by_p50_then_size_then_accuracy_then_name():
+    cs = policy_pool()
+    assert select(cs, "fastest").variant == "mid_fast"  # tiny_bad is faster but fails a gate
+    tie = [cand("c", 300, 0.2, acc=0.9), cand("b", 200, 0.2, acc=0.8), cand("a", 200, 0.2, acc=0.85)]
+    assert select(tie, "fastest").variant == "a"
+    assert select([cand("z", 200, 0.2), cand("y", 200, 0.2)], "fastest").variant == "y"
+
+
+def test_select_most_accurate_ranks_by_accuracy_then_size_then_name():
+    cs = policy_pool()
+    assert select(cs, "most_accurate").variant == "big_accurate"
+    tie = [cand("b", 500, 0.1, acc=0.9), cand("a", 900, 0.1, acc=0.9), cand("c", 500, 0.1, acc=0.9)]
+    assert select(tie, "most_accurate").variant == "b"
+
+
+def test_choice_problems_accepts_each_policys_own_choice_and_names_a_wrong_one():
+    rows = [selection_row(c) for c in policy_pool()]
+    for policy, best in (("smallest", "small_accurate"), ("fastest", "mid_fast"), ("most_accurate", "big_accurate")):
+        assert choice_problems(policy, best, rows) == [], policy
+        wrong = choice_problems(policy, "small", rows)
+        assert len(wrong) == 1 and f"policy {policy}" in wrong[0] and f"picks {best}" in wrong[0], wrong
+    assert "did not pass" in " ".join(choice_problems("smallest", "tiny_bad", rows))
+    assert "not among" in choice_problems("smallest", "ghost", rows)[0]
+    assert "metrics.test says" in " ".join(choice_problems("most_accurate", "big_accurate", rows, {"accuracy": 0.5}))
+    twice = choice_problems("smallest", "small_accurate", rows + [rows[0]])
+    assert "listed twice: big_accurate" in twice[0]
+    lying = [dict(r, passed=True) if r["variant"] == "tiny_bad" else r for r in rows]
+    problems = choice_problems("smallest", "tiny_bad", lying)
+    assert any("tiny_bad: passed=True but failed gates ['min_accuracy']" in p for p in problems), problems
+    old = [{k: v for k, v in r.items() if k != "accuracy"} for r in rows]  # a package from before policies
+    assert "do not list" in choice_problems("most_accurate", "big_accurate", old)[0]
+
+
+def test_target_selection_defaults_to_smallest_and_refuses_an_unknown_policy():
+    t = parse_targets({"targets": {"gw": {}, "pc": {"selection": "most_accurate"}}})
+    assert t["gw"].selection == "smallest" and t["pc"].selection == "most_accurate"
+    with pytest.raises(ConfigError, match=r"targets\.pc\.selection"):
+        parse_targets({"targets": {"pc": {"selection": "biggest"}}})
+
+
+def test_shipped_params_choose_smallest_for_the_gateway_and_most_accurate_for_the_line_pc():
+    from lathe.config import load_params
+
+    targets = parse_targets(load_params(Path(__file__).resolve().parents[3] / "params.yaml"))
+    assert targets["arm-gateway"].selection == "smallest" and targets["line-pc"].selection == "most_accurate"
 
 
 def test_no_variant_passes_gives_none_and_a_table_of_every_variant_and_gate():
