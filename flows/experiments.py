@@ -43,7 +43,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.pipeline import flatten  # noqa: E402
 from lathe.compare import pareto_front  # noqa: E402
-from lathe.ship.signing import DEFAULT_PRIVATE_KEY  # noqa: E402
+from lathe.config import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY  # noqa: E402
 
 ARTIFACT_KEY = "lathe-experiments"
 REPORT_MD = Path("reports/experiments.md")
@@ -175,7 +175,7 @@ def _dvc_env(repo: Path, targets: Sequence[str]) -> dict[str, str]:
     if not targets:  # the package stage runs: it signs, and an experiment's tree is dirty by design
         key = repo / DEFAULT_PRIVATE_KEY
         if key.is_file():
-            extra["LATHE_SIGNING_KEY"] = str(key)
+            extra[ENV_SIGNING_KEY] = str(key)
         extra["LATHE_ALLOW_DIRTY"] = "1"
     return subprocess_env(extra)
 

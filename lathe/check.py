@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from lathe.config import (
     ALL_VARIANTS,
+    ENV_SIGNING_KEY,
     TARGET_NAME,
     BenchParams,
     CompareParams,
@@ -47,13 +48,13 @@ from lathe.config import (
     ValidateParams,
     _field_names,
     load_params,
+    signing_key_path,
 )
 from lathe.errors import DataError, LatheError
 
 PARAMS_FILE = "params.yaml"
 PROJECT_FILE = "dvc.yaml"
 INGEST_STAGE, INGEST_MODULE = "ingest", "stages.ingest"
-ENV_SIGNING_KEY = "LATHE_SIGNING_KEY"  # as lathe.ship.signing (not imported: lathe.ship pulls in onnx)
 ENV_ALLOW_DIRTY = "LATHE_ALLOW_DIRTY"
 
 # Every params section a stage or `make bench` reads, and its model (targets are checked per entry).
@@ -282,8 +283,7 @@ class _Checker:
                           "on val, so this gate passes only if test recall comes out higher")
 
     def signing_key(self, private_key: str) -> None:
-        raw = os.environ.get(ENV_SIGNING_KEY) or private_key
-        key = Path(raw) if Path(raw).is_absolute() else self.root / raw
+        key = signing_key_path(private_key, self.root)
         if key.is_file():
             self.report.facts.append(f"signing key {_display(key, self.root)}")
             return

@@ -5,6 +5,7 @@ Every model forbids extra keys so a typo fails at once with the key's name.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -18,6 +19,13 @@ from lathe.errors import ConfigError
 # package stage's default key. One home: lathe.ship.signing imports it from here (config imports
 # nothing of lathe but errors, so every stage does not depend on the signing code).
 DEFAULT_PRIVATE_KEY = Path(".lathe/keys/signing-key.pem")
+ENV_SIGNING_KEY = "LATHE_SIGNING_KEY"  # a private key file for the package stage (overrides package.private_key)
+
+
+def signing_key_path(private_key: str | Path, root: Path) -> Path:
+    """The package stage's signing key: env LATHE_SIGNING_KEY, else `private_key` (relative to `root`, the repo)."""
+    key = Path(os.environ.get(ENV_SIGNING_KEY) or private_key)
+    return key if key.is_absolute() else Path(root) / key
 
 # numpy's and torch's generators take 0 <= seed < 2**32 (torch more, numpy's legacy one less)
 Seed = Field(0, ge=0, le=2**32 - 1, description="random seed, 0 to 2**32 - 1")

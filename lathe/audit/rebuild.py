@@ -17,6 +17,7 @@ from typing import Any
 
 from lathe.audit.trust import Trust
 from lathe.audit.verify import VerifyReport, _short, check_signature
+from lathe.config import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY, signing_key_path
 from lathe.determinism import REQUIRED_CPU_FLAGS, cpu_model, machine_can_honour_pins
 from lathe.io import sha256_bytes
 from lathe.ship.contract import (
@@ -52,7 +53,7 @@ def _env(flow_run_id: str | None, signing_key: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update({"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "ORT_DISABLE_TELEMETRY": "1", "GX_ANALYTICS_ENABLED": "false",
-                "LATHE_SIGNING_KEY": str(signing_key)})
+                ENV_SIGNING_KEY: str(signing_key)})
     if flow_run_id:
         env["LATHE_FLOW_RUN_ID"] = str(flow_run_id)
     else:
@@ -461,10 +462,8 @@ def rebuild_and_compare(pkg: Path, manifest: dict, repo: Path, trust: Trust, rep
         report.add("rebuild", "FAIL", f"{MANIFEST_FILE} lacks git.commit or target.name; cannot rebuild")
         return
     flow_run_id = (manifest.get("build") or {}).get("flow_run_id")
-    signing_key = Path(signing_key) if signing_key else Path(
-        os.environ.get("LATHE_SIGNING_KEY", repo / ".lathe/keys/signing-key.pem"))
-    if not signing_key.is_absolute():
-        signing_key = repo / signing_key
+    # an explicit key wins; else the package stage's own rule (env, then the default key of the repo)
+    signing_key = repo / signing_key if signing_key else signing_key_path(DEFAULT_PRIVATE_KEY, repo)
     env = _env(flow_run_id, signing_key)
     pinned = machine_can_honour_pins()
     if not pinned:  # said before the (long) rebuild starts

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lathe.config import EvaluateParams, PackageParams, TargetParams
+from lathe.config import ENV_SIGNING_KEY, EvaluateParams, PackageParams, TargetParams, signing_key_path
 from lathe.determinism import machine_record, numerics_record
 from lathe.errors import ConfigError, LatheError
 from lathe.io import remove_dead_temps, sha256_bytes, temp_prefix
@@ -67,7 +67,6 @@ from lathe.ship.lineage import (
     validation_record,
 )
 
-ENV_KEY = "LATHE_SIGNING_KEY"
 ENV_ALLOW_DIRTY = "LATHE_ALLOW_DIRTY"
 ENV_FLOW_RUN = "LATHE_FLOW_RUN_ID"
 
@@ -95,9 +94,7 @@ class BuildResult:
 
 def resolve_key(cfg: PackageParams, root: Path) -> Path:
     """The signing key: env LATHE_SIGNING_KEY, else package.private_key (relative to the repo)."""
-    raw = os.environ.get(ENV_KEY) or cfg.private_key
-    key = Path(raw)
-    return key if key.is_absolute() else Path(root) / key
+    return signing_key_path(cfg.private_key, root)
 
 
 def _allow_dirty(cfg: PackageParams) -> bool:
@@ -120,7 +117,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
     key = resolve_key(cfg, root)
     if not key.is_file():
         raise LatheError(f"signing key {key} not found; create a key pair with `lathe keys init` "
-                         f"(or point {ENV_KEY} / package.private_key at one)")
+                         f"(or point {ENV_SIGNING_KEY} / package.private_key at one)")
 
     # 1. git: commit, time, dirty
     commit, built_at = git_head(root)

@@ -22,13 +22,12 @@ import os
 import re
 from pathlib import Path
 
-from lathe.config import DEFAULT_PRIVATE_KEY  # noqa: F401  (re-exported: the key paths live together)
+from lathe.config import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY  # noqa: F401  (re-exported: the key paths live together)
 from lathe.errors import LatheError
 
 SIGNATURE_FILE = "signature"  # inside the package folder, covering every other file
 DEFAULT_PUBLIC_KEY = Path(".lathe/keys/signing-key.pub")
 KEYRING_DIR = Path(".lathe/trusted-keys")  # the repository's keyring: public keys verify and trace trust
-ENV_SIGNING_KEY = "LATHE_SIGNING_KEY"  # private key for the package stage (overrides package.private_key)
 ENV_PUBLIC_KEY = "LATHE_PUBLIC_KEY"  # one trusted public key file (overrides every keyring)
 ENV_KEYRING = "LATHE_KEYRING"  # a keyring folder (overrides the repository's)
 MAX_KEY_BYTES = 16 * 1024  # a PEM public key is ~180 bytes
