@@ -42,11 +42,15 @@ def run_cmd(
                                     "of it (repeatable) [default: every stage]"),
     retries: int = typer.Option(None, "--retries", min=0, help="retries of a stage after a transient failure "
                                 "[default: params.yaml ops.retries]"),
+    verbose: bool = typer.Option(False, "--verbose", help="stage logs keep the libraries' warnings (torch, onnx, "
+                                 "onnxruntime), which they otherwise drop (sets LATHE_VERBOSE=1)"),
 ) -> None:
     """Run the pipeline as a Prefect flow: every stage DVC finds stale, in DVC's order (as `python -m flows.pipeline`).
 
     Exit 0 when it completed, 3 when the data gate (or a stage's data check) failed, 1 on any other failure."""
     root = _enter(repo)
+    if verbose:
+        os.environ["LATHE_VERBOSE"] = "1"  # stages.common.VERBOSE_ENV; the stages inherit it (not imported: stages/ pins numerics on import)
     from dvc.exceptions import DvcException
 
     from flows.pipeline import PipelineBusy, StageFailed, run_pipeline
