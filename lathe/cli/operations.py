@@ -50,7 +50,8 @@ def run_cmd(
     Exit 0 when it completed, 3 when the data gate (or a stage's data check) failed, 1 on any other failure."""
     root = _enter(repo)
     if verbose:
-        os.environ["LATHE_VERBOSE"] = "1"  # stages.common.VERBOSE_ENV; the stages inherit it (not imported: stages/ pins numerics on import)
+        # stages.common.VERBOSE_ENV, which the stages inherit (not imported: stages/ pins numerics on import)
+        os.environ["LATHE_VERBOSE"] = "1"
     from dvc.exceptions import DvcException
 
     from flows.pipeline import PipelineBusy, StageFailed, run_pipeline
