@@ -122,7 +122,8 @@ def test_sweep_runs_real_dvc_experiments_and_writes_the_pareto_table(prefect_ser
     by_name = {e["name"]: e for e in experiments_from_show(shown, names, ["quantize.method"])}
     assert set(by_name) == set(names)
     for exp in by_name.values():
-        assert exp["status"] == "success", exp
+        # run with `dvc exp run --temp`, outside DVC's queue: a finished experiment has no queue status
+        assert exp["status"] in (None, "success") and exp["rev"], exp
         assert "quantized/student" in exp["variants"] and "teacher" in exp["variants"]
     # the table: 10 variants per experiment, at least one Pareto row per view
     rows = result["rows"]

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from lathe.reports import read_report
 from tests.tiny import sh
 
 pytestmark = pytest.mark.slow
@@ -100,7 +101,7 @@ def test_the_tiny_teacher_learns_the_generated_classes_well_above_chance(built):
     n = len(rows)
     chance = max(labels.count(k) for k in set(labels)) / n  # 0.25 here: ingest stratifies balanced classes
     lo, hi = wilson_interval(correct, n)
-    metrics = json.loads((built / "reports/teacher/metrics.json").read_text())
+    metrics = read_report(built / "reports/teacher")
 
     assert n >= 20 and len(set(labels)) == 4
     assert metrics["n_test"] == n and abs(metrics["accuracy"] - correct / n) < 1e-6
