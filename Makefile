@@ -23,8 +23,10 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
 setup: $(STAMP)
 
-# uv installs the lock's exact pins (about 1 min against pip's 3-4); it does not read pip's config,
-# so pip's configured find-links (where a machine keeps local wheels, e.g. torch+cpu) are passed on.
+# uv installs the lock's exact pins (about 1 min against pip's 3-4). It does not read pip's config, so
+# pip's configured find-links (where a machine keeps local wheels, e.g. torch+cpu) are passed on. Unlike
+# pip it compiles no bytecode unless asked: with PYTHONDONTWRITEBYTECODE set (as on these machines)
+# every stage would compile torch afresh (import 5.6 s instead of 2.1 s, measured), hence --compile-bytecode.
 # Without uv (not installable here), pip does the same job.
 UV_VERSION := 0.13.9
 PIP_LINKS   = $(shell $(BIN)/python -m pip config get global.find-links 2>/dev/null || echo "$$PIP_FIND_LINKS")
@@ -32,7 +34,7 @@ PIP_LINKS   = $(shell $(BIN)/python -m pip config get global.find-links 2>/dev/n
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if $(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION); then \
-	  $(BIN)/uv pip install -q --python $(BIN)/python $(foreach l,$(PIP_LINKS),--find-links $(l)) -r requirements.lock \
+	  $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python $(foreach l,$(PIP_LINKS),--find-links $(l)) -r requirements.lock \
 	  && $(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .; \
 	else \
 	  $(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock \
