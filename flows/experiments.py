@@ -2,7 +2,8 @@
 
 Prefect orchestrates, DVC decides: every grid point is one `dvc exp run --temp -S key=value`
 experiment, run one at a time (2 cores, and latencies are measured; with jobs > 1 the points are
-queued, `dvc exp run --queue`, and `dvc exp run --run-all --jobs N` runs them); `dvc exp show --json` is read back, and every (experiment, variant) row with its
+queued, `dvc exp run --queue`, and `dvc exp run --run-all --jobs N` runs them);
+`dvc exp show --json` is read back, and every (experiment, variant) row with its
 accuracy, size and batch-1 latency goes into a Pareto table (lathe.compare.pareto_front; lower size
 or latency, higher quality is better):
 
@@ -303,7 +304,8 @@ def sweep(repo: Path | None = None, grid: dict[str, list] | None = None, targets
                              description=f"Pareto table of {len(experiments)} DVC experiments ({prefix})")
     if missing:
         raise SweepFailed(f"experiments without results in `dvc exp show` (see the flow log, or `dvc queue logs NAME` "
-                          f"with --jobs > 1): {missing}; dvc exp run exited {ran['returncode']}: {ran['stderr_tail'][-500:]}")
+                          f"with --jobs > 1): {missing}; dvc exp run exited {ran['returncode']}: "
+                          f"{ran['stderr_tail'][-500:]}")
     return {"repo": str(root), "experiments": table["experiments"], "rows": table["rows"],
             "report": str(root / REPORT_MD),
             "seconds": {"queue": round(t_queue, 1), "run_all": ran["seconds"], "total": round(time.monotonic() - t0, 1)}}

@@ -68,7 +68,8 @@ def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | Non
     if k == 1:
         return *train_one(train, val, cfg, cfg.seed, image_size, progress), image_size
     jobs = [(str(prepared_dir), cfg.model_dump_json(), cfg.seed + i, i + 1) for i in range(k)]
-    members = [member_from_job(cfg.arch, image_size, out) for out in map_jobs(train_member, jobs, cfg.ensemble.parallel, progress)]
+    outs = map_jobs(train_member, jobs, cfg.ensemble.parallel, progress)
+    members = [member_from_job(cfg.arch, image_size, out) for out in outs]
     weights = class_weights(train["labels"], cfg.arch.num_classes, cfg.class_weighting)
     teacher = memoized_teacher(ensemble_teacher([m for m, _ in members]), to_tensor(train["images"]))
     loss = kd_loss(teacher, cfg.ensemble.temperature, cfg.ensemble.alpha, weights, cfg.label_smoothing)
@@ -97,7 +98,8 @@ def train_member(prepared_dir: str, cfg_json: str, seed: int, member: int, progr
     train, val = load_split(Path(prepared_dir), "train"), load_split(Path(prepared_dir), "val")
     model, result = train_one(train, val, cfg, seed, int(train["images"].shape[1]), tagged(progress, member))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    return save_tensors(state), {"history": result.history, "best_epoch": result.best_epoch, "best_val": result.best_val}
+    record = {"history": result.history, "best_epoch": result.best_epoch, "best_val": result.best_val}
+    return save_tensors(state), record
 
 
 def member_from_job(spec: ArchSpec, image_size: int, out: tuple[bytes, dict]) -> tuple[nn.Module, TrainResult]:

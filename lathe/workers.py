@@ -59,7 +59,8 @@ def _forward(progress_queue: Any, progress: Progress | None, stop: threading.Eve
             progress(row)
 
 
-def map_jobs(job: Callable[..., Any], arg_list: Sequence[tuple], workers: int, progress: Progress | None = None) -> list:
+def map_jobs(job: Callable[..., Any], arg_list: Sequence[tuple], workers: int,
+             progress: Progress | None = None) -> list:
     """[job(*args, progress=...) for args in arg_list], up to `workers` at a time in child processes.
 
     `job` must be a module-level function (children import it by name); its results come back in
