@@ -16,11 +16,11 @@ TEN = [
     ({"quantise": {"method": "minmax"}}, "quantise", "did you mean 'quantize'"),
     ({"targets": {"tiny-gw": {"gates": {"max_sise_bytes": 400000}}}}, "targets.tiny-gw.gates.max_sise_bytes",
      "did you mean 'max_size_bytes'"),
-    ({"quantize": {"calibration_size": 256}}, "quantize.calibration_size", "at most 24"),
+    ({"quantize": {"calibration_size": 256}}, "quantize.calibration_size", "at most 56"),
     ({"prune": {"ratio": 1.5}}, "prune.ratio", "less than 1"),
     ({"quantize": {"method": "minmx"}}, "quantize.method", "did you mean 'minmax'"),
     ({"package": {"variants": ["quantized/studnet"]}}, "package.variants[0]", "did you mean 'quantized/student'"),
-    ({"validate": {"min_per_class_per_split": 3}}, "validate.min_per_class_per_split", "val/class 0: 2"),
+    ({"validate": {"min_per_class_per_split": 5}}, "validate.min_per_class_per_split", "val/class 0: 4"),
     ({"package": {"private_key": ".lathe/keys/gone.pem"}}, "package.private_key", "not found"),
     ({"evaluate": {"defective_from_class": 4}}, "evaluate.defective_from_class", "no class would count as defective"),
     ({"ops": {"retires": 2}}, "ops.retires", "did you mean 'retries'"),
@@ -82,7 +82,7 @@ def test_bad_rows_and_params_are_named_together(ws):
     lines[3] = "images/gone.png,0.0,mono"
     lines.append(lines[4])
     labels.write_text("\n".join(lines) + "\n")
-    params = tiny_params(quantize={"calibration_size": 30})
+    params = tiny_params(quantize={"calibration_size": 60})
     (ws / "check-params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         res, _ = lathe_check(ws, "--params", "check-params.yaml")
@@ -95,9 +95,9 @@ def test_bad_rows_and_params_are_named_together(ws):
     assert any(f.startswith("data/raw/labels.csv:2 (") and "defect_probability 0.5" in f for f in found), found
     assert any(f.startswith("data/raw/labels.csv:3 (") and "'bifacial'" in f for f in found), found
     assert any(f.startswith("data/raw/labels.csv:4 (images/gone.png): file not found") for f in found), found
-    assert any(f.startswith("data/raw/labels.csv:50 (") and "listed again (first on line 5)" in f for f in found)
-    # 46 usable rows of 49 make a train split of 23 (3 strata lost a sample)
-    assert any(f.startswith("check-params.yaml: quantize.calibration_size: 30 is larger") for f in found), found
+    assert any(f.startswith("data/raw/labels.csv:98 (") and "listed again (first on line 5)" in f for f in found)
+    # 94 usable rows of 97 make a train split of 55 (one stratum lost a sample)
+    assert any(f.startswith("check-params.yaml: quantize.calibration_size: 60 is larger") for f in found), found
     assert victim  # the image of the replaced row stays on disk, unlisted: not a problem
 
 
@@ -105,7 +105,7 @@ def test_a_good_repo_says_ok_quickly(ws):
     res, seconds = lathe_check(ws)
     assert res.returncode == 0, res.stdout + res.stderr
     last = res.stdout.splitlines()[-1]
-    assert last.startswith("OK: params.yaml") and "48 samples -> train 24, val 8, test 16" in last, res.stdout
+    assert last.startswith("OK: params.yaml") and "96 samples -> train 56, val 16, test 24" in last, res.stdout
     assert "signing key .lathe/keys/signing-key.pem" in last
     assert "warning" not in res.stdout  # committed tree, no gate above its target
     assert seconds < 10, f"lathe check took {seconds:.1f} s"

@@ -73,11 +73,14 @@ def test_the_verbose_flag_is_taken_out_of_argv_and_sets_the_env(monkeypatch):
     from stages.common import VERBOSE_ENV, configure_warnings
 
     monkeypatch.setattr(sys, "argv", ["stage", "a", "--verbose", "b"])
-    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    # setenv records the variable's state before the test, which teardown restores; a delenv of an
+    # absent variable records nothing, and a later one would restore the "1" set here (it leaked
+    # into every stage this worker started afterwards)
+    monkeypatch.setenv(VERBOSE_ENV, "")
     try:
         assert configure_warnings() is True
         assert sys.argv == ["stage", "a", "b"] and os.environ[VERBOSE_ENV] == "1"
     finally:
-        monkeypatch.delenv(VERBOSE_ENV, raising=False)
+        os.environ.pop(VERBOSE_ENV, None)
         configure_warnings()  # back to this process's quiet default
         logging.captureWarnings(False)
