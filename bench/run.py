@@ -31,7 +31,7 @@ from lathe.bench import (
 from lathe.config import BenchParams, EvaluateParams, QuantizeParams, load_params, parse_section
 from lathe.errors import LatheError
 from lathe.evaluate import MODEL_FILE
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_json, write_text
 
 log = logging.getLogger("bench")

@@ -43,7 +43,7 @@ from lathe.evaluate import (
     MODEL_FILE, check_input, count_onnx_macs, count_onnx_params, fixed_batch, load_proto, load_session,
     model_size_bytes, predict, quality_metrics, timing_input, to_input,
 )
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_bytes
 from lathe.metrics import latency_method
 

@@ -183,7 +183,7 @@ def _display(path: Path, root: Path) -> str:
 
 
 def _relative_problem(line: str, raw: Path, shown: str) -> Problem:
-    """A lathe.ingest problem line ("<raw>/labels.csv:7 (x.png): what") with the raw folder as `shown`."""
+    """A lathe.data.ingest problem line ("<raw>/labels.csv:7 (x.png): what") with the raw folder as `shown`."""
     where, _, what = line.replace(f"{raw}/", f"{shown}/").partition(": ")
     return Problem(where, " ".join(what.split()))
 
@@ -242,7 +242,7 @@ class _Checker:
 
     def cross_params(self) -> None:
         """Facts between sections that no single model can see."""
-        from lathe.ingest import CELL_TYPES, DEFECT_PROBABILITIES, PROB_DECIMALS
+        from lathe.data.ingest import CELL_TYPES, DEFECT_PROBABILITIES, PROB_DECIMALS
 
         for i, v in enumerate(self.value("package", "variants") or []):
             if v not in ALL_VARIANTS:
@@ -313,7 +313,7 @@ class _Checker:
     # --- data --------------------------------------------------------------------------------------
 
     def data(self, raw_dir: Path | None) -> None:
-        from lathe.ingest import (
+        from lathe.data.ingest import (
             CELL_TYPES,
             DEFECT_PROBABILITIES,
             file_problems,

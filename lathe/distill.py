@@ -18,7 +18,7 @@ from torch import nn
 from lathe.config import ArchSpec, DistillParams
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import sha256_file, write_json
 from lathe.models import build_model, count_params
 from lathe.teacher import FILES, check_trainable, load_model, write_model_dir

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from lathe.config import EvaluateParams
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.ingest import CELL_TYPES, load_split
+from lathe.data.ingest import CELL_TYPES, load_split
 from lathe.metrics import (
     accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix, latency_method, macro_f1, per_class_recall,
 )

@@ -25,7 +25,7 @@ from torch import nn
 from lathe.config import ArchSpec, PruneParams
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_json
 from lathe.models import ResNetLike, build_model, count_macs, count_params, spec_macs, spec_of
 from lathe.teacher import FILES, check_trainable, load_model, write_model_dir

@@ -65,7 +65,7 @@ from lathe.evaluate import (
     to_input,
 )
 from lathe.export import set_metadata
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import sha256_bytes, sha256_file, write_bytes, write_json
 
 # 7-bit weights: CPUs without VNNI (AVX2) multiply uint8 x int8 pairs with a saturating 16-bit add

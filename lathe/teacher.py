@@ -18,7 +18,7 @@ from lathe.config import ArchSpec, TrainParams
 from lathe.determinism import make_deterministic, numerics_record
 from lathe.errors import DataError, LatheError
 from lathe.export import export_onnx, max_abs_diff_vs_torch, save_onnx
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_bytes, write_json
 from lathe.models import build_model, count_params
 from lathe.train import (LossFn, Progress, TrainResult, class_weights, ensemble_teacher, fit, kd_loss, memoized_teacher,

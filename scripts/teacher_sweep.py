@@ -21,7 +21,7 @@ import yaml
 
 from lathe.config import EvaluateParams, IngestParams, TrainParams, load_params
 from lathe.evaluate import evaluate_model
-from lathe.ingest import ingest, load_split, write_prepared
+from lathe.data.ingest import ingest, load_split, write_prepared
 from lathe.teacher import train_teacher, write_model_dir
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lathe.config import DistillParams
 from lathe.distill import control_student, distill_student, write_student_dir
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.teacher import history_csv
 from stages.common import PARAMS_FILE, EpochClock, run, section

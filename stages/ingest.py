@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from lathe.config import IngestParams
-from lathe.ingest import ingest, write_prepared
+from lathe.data.ingest import ingest, write_prepared
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)

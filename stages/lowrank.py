@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from lathe.config import LowRankParams
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.lowrank import lowrank_teacher, write_lowrank
 from lathe.teacher import history_csv

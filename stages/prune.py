@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 
 from lathe.config import PruneParams
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.prune import prune_teacher, write_pruned
 from lathe.teacher import history_csv

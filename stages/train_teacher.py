@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from lathe.config import TrainParams
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.teacher import history_csv, train_teacher, write_model_dir
 from stages.common import EpochClock, parse_args, run, section

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 
 from lathe.config import IngestParams, ValidateParams
-from lathe.validate import raise_if_failed, validate_prepared, write_report
+from lathe.data.validate import raise_if_failed, validate_prepared, write_report
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)

@@ -60,8 +60,8 @@ def make_prepared(root: Path, params: dict | None = None) -> Path:
     `params` is the ingest section, TINY_PARAMS["ingest"] when None.
     """
     from lathe.config import IngestParams
-    from lathe.data import generate_raw
-    from lathe.ingest import ingest, write_prepared
+    from lathe.data.raw import generate_raw
+    from lathe.data.ingest import ingest, write_prepared
 
     generate_raw(root / "raw", per_class_type=6, size=32)
     cfg = IngestParams(**(TINY_PARAMS["ingest"] if params is None else params))
@@ -74,7 +74,7 @@ def make_teacher(root: Path, prepared: Path, epochs: int = 1) -> Path:
     """A tiny teacher trained on `prepared` with TINY_PARAMS["train_teacher"] for `epochs`, written as a
     full model folder (weights, arch, ONNX checked on the val images, summary) at root/teacher (returned)."""
     from lathe.config import TrainParams
-    from lathe.ingest import load_split
+    from lathe.data.ingest import load_split
     from lathe.teacher import train_teacher, write_model_dir
 
     cfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": epochs})
@@ -103,7 +103,7 @@ def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 12) -> Path:
     """A real git + DVC repo holding the project code, tiny params and generated raw data, committed."""
-    from lathe.data import generate_raw
+    from lathe.data.raw import generate_raw
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:

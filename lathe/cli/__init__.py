@@ -61,7 +61,7 @@ def refuse_non_empty(dest: Path) -> None:
 @one_line_errors
 def import_elpv_cmd(dest: Path = typer.Argument(..., help="raw-layout folder to create, e.g. data/raw")) -> None:
     """Write the ELPV solar-cell dataset (from the installed elpv-dataset package) into DEST."""
-    from lathe.data import import_elpv
+    from lathe.data.raw import import_elpv
 
     refuse_non_empty(dest)
     with console.status("copying ELPV images"):
@@ -78,7 +78,7 @@ def generate_cmd(
     seed: int = typer.Option(0),
 ) -> None:
     """Write a small deterministic synthetic dataset in the raw layout (for tests and demos)."""
-    from lathe.data import generate_raw
+    from lathe.data.raw import generate_raw
 
     refuse_non_empty(dest)
     n = generate_raw(dest, per_class_type=per_class_type, size=size, seed=seed)

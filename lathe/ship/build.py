@@ -108,7 +108,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
     `params` is the whole params.yaml (recorded in the manifest). Raises LatheError (nothing
     written) when the tree is dirty without permission, the key is missing, or no variant passes.
     """
-    from lathe.ingest import load_split
+    from lathe.data.ingest import load_split
 
     root = Path(inputs.root)
     out_dir, archive = Path(out_dir), Path(archive)

@@ -238,7 +238,7 @@ def stage_chain(lock: dict, start_paths: list[str]) -> tuple[list[str], dict[str
 
 def raw_data_record(root: Path, raw_dvc: Path, prepared_dir: Path) -> dict:
     """md5 and file count from the .dvc file, samples and class counts from data/prepared/manifest.csv."""
-    from lathe.ingest import read_manifest
+    from lathe.data.ingest import read_manifest
 
     if not raw_dvc.is_file():
         raise DataError(f"{raw_dvc}: not found; the raw data must be DVC-tracked (`dvc add data/raw`)")

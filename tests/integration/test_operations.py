@@ -44,7 +44,7 @@ from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: appl
 from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT, api_healthy
 from flows.trigger import TRIGGER_ARTIFACT_KEY
 from flows.workpool import deployment_names
-from lathe.data import RawSample, read_labels, synth_image, write_labels
+from lathe.data.raw import RawSample, read_labels, synth_image, write_labels
 from tests.tiny import make_workspace, sh, stop_process, tiny_params
 
 pytestmark = pytest.mark.slow

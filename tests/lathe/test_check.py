@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lathe.check import check_repo, did_you_mean, ingest_raw_dir
-from lathe.data import generate_raw
+from lathe.data.raw import generate_raw
 from tests.tiny import ROOT, tiny_params
 
 KEY = ".lathe/keys/signing-key.pem"
@@ -42,7 +42,7 @@ def test_the_tiny_config_and_data_pass_with_the_exact_splits(repo):
     report = check_repo(repo)
     assert report.ok, report.problems
     assert report.warnings == []
-    # 8 strata of 6: 2 test, 1 val, 3 train each (lathe.ingest.stratified_split), as ingest will make them
+    # 8 strata of 6: 2 test, 1 val, 3 train each (lathe.data.ingest.stratified_split), as ingest will make them
     assert any("data/raw: 48 samples -> train 24, val 8, test 16" in f for f in report.facts), report.facts
     assert report.summary().startswith("OK: params.yaml")
 
@@ -51,7 +51,7 @@ def test_the_predicted_splits_are_the_ones_ingest_makes(repo):
     from collections import Counter
 
     from lathe.config import IngestParams
-    from lathe.ingest import ingest
+    from lathe.data.ingest import ingest
 
     rows, _ = ingest(repo / "data/raw", IngestParams(**tiny_params()["ingest"]))
     made = Counter(r.split for r in rows)

@@ -7,7 +7,7 @@ from safetensors.torch import save as save_tensors
 from lathe.config import ArchSpec, DistillParams, TrainParams, parse_section
 from lathe.distill import RECORD, control_student, distill_student, make_student, write_student_dir
 from lathe.errors import ConfigError, LatheError
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import write_bytes, write_json
 from lathe.models import build_model
 from lathe.teacher import FILES, arch_document, load_model, train_teacher

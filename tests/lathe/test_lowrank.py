@@ -8,7 +8,7 @@ import torch
 from lathe.config import ArchSpec, LowRankParams, parse_section
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.lowrank import RECORD, choose_rank, factorize, lowrank, lowrank_teacher, plan_ranks, write_lowrank
 from lathe.models import LowRankConv, build_model, count_macs, count_params
 from lathe.teacher import FILES, load_model

@@ -9,7 +9,7 @@ from torch import nn
 from lathe.config import ArchSpec, PruneParams, parse_section
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.models import build_model, count_macs, count_params
 from lathe.prune import (RECORD, channel_groups, make_importance, prune, prune_teacher, prune_to_counts,
                          search_counts, write_pruned)

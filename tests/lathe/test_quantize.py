@@ -16,7 +16,7 @@ from lathe.config import ArchSpec, QuantizeParams
 from lathe.errors import ConfigError, DataError, LatheError
 from lathe.evaluate import count_onnx_params, load_session, model_files, predict, to_input
 from lathe.export import export_onnx
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.io import read_json, save_arrays, sha256_file
 from lathe.models import build_model
 from lathe.quantize import (

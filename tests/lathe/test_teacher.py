@@ -4,7 +4,7 @@ import torch
 
 from lathe.config import TrainParams
 from lathe.errors import DataError
-from lathe.ingest import load_split
+from lathe.data.ingest import load_split
 from lathe.teacher import FILES, check_trainable, load_model, train_teacher, write_model_dir
 from lathe.train import class_weights, to_tensor
 from tests.tiny import TINY_PARAMS, make_prepared

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from lathe.data import generate_raw
+from lathe.data.raw import generate_raw
 from lathe.errors import DATA_ERROR_EXIT
 from stages import ingest as stage
 from tests.tiny import tiny_params

@@ -72,7 +72,7 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     write_json(ws / "models/quantized/teacher/quantize.json",
                {"calibration": {"sample_ids_sha256": "c" * 64, "size": 8, "method": "minmax"}})
     lock = {"schema": "2.0", "stages": {
-        "ingest": lock_entry("i", ["data/raw", "lathe/ingest.py"], ["data/prepared"]),
+        "ingest": lock_entry("i", ["data/raw", "lathe/data/ingest.py"], ["data/prepared"]),
         "validate": lock_entry("v", ["data/prepared", "data/raw"], ["data/validation"]),
         "train_teacher": lock_entry("t", ["data/prepared", "data/validation"], ["models/teacher"]),
         "quantize@teacher": lock_entry("q", ["models/teacher/model.onnx", "data/prepared"], ["models/quantized/teacher"]),

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from lathe.config import IngestParams
-from lathe.data import generate_raw
-from lathe.ingest import ingest, read_manifest, write_prepared
+from lathe.data.raw import generate_raw
+from lathe.data.ingest import ingest, read_manifest, write_prepared
 from lathe.errors import DATA_ERROR_EXIT
 from stages import validate as stage
 from tests.tiny import ROOT, sh, tiny_params

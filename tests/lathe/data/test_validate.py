@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from lathe.config import IngestParams, ValidateParams
-from lathe.data import generate_raw
+from lathe.data.raw import generate_raw
 from lathe.errors import DataError, ValidationFailed
-from lathe.ingest import ingest, read_manifest, write_prepared
+from lathe.data.ingest import ingest, read_manifest, write_prepared
 from lathe.io import load_arrays, save_arrays
-from lathe.validate import (
+from lathe.data.validate import (
     MAX_OFFENDERS, RESULT_FILE, SUMMARY_FILE, raise_if_failed, validate_prepared, write_report,
 )
 from tests.tiny import TINY_PARAMS
@@ -135,7 +135,7 @@ def test_reports_are_strict_json_and_byte_identical_across_runs(clean, tmp_path)
 
 def test_defect_probability_outside_the_set_fails_naming_the_file(work):
     victim = manifest_rows(work)[0]["file"]
-    # ingest refuses such a row (tests/lathe/test_ingest.py); the gate still catches a prepared folder
+    # ingest refuses such a row (tests/lathe/data/test_ingest.py); the gate still catches a prepared folder
     # written otherwise (an older ingest, a hand edit)
     set_manifest_field(work, victim, defect_probability="0.5")
     report = run(work)

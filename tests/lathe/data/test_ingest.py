@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from lathe.config import IngestParams
-from lathe.data import generate_raw
+from lathe.data.raw import generate_raw
 from lathe.errors import DataError
-from lathe.ingest import MANIFEST_COLUMNS, ingest, label_of, load_split, read_manifest, stratified_split, write_prepared
+from lathe.data.ingest import MANIFEST_COLUMNS, ingest, label_of, load_split, read_manifest, stratified_split, write_prepared
 
 CFG = IngestParams(image_size=16, val_fraction=0.2, test_fraction=0.25)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from lathe.data import RawSample, generate_raw, import_elpv, read_labels, write_labels
+from lathe.data.raw import RawSample, generate_raw, import_elpv, read_labels, write_labels
 from lathe.errors import DataError
 from lathe.io import sha256_file
 
@@ -23,7 +23,7 @@ def test_generated_defects_grow_with_the_class_but_neighbouring_classes_overlap(
     tests/integration/test_pipeline.py."""
     import numpy as np
 
-    from lathe.data import synth_image
+    from lathe.data.raw import synth_image
 
     rng = np.random.default_rng(0)
     dark, mean = {}, {}

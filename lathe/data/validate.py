@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from lathe.config import ValidateParams
 from lathe.errors import DataError, ValidationFailed
-from lathe.ingest import CELL_TYPES, MANIFEST_COLUMNS, SPLITS, cell_type_code, resolve_inside
+from lathe.data.ingest import CELL_TYPES, MANIFEST_COLUMNS, SPLITS, cell_type_code, resolve_inside
 from lathe.io import load_arrays, sha256_file, write_json, write_text
 
 RESULT_FILE = "result.json"

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lathe.config import IngestParams
-from lathe.data import LABELS_FILE, RawSample, parse_labels
+from lathe.data.raw import LABELS_FILE, RawSample, parse_labels
 from lathe.errors import DataError, problem_list
 from lathe.io import load_arrays, save_arrays, sha256_bytes, write_text
 
