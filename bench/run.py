@@ -11,7 +11,7 @@ it is missing, that row is skipped with a note on stderr and in bench.md.
 
 Reads params.yaml sections `bench` (timing, acceptance targets), `quantize` (seed and
 calibration_size, so the static baseline calibrates on the same train images as the pipeline) and
-`evaluate` (defective_from_class, so recall means what the evaluate stage means by it).
+the task from data/prepared/task.json (so recall means what the evaluate stage means by it).
 Not a DVC stage: it measures the machine it runs on, so its outputs are not cached.
 """
 
@@ -28,7 +28,7 @@ from lathe.bench import (
     BASELINE_PRUNED, BenchModel, bench_markdown, build_baselines, calibration_subset, describe_pruned_baseline,
     run_bench,
 )
-from lathe.config import BenchParams, EvaluateParams, QuantizeParams, load_params, parse_section
+from lathe.config import BenchParams, QuantizeParams, load_params, parse_section
 from lathe.errors import LatheError
 from lathe.evaluate import MODEL_FILE
 from lathe.data.ingest import load_split
@@ -69,7 +69,6 @@ def bench(args: argparse.Namespace, work_dir: Path) -> dict:
     params = load_params(args.params)
     cfg = parse_section(params, "bench", BenchParams, str(args.params))
     quant = parse_section(params, "quantize", QuantizeParams, str(args.params))
-    evaluate = parse_section(params, "evaluate", EvaluateParams, str(args.params))
 
     teacher = BenchModel("teacher", "teacher", args.teacher / MODEL_FILE, f"{args.teacher / MODEL_FILE}: FP32")
     if not teacher.onnx_path.is_file():
@@ -88,7 +87,7 @@ def bench(args: argparse.Namespace, work_dir: Path) -> dict:
     for note in notes:
         print(f"[bench] NOTE: {note}", file=sys.stderr)
 
-    report = run_bench([teacher, *pipeline, *baselines], args.prepared, cfg, evaluate.defective_from_class, notes)
+    report = run_bench([teacher, *pipeline, *baselines], args.prepared, cfg, notes)
     write_text(args.out / "bench.md", bench_markdown(report))
     write_json(args.out / "bench.json", report)
     return report

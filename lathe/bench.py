@@ -43,7 +43,8 @@ from lathe.evaluate import (
     MODEL_FILE, check_input, count_onnx_macs, count_onnx_params, fixed_batch, load_proto, load_session,
     model_size_bytes, predict, quality_metrics, timing_input, to_input,
 )
-from lathe.data.ingest import load_split
+from lathe.data.contract import read_task
+from lathe.data.ingest import image_geometry, load_split
 from lathe.io import write_bytes
 from lathe.metrics import latency_method
 
@@ -304,7 +305,7 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         "benchmark's own figures: reports/compare.md and the model cards quote the evaluate stage's (each model "
         "timed alone, in its own stage run, with the evaluate params), so the two differ on the same machine.",
         f"Quality: the test split of `{setup['prepared_dir']}`, {setup['test_samples']} images of "
-        f"{setup['image_size']}x{setup['image_size']} px; defective = class >= {setup['defective_from_class']}. "
+        f"{setup['image_size']}x{setup['image_size']} px; defective = {', '.join(setup['defective_classes'])}. "
         "1 KB = 1000 B.",
         "",
         "| model | role | size | vs teacher | accuracy | defective recall | p50 | p95 | speedup (p50) | params "
@@ -509,7 +510,7 @@ def model_stats(onnx_path: Path, image_size: int) -> dict[str, int]:
     return {"size_bytes": model_size_bytes(onnx_path), "params": count_onnx_params(proto), "macs": macs}
 
 
-def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams, defective_from: int = 2,
+def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams,
               notes: Sequence[str] = ()) -> dict[str, Any]:
     """Measure every model; returns the report {"rows", "floor", "acceptance", "setup"} (see bench_markdown)."""
     names = [m.name for m in models]
@@ -517,19 +518,19 @@ def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams
         raise LatheError(f"model names must be unique, got {names}")
     prepared_dir = Path(prepared_dir)
     split_path = prepared_dir / "test.safetensors"
-    test = load_split(prepared_dir, "test")
+    test, task = load_split(prepared_dir, "test"), read_task(prepared_dir)
     images, labels = test["images"], test["labels"].astype(np.int64)
     if len(labels) == 0:
         raise DataError(f"{split_path}: the test split is empty; nothing to measure")
-    image_size = int(images.shape[1])
+    channels, image_size = image_geometry(images, split_path)
 
     sessions, stats, quality = {}, {}, {}
     for m in models:
         log.info("%-28s %-8s quality on %d test images (%s)", m.name, m.role, len(labels), m.onnx_path)
         stats[m.name] = model_stats(m.onnx_path, image_size)
         session = load_session(m.onnx_path, cfg.threads)
-        check_input(session, image_size, m.onnx_path, split_path)
-        q = quality_metrics(labels, test["cell_types"], predict(session, images), defective_from)
+        check_input(session, image_size, m.onnx_path, split_path, channels)
+        q = quality_metrics(labels, predict(session, images), task)
         quality[m.name] = {"accuracy": q["accuracy"], "defective_recall": q["defective_recall"]}
         sessions[m.name] = session
     log.info("timing %d models round-robin: %d warm-up + %d timed rounds, %d thread(s)", len(models), cfg.warmup,
@@ -547,7 +548,7 @@ def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams
         "machine": machine_info(), "threads": cfg.threads, "warmup": cfg.warmup, "runs": cfg.runs, "batch": 1,
         "timing_method": bench_timing_method(cfg.threads, cfg.runs, cfg.warmup),
         "prepared_dir": str(prepared_dir), "test_samples": int(len(labels)), "image_size": image_size,
-        "defective_from_class": defective_from, "origins": {m.name: m.origin or str(m.onnx_path) for m in models},
+        "defective_classes": list(task.defective), "origins": {m.name: m.origin or str(m.onnx_path) for m in models},
         "notes": list(notes),
     }
     return {"rows": rows, "floor": floor, "acceptance": acceptance_check(rows, cfg), "setup": setup}

@@ -50,6 +50,7 @@ from lathe.config import (
     load_params,
     signing_key_path,
 )
+from lathe.data.contract import DataParams
 from lathe.errors import DataError, LatheError
 
 PARAMS_FILE = "params.yaml"
@@ -59,7 +60,7 @@ ENV_ALLOW_DIRTY = "LATHE_ALLOW_DIRTY"
 
 # Every params section a stage or `make bench` reads, and its model (targets are checked per entry).
 SECTIONS: dict[str, type[Section]] = {
-    "ingest": IngestParams, "validate": ValidateParams, "train_teacher": TrainParams, "prune": PruneParams,
+    "data": DataParams, "ingest": IngestParams, "validate": ValidateParams, "train_teacher": TrainParams, "prune": PruneParams,
     "prune_baseline": PruneParams, "distill": DistillParams, "lowrank": LowRankParams,
     "quantize": QuantizeParams, "evaluate": EvaluateParams, "compare": CompareParams, "bench": BenchParams,
     "package": PackageParams,
@@ -139,7 +140,8 @@ def model_problems(raw: Any, key: str, model: type[Section], source: str) -> tup
                 out.append(Problem(where, f"unknown key{did_you_mean(loc[-1], allowed)}; "
                                           f"allowed: {', '.join(allowed)}"))
             elif err["type"] == "literal_error":
-                expected = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+                text = str((err.get("ctx") or {}).get("expected", ""))  # "'a', 'b' or 'c'", or "1 or 3"
+                expected = re.findall(r"'([^']*)'", text) or re.findall(r"[^\s,']+", text.replace(" or ", " "))
                 out.append(Problem(where, f"{_short(err.get('input'))} is not one of {', '.join(expected)}"
                                           f"{did_you_mean(err.get('input'), expected)}"))
             elif err["type"] == "missing":
@@ -242,38 +244,13 @@ class _Checker:
 
     def cross_params(self) -> None:
         """Facts between sections that no single model can see."""
-        from lathe.data.ingest import CELL_TYPES, DEFECT_PROBABILITIES, PROB_DECIMALS
-
         for i, v in enumerate(self.value("package", "variants") or []):
             if v not in ALL_VARIANTS:
                 self.problem(f"package.variants[{i}]", f"{v!r} is not a variant the pipeline builds"
                              f"{did_you_mean(v, ALL_VARIANTS)}; known: {', '.join(ALL_VARIANTS)}")
         if self.value("package", "private_key") is not None:
             self.signing_key(self.value("package", "private_key"))
-        classes = self.value("train_teacher", "arch", "num_classes")
-        scratch = self.value("distill", "init") == "scratch"  # init: pruned takes the pruned teacher's arch
-        for key, channels in (("train_teacher.arch.in_channels", self.value("train_teacher", "arch", "in_channels")),
-                              ("distill.student.in_channels",
-                               self.value("distill", "student", "in_channels") if scratch else None)):
-            if channels not in (None, 1):
-                self.problem(key, f"{channels}, but ingest writes grayscale images (1 channel)")
-        student_classes = self.value("distill", "student", "num_classes") if scratch else None
-        if None not in (classes, student_classes) and student_classes != classes:
-            self.problem("distill.student.num_classes", f"{student_classes}, but the teacher "
-                         f"(train_teacher.arch.num_classes) predicts {classes} classes")
-        defective = self.value("evaluate", "defective_from_class")
-        if None not in (classes, defective) and defective >= classes:
-            self.problem("evaluate.defective_from_class", f"{defective}, but the classes are 0..{classes - 1}: "
-                         "no class would count as defective")
-        contract = {round(p, PROB_DECIMALS) for p in DEFECT_PROBABILITIES}
-        for i, p in enumerate(self.value("validate", "defect_probabilities") or []):
-            if round(p, PROB_DECIMALS) not in contract:
-                self.problem(f"validate.defect_probabilities[{i}]", f"{p:g} is not a defect probability of "
-                             "the data contract (0, 1/3, 2/3, 1)")
-        for i, c in enumerate(self.value("validate", "cell_types") or []):
-            if c not in CELL_TYPES:
-                self.problem(f"validate.cell_types[{i}]", f"{c!r} is not a cell type ingest knows"
-                             f"{did_you_mean(c, list(CELL_TYPES))}; known: {', '.join(CELL_TYPES)}")
+        self.architectures_fit_the_data()
         for name in self.targets:
             gate = self.value(f"targets.{name}", "gates", "min_defective_recall")
             aim = self.value(f"targets.{name}", "defective_recall_target")
@@ -281,6 +258,21 @@ class _Checker:
                 self.warn(f"targets.{name}.gates.min_defective_recall",
                           f"{gate:g} is above defective_recall_target {aim:g}: the threshold aims at the target "
                           "on val, so this gate passes only if test recall comes out higher")
+
+    def architectures_fit_the_data(self) -> None:
+        """Input channels and class count come from `data`; an explicit value in an arch must agree."""
+        data = self.cfg.get("data")
+        if data is None or data.model is None:
+            return
+        facts = {"in_channels": (data.model.channels, "data.channels"),
+                 "num_classes": (len(data.model.classes), "data.classes")}
+        scratch = self.value("distill", "init") == "scratch"  # init: pruned takes the pruned teacher's arch
+        for section, key in (("train_teacher", "arch"), *((("distill", "student"),) if scratch else ())):
+            spec = self.value(section, key)
+            for field_name, (value, origin) in facts.items():
+                if spec is not None and field_name in spec.model_fields_set and getattr(spec, field_name) != value:
+                    self.problem(f"{section}.{key}.{field_name}", f"{getattr(spec, field_name)}, but the data has "
+                                 f"{value} ({origin}); drop it: it comes from the data")
 
     def signing_key(self, private_key: str) -> None:
         key = signing_key_path(private_key, self.root)
@@ -313,14 +305,7 @@ class _Checker:
     # --- data --------------------------------------------------------------------------------------
 
     def data(self, raw_dir: Path | None) -> None:
-        from lathe.data.ingest import (
-            CELL_TYPES,
-            DEFECT_PROBABILITIES,
-            file_problems,
-            label_of,
-            scan_labels,
-            stratified_split,
-        )
+        from lathe.data.ingest import file_problems, scan_labels, split_samples
 
         if raw_dir is None:
             project = self.root / PROJECT_FILE
@@ -333,14 +318,16 @@ class _Checker:
         if not raw.is_dir():
             self.report.problems.append(Problem(shown, "raw-data folder not found (`dvc pull`, or `make data`)"))
             return
-        probabilities = self.value("validate", "defect_probabilities") or DEFECT_PROBABILITIES
-        cell_types = self.value("validate", "cell_types") or CELL_TYPES
+        data = self.cfg.get("data")
+        if data is None or data.model is None:  # the data section's own problems are reported already
+            return
         try:
-            scan = scan_labels(raw, probabilities, cell_types)
+            scan = scan_labels(raw, data.model)
         except DataError as exc:  # no labels file, not UTF-8, a missing column: nothing more to read
             self.report.problems.append(_relative_problem(str(exc), raw, shown))
             return
-        found = scan.problems + file_problems(raw, scan.rows, self.value("validate", "source_min_side") or 1)
+        found = scan.problems + file_problems(raw, scan.rows, self.value("validate", "source_min_side") or 1,
+                                              data.model.max_pixels)
         self.report.problems += [_relative_problem(p, raw, shown) for p in found]
         rows = [s for _, s in scan.rows]
         if not rows:
@@ -351,8 +338,12 @@ class _Checker:
         fractions = [self.value("ingest", k) for k in ("val_fraction", "test_fraction", "seed")]
         if None in fractions:
             return
-        labels = [label_of(s.defect_probability) for s in rows]
-        splits = stratified_split([(lab, s.cell_type) for lab, s in zip(labels, rows)], *fractions)
+        labels = [data.model.classes.index(s.label) for s in rows]
+        try:
+            splits = split_samples(labels, [s.meta for s in rows], data.model, *fractions)
+        except DataError as exc:  # a group column that cannot fill three splits
+            self.problem("data.group", str(exc).split(": ", 1)[-1])
+            return
         sizes = Counter(splits)
         self.report.facts.append(f"{shown}: {len(rows)} samples -> train {sizes['train']}, val {sizes['val']}, "
                                  f"test {sizes['test']}")
@@ -370,25 +361,16 @@ class _Checker:
         if calibration is not None and calibration > sizes["train"]:
             self.problem("quantize.calibration_size", f"{calibration} is larger than the train split ingest will "
                          f"make ({sizes['train']} samples{note}); lower it to at most {sizes['train']}")
-        present, classes = sorted(set(labels)), self.value("train_teacher", "arch", "num_classes")
-        if classes is not None and present[-1] >= classes:
-            self.problem("train_teacher.arch.num_classes", f"{classes}, but the data has classes {present} "
-                         "(label = round(3 * defect_probability))")
         n = sum(sizes.values())
         for key, bad in (("min_rows", lambda v: n < v), ("max_rows", lambda v: n > v)):
             limit = self.value("validate", key)
             if limit is not None and bad(limit):
                 self.problem(f"validate.{key}", f"{limit}, but the data has {n} rows{note}")
-        class_values = self.value("validate", "class_values")
-        if class_values is None:
-            return
-        missing = [c for c in present if c not in class_values]
-        if missing:
-            self.problem("validate.class_values", f"{class_values} leaves out class(es) {missing} that the data has")
+        classes = self.value("data", "classes") or []
         least = self.value("validate", "min_per_class_per_split")
         counts = Counter(zip(splits, labels))
-        short = [f"{split}/class {c}: {counts[(split, c)]}" for split in ("train", "val", "test")
-                 for c in class_values if least is not None and counts[(split, c)] < least]
+        short = [f"{split}/{name}: {counts[(split, c)]}" for split in ("train", "val", "test")
+                 for c, name in enumerate(classes) if least is not None and counts[(split, c)] < least]
         if short:
             listed = ", ".join(short[:6]) + (f" and {len(short) - 6} more" if len(short) > 6 else "")
             self.problem("validate.min_per_class_per_split", f"{least}, but the splits ingest will make{note} hold "

@@ -59,13 +59,7 @@ class ValidateParams(Section):
     min_rows: int = Field(20, ge=1)
     max_rows: int = Field(1_000_000, ge=1)
     min_per_class_per_split: int = Field(1, ge=0, description="samples of each class in each split")
-    class_values: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
-    defect_probabilities: list[float] = Field(
-        default_factory=lambda: [0.0, 1 / 3, 2 / 3, 1.0], min_length=1,
-        description="allowed values; compared after rounding both sides to 6 decimals",
-    )
-    cell_types: list[str] = Field(default_factory=lambda: ["mono", "poly"], min_length=1)
-    pixel_mean_min: float = Field(5.0, description="per-image mean of the 8-bit source pixels")
+    pixel_mean_min: float = Field(5.0, description="per-image mean of the source pixels on the 8-bit scale")
     pixel_mean_max: float = 250.0
     pixel_std_min: float = Field(1.0, ge=0, description="below this an image is (nearly) blank")
     source_min_side: int = Field(32, ge=1, description="smallest accepted source image side in px")
@@ -84,6 +78,8 @@ class ValidateParams(Section):
 class ArchSpec(Section):
     """A small ResNet-style CNN: stem conv, stages of basic blocks, global pooling, linear head."""
 
+    # Set from the data (task.json: data.channels, data.classes) when a network is first built
+    # (lathe.teacher.spec_for_task); a value written in params must agree with the data.
     in_channels: int = Field(1, ge=1)
     num_classes: int = Field(4, ge=2)
     stem_channels: int = Field(32, ge=1)
@@ -275,7 +271,6 @@ class EvaluateParams(Section):
     latency_runs: int = Field(300, ge=1, description="timed batch-1 calls; p50/p95 are taken over these")
     throughput_batch: int = Field(64, ge=1, le=4096, description="images per call for throughput (export allows <= 4096)")
     throughput_runs: int = Field(5, ge=1, description="timed calls at throughput_batch; the median is reported")
-    defective_from_class: int = Field(2, ge=1, description="class >= this counts as defective")
 
 
 S = TypeVar("S", bound=Section)

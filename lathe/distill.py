@@ -21,7 +21,8 @@ from lathe.errors import ConfigError, LatheError
 from lathe.data.ingest import load_split
 from lathe.io import sha256_file, write_json
 from lathe.models import build_model, count_params
-from lathe.teacher import FILES, check_trainable, load_model, write_model_dir
+from lathe.data.contract import Task, read_task
+from lathe.teacher import FILES, check_trainable, load_model, spec_for_task, write_model_dir
 from lathe.train import (Progress, TrainResult, class_weights, fit, frozen_teacher, kd_loss, memoized_teacher,
                          predict_logits, score, to_tensor)
 
@@ -31,31 +32,26 @@ RECORD = "distill.json"  # what distillation (or the control) did, beside FILES.
 STUDENT_KEY = "distill.student"  # the params key that describes a scratch student
 
 def distill(teacher: nn.Module, student: nn.Module, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
-            cfg: DistillParams, gen: torch.Generator, num_classes: int, progress: Progress | None = None) -> TrainResult:
+            cfg: DistillParams, gen: torch.Generator, task: Task, progress: Progress | None = None) -> TrainResult:
     """Train `student` on `train` against the frozen `teacher`'s soft targets plus the labels; select on val."""
-    weights = class_weights(train["labels"], num_classes, cfg.class_weighting)
+    weights = class_weights(train["labels"], task.num_classes, cfg.class_weighting)
     # The teacher's logits of the un-augmented train images are computed once, not every epoch: its
     # forward pass is ~10x the student's training step (measured: the stage took 2.6x the control).
     teacher_logits = memoized_teacher(frozen_teacher(teacher), to_tensor(train["images"]))
     loss = kd_loss(teacher_logits, cfg.temperature, cfg.alpha, weights, cfg.label_smoothing)
-    return fit(student, train, val, cfg, gen, num_classes, loss_fn=loss, progress=progress)
+    return fit(student, train, val, cfg, gen, task, loss_fn=loss, progress=progress)
 
 
 def train_control(student: nn.Module, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: DistillParams,
-                  gen: torch.Generator, num_classes: int, progress: Progress | None = None) -> TrainResult:
+                  gen: torch.Generator, task: Task, progress: Progress | None = None) -> TrainResult:
     """The control: the same student and budget trained with fit's default weighted CE, no teacher."""
-    return fit(student, train, val, cfg, gen, num_classes, progress=progress)
+    return fit(student, train, val, cfg, gen, task, progress=progress)
 
 
 def load_model_dir(model_dir: Path, role: str = "model") -> tuple[nn.Module, ArchSpec, int]:
     """A model folder's network (eval mode), its ArchSpec and image size; missing files are named."""
     model = load_model(model_dir, role)  # raises naming the folder, arch.json or weights if absent or bad
     return model, model.spec, model.image_size
-
-
-def image_channels(images: np.ndarray) -> int:
-    """Channels of a prepared image array: (N, S, S) -> 1, (N, C, S, S) -> C."""
-    return 1 if images.ndim == 3 else int(images.shape[1])
 
 
 def check_fits(spec: ArchSpec, name: str, channels: int, teacher_classes: int | None = None) -> None:
@@ -97,13 +93,16 @@ class Student:
     init_sha256: str | None = None  # weights.safetensors of the pruned start
 
 
-def make_student(cfg: DistillParams, image_size: int, init_dir: Path | None) -> Student:
-    """Build `cfg.student` from scratch (global torch RNG), or load the pruned model in `init_dir`.
+def make_student(cfg: DistillParams, task: Task, init_dir: Path | None) -> Student:
+    """Build `cfg.student` (channels and classes from the task) from scratch (global torch RNG), or load
+    the pruned model in `init_dir`.
 
     From a pruned start `cfg.student` is ignored: the architecture is the pruned folder's arch.json.
     """
+    image_size = task.image_size
     if init_dir is None:
-        return Student(build_model(cfg.student, image_size), cfg.student, STUDENT_KEY)
+        spec = spec_for_task(cfg.student, task, STUDENT_KEY)
+        return Student(build_model(spec, image_size), spec, STUDENT_KEY)
     model, spec, size = load_model_dir(init_dir, "pruned model")
     source = str(Path(init_dir) / FILES.arch)
     if size != image_size:
@@ -142,25 +141,24 @@ def distill_student(teacher_dir: Path, prepared_dir: Path, cfg: DistillParams, i
     # (which has no teacher) must see the same RNG stream for the student's init and dropout.
     teacher, teacher_spec, teacher_size = load_model_dir(teacher_dir, "teacher")
     gen = make_deterministic(cfg.seed, cfg.threads)
-    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    image_size, channels = int(train["images"].shape[-1]), image_channels(train["images"])
-    num_classes = teacher_spec.num_classes
-    check_fits(teacher_spec, str(Path(teacher_dir) / FILES.arch), channels)
+    train, val, task = load_split(prepared_dir, "train"), load_split(prepared_dir, "val"), read_task(prepared_dir)
+    image_size, channels, num_classes = task.image_size, task.channels, task.num_classes
+    check_fits(teacher_spec, str(Path(teacher_dir) / FILES.arch), channels, num_classes)
     if teacher_size != image_size:
         raise LatheError(f"{Path(teacher_dir) / FILES.arch}: teacher built for {teacher_size} px images "
                          f"but the prepared data is {image_size} px")
     check_trainable(train, val, num_classes)
-    student = make_student(cfg, image_size, init_dir)
+    student = make_student(cfg, task, init_dir)
     check_fits(student.spec, student.source, channels, num_classes)
     teacher_params, student_params = count_params(teacher), count_params(student.model)
     check_smaller(student_params, teacher_params, student.source, Path(teacher_dir))
-    result = distill(teacher, student.model, train, val, cfg, gen, num_classes, progress)
+    result = distill(teacher, student.model, train, val, cfg, gen, task, progress)
     record = _record("distill", cfg, student, result) | {
         "teacher_params": teacher_params, "compression_ratio": round(teacher_params / student_params, 3),
         "temperature": cfg.temperature, "alpha": cfg.alpha,
         "teacher_weights_sha256": sha256_file(Path(teacher_dir) / FILES.weights),
         "teacher_val": {k: round(v, 6) for k, v in
-                        score(predict_logits(teacher, to_tensor(val["images"])), val["labels"], num_classes).items()},
+                        score(predict_logits(teacher, to_tensor(val["images"])), val["labels"], task).items()},
     }
     return StudentRun(student.model, student.spec, image_size, result, record)
 
@@ -170,18 +168,16 @@ def control_student(prepared_dir: Path, cfg: DistillParams, init_dir: Path | Non
     """The control: the student `distill_student` would train, on the same budget, without a teacher."""
     init_dir = init_dir_for(cfg, init_dir)
     gen = make_deterministic(cfg.seed, cfg.threads)
-    train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    image_size, channels = int(train["images"].shape[-1]), image_channels(train["images"])
-    student = make_student(cfg, image_size, init_dir)
-    num_classes = student.spec.num_classes
-    check_fits(student.spec, student.source, channels)
-    check_trainable(train, val, num_classes)
-    result = train_control(student.model, train, val, cfg, gen, num_classes, progress)
+    train, val, task = load_split(prepared_dir, "train"), load_split(prepared_dir, "val"), read_task(prepared_dir)
+    student = make_student(cfg, task, init_dir)
+    check_fits(student.spec, student.source, task.channels, task.num_classes)
+    check_trainable(train, val, task.num_classes)
+    result = train_control(student.model, train, val, cfg, gen, task, progress)
     record = _record("control", cfg, student, result) | {
         "teacher_params": None, "compression_ratio": None, "temperature": None, "alpha": None,
         "teacher_weights_sha256": None, "teacher_val": None,
     }
-    return StudentRun(student.model, student.spec, image_size, result, record)
+    return StudentRun(student.model, student.spec, task.image_size, result, record)
 
 
 def write_student_dir(out_dir: Path, run: StudentRun, check_images: np.ndarray) -> dict:

@@ -20,8 +20,9 @@ import onnx
 import onnxruntime as ort
 
 from lathe.config import EvaluateParams
-from lathe.errors import ConfigError, DataError, LatheError
-from lathe.data.ingest import CELL_TYPES, load_split
+from lathe.errors import DataError, LatheError
+from lathe.data.contract import Task, read_task
+from lathe.data.ingest import image_geometry, load_split
 from lathe.metrics import (
     accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix, latency_method, macro_f1, per_class_recall,
 )
@@ -55,7 +56,7 @@ class EvaluationResult:
     sample_ids: np.ndarray  # (N,) int64
     labels: np.ndarray  # (N,) int64 true class
     predicted: np.ndarray  # (N,) int64 argmax class
-    p_defective: np.ndarray  # (N,) float64 softmax mass on classes >= defective_from_class
+    p_defective: np.ndarray  # (N,) float64 softmax mass on the defective classes (task.defective)
     confusion: np.ndarray  # (K, K) int64 counts; rows true class, columns predicted
     timing_method: str  # how latency and throughput were measured (lathe.metrics.latency_method)
 
@@ -285,14 +286,15 @@ def input_spec(session: ort.InferenceSession) -> tuple[str, list[int | str | Non
     return inputs[0].name, list(inputs[0].shape)
 
 
-def check_input(session: ort.InferenceSession, image_size: int, model_path: Path, data_path: Path) -> None:
-    """The model must take float (N, 1, S, S) with S the prepared image size."""
+def check_input(session: ort.InferenceSession, image_size: int, model_path: Path, data_path: Path,
+                channels: int = 1) -> None:
+    """The model must take float (N, C, S, S) with C and S those of the prepared images."""
     name, shape = input_spec(session)
     dtype = session.get_inputs()[0].type
     if dtype != "tensor(float)" or len(shape) != 4:
-        raise LatheError(f"{model_path}: input {name!r} is {dtype} {shape}; expected float (N, 1, S, S)")
-    if isinstance(shape[1], int) and shape[1] != 1:
-        raise LatheError(f"{model_path}: input {name!r} has {shape[1]} channels; the prepared images are grayscale (1)")
+        raise LatheError(f"{model_path}: input {name!r} is {dtype} {shape}; expected float (N, {channels}, S, S)")
+    if isinstance(shape[1], int) and shape[1] != channels:
+        raise LatheError(f"{model_path}: input {name!r} has {shape[1]} channel(s); the prepared images have {channels}")
     h, w = shape[2], shape[3]
     if any(isinstance(d, int) and d != image_size for d in (h, w)):
         raise LatheError(f"{model_path}: input {name!r} expects {h}x{w} images but {data_path} holds "
@@ -306,12 +308,13 @@ def fixed_batch(session: ort.InferenceSession) -> int | None:
 
 
 def to_input(images_uint8: np.ndarray) -> np.ndarray:
-    """(N, S, S) uint8 -> (N, 1, S, S) float32 in [0, 1], the models' input contract."""
-    return (images_uint8.astype(np.float32) / 255.0)[:, None, :, :]
+    """(N, S, S) or (N, C, S, S) uint8 -> (N, C, S, S) float32 in [0, 1], the models' input contract."""
+    x = images_uint8.astype(np.float32) / 255.0
+    return x[:, None, :, :] if x.ndim == 3 else x
 
 
 def predict(session: ort.InferenceSession, images_uint8: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray:
-    """Logits (N, num_classes) float32 for (N, S, S) uint8 images, run in chunks of `batch`.
+    """Logits (N, num_classes) float32 for (N, S, S) or (N, C, S, S) uint8 images, run in chunks of `batch`.
 
     A model with a fixed batch dimension is fed chunks of exactly that size (the tail zero-padded).
     """
@@ -382,15 +385,14 @@ def measure_throughput(session: ort.InferenceSession, image_size: int, batch: in
 # Metrics
 
 
-def quality_metrics(labels: np.ndarray, cell_types: np.ndarray, logits: np.ndarray,
-                    defective_from: int) -> dict[str, float | int]:
-    """Test-split quality from logits (N, K): 4-class and defective-vs-functional, per cell type.
+def quality_metrics(labels: np.ndarray, logits: np.ndarray, task: Task) -> dict[str, float | int]:
+    """Test-split quality from logits (N, K): K-class, recall per class by name (`recall_<class>`), and
+    defective (task.defective) against good.
 
     All values are fractions in [0, 1] (a metric with no samples to judge is 0, never NaN), plus
-    the sample counts.
+    the sample count.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    cell_types = np.asarray(cell_types, dtype=np.int64)
     num_classes = logits.shape[1]
     predicted = np.argmax(logits, axis=1)
     cm = confusion_matrix(labels, predicted, num_classes)
@@ -399,15 +401,16 @@ def quality_metrics(labels: np.ndarray, cell_types: np.ndarray, logits: np.ndarr
         "balanced_accuracy": balanced_accuracy(cm),
         "macro_f1": macro_f1(cm),
     }
-    for k, r in enumerate(per_class_recall(cm)):
-        out[f"recall_class_{k}"] = float(r)
-    out.update(binary_defect_metrics(labels, predicted, defective_from))
-    for code, name in enumerate(CELL_TYPES):
-        mask = cell_types == code
-        out[f"accuracy_{name}"] = float((predicted[mask] == labels[mask]).mean()) if mask.any() else 0.0
-        out[f"n_test_{name}"] = int(mask.sum())
+    for name, r in zip(task.classes, per_class_recall(cm)):
+        out[recall_key(name)] = float(r)
+    out.update(binary_defect_metrics(labels, predicted, task.defective_indices))
     out["n_test"] = int(len(labels))
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def recall_key(class_name: str) -> str:
+    """The metrics key of one class's recall."""
+    return f"recall_{class_name}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,24 +422,22 @@ def evaluate_model(model_dir: Path, prepared_dir: Path, cfg: EvaluateParams) -> 
     onnx_path = Path(model_dir) / MODEL_FILE
     split_path = Path(prepared_dir) / f"{TEST_SPLIT}.safetensors"
     files = model_files(onnx_path)  # also: exists, parses, external data stays inside the folder
-    test = load_split(prepared_dir, TEST_SPLIT)
+    test, task = load_split(prepared_dir, TEST_SPLIT), read_task(prepared_dir)
     images, labels = test["images"], test["labels"].astype(np.int64)
     if len(labels) == 0:
         raise DataError(f"{split_path}: the test split is empty; nothing to evaluate")
-    if images.ndim != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
-        raise DataError(f"{split_path}: images are {images.dtype} {images.shape}; expected (N, S, S) uint8")
-    image_size = int(images.shape[1])
+    channels, image_size = image_geometry(images, split_path)
 
     session = load_session(onnx_path, cfg.threads)
-    check_input(session, image_size, onnx_path, split_path)
+    check_input(session, image_size, onnx_path, split_path, channels)
     logits = predict(session, images)
     num_classes = logits.shape[1]
     if labels.max() >= num_classes or labels.min() < 0:
         raise DataError(f"{split_path}: labels span {labels.min()}..{labels.max()} but {onnx_path} "
                         f"outputs {num_classes} classes")
-    if cfg.defective_from_class >= num_classes:
-        raise ConfigError(f"evaluate.defective_from_class = {cfg.defective_from_class} but {onnx_path} "
-                          f"has classes 0..{num_classes - 1}; no class would count as defective")
+    if num_classes != task.num_classes:
+        raise DataError(f"{onnx_path} outputs {num_classes} classes but the task has {task.num_classes} "
+                        f"({', '.join(task.classes)})")
 
     # With external data loaded, shape inference can read shape constants stored outside the file.
     proto = load_proto(onnx_path, external_data=True)
@@ -444,7 +445,7 @@ def evaluate_model(model_dir: Path, prepared_dir: Path, cfg: EvaluateParams) -> 
         macs = count_onnx_macs(proto, image_size)
     except LatheError as exc:
         raise LatheError(f"{onnx_path}: {exc}") from exc
-    metrics = quality_metrics(labels, test["cell_types"], logits, cfg.defective_from_class)
+    metrics = quality_metrics(labels, logits, task)
     p50, p95 = measure_latency(session, image_size, cfg.latency_warmup, cfg.latency_runs)
     metrics.update({
         "size_bytes": sum(p.stat().st_size for p in files),
@@ -454,7 +455,7 @@ def evaluate_model(model_dir: Path, prepared_dir: Path, cfg: EvaluateParams) -> 
         "latency_p95_ms": round(p95, 4),
         "throughput_ips": round(measure_throughput(session, image_size, cfg.throughput_batch, cfg.throughput_runs), 2),
     })
-    p_defective = softmax(logits)[:, cfg.defective_from_class :].sum(axis=1)
+    p_defective = softmax(logits)[:, task.defective_indices].sum(axis=1)
     predicted = np.argmax(logits, axis=1).astype(np.int64)
     return EvaluationResult(
         metrics=metrics, sample_ids=test["sample_ids"].astype(np.int64), labels=labels,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lathe.config import ArchSpec, LowRankParams
+from lathe.data.contract import Task
 from lathe.determinism import make_deterministic
 from lathe.errors import LatheError
 from lathe.io import write_json
@@ -129,9 +130,9 @@ def _rounded(scores: dict[str, float]) -> dict[str, float]:
 
 
 def lowrank(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: LowRankParams,
-            gen: torch.Generator, progress: Progress | None = None) -> LowRankResult:
+            gen: torch.Generator, task: Task, progress: Progress | None = None) -> LowRankResult:
     """Factorise `model` (left untouched) by the energy rule, then fine-tune; returns the model and a record."""
-    size, in_ch, num_classes = model.image_size, model.spec.in_channels, model.spec.num_classes
+    size, in_ch = model.image_size, model.spec.in_channels
     plans = plan_ranks(model, cfg)
     ranks = {p.name: p.rank for p in plans if p.factorised}
     if not ranks:
@@ -140,10 +141,10 @@ def lowrank(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.n
             "(no rank saves parameters); lower lowrank.energy or lowrank.min_channels"
         )
     x_val = to_tensor(val["images"])
-    teacher_val = score(predict_logits(model, x_val), val["labels"], num_classes)
+    teacher_val = score(predict_logits(model, x_val), val["labels"], task)
     factored = factorize(model, ranks)
-    before_ft = score(predict_logits(factored, x_val), val["labels"], num_classes)
-    result = fit(factored, train, val, cfg.finetune, gen, num_classes, progress=progress)
+    before_ft = score(predict_logits(factored, x_val), val["labels"], task)
+    result = fit(factored, train, val, cfg.finetune, gen, task, progress=progress)
     teacher_macs, teacher_params = count_macs(model, size, in_ch), count_params(model)
     macs, params = count_macs(factored, size, in_ch), count_params(factored)
     record = {
@@ -169,8 +170,8 @@ def lowrank_teacher(teacher_dir: Path, prepared_dir: Path, cfg: LowRankParams,
     """Deterministically factorise and fine-tune the teacher folder's model on the prepared splits."""
     gen = make_deterministic(cfg.finetune.seed, cfg.finetune.threads)
     teacher = load_source(teacher_dir)
-    train, val = load_data(prepared_dir, teacher, teacher_dir)
-    return lowrank(teacher, train, val, cfg, gen, progress)
+    train, val, task = load_data(prepared_dir, teacher, teacher_dir)
+    return lowrank(teacher, train, val, cfg, gen, task, progress)
 
 
 def write_lowrank(out_dir: Path, result: LowRankResult, check_images: np.ndarray) -> dict:

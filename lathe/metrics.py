@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 # Metrics measured on the machine that runs the evaluation (by nature different elsewhere): they are
@@ -61,10 +63,10 @@ def macro_f1(cm: np.ndarray) -> float:
     return float(f1[present].mean()) if present.any() else 0.0
 
 
-def binary_defect_metrics(y_true: np.ndarray, y_pred: np.ndarray, defective_from: int) -> dict[str, float]:
-    """Defective (class >= defective_from) vs functional: recall, precision, escape and false-reject rates."""
-    t = np.asarray(y_true) >= defective_from
-    p = np.asarray(y_pred) >= defective_from
+def binary_defect_metrics(y_true: np.ndarray, y_pred: np.ndarray, defective: Sequence[int]) -> dict[str, float]:
+    """Defective (a class index in `defective`) vs good: recall, precision, escape and false-reject rates."""
+    t = np.isin(np.asarray(y_true), defective)
+    p = np.isin(np.asarray(y_pred), defective)
     tp, fn = int((t & p).sum()), int((t & ~p).sum())
     fp, tn = int((~t & p).sum()), int((~t & ~p).sum())
     return {

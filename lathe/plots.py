@@ -129,10 +129,11 @@ def training_curves_png(history: Mapping[str, Sequence[float]], title: str, dpi:
 # Confusion matrix
 
 
-def confusion_png(cm: np.ndarray, title: str, defective_from: int | None = None, dpi: int = DPI) -> bytes:
+def confusion_png(cm: np.ndarray, title: str, classes: Sequence[str] | None = None,
+                  defective: Sequence[int] = (), dpi: int = DPI) -> bytes:
     """Counts per (true class, predicted class); colour is the row's share (recall on the diagonal).
 
-    With `defective_from`, dashed lines split functional from defective classes.
+    Ticks carry the class names when given; the defective classes' names are red.
     """
     cm = np.asarray(cm, dtype=np.int64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] == 0:
@@ -148,14 +149,16 @@ def confusion_png(cm: np.ndarray, title: str, defective_from: int | None = None,
             for j in range(k):
                 ax.text(j, i, f"{cm[i, j]}\n{100 * share[i, j]:.0f}%", ha="center", va="center", fontsize=8,
                         color="white" if share[i, j] > 0.6 else "black")
-        if defective_from is not None and 0 < defective_from < k:
-            for line in (ax.axhline, ax.axvline):
-                line(defective_from - 0.5, color="tab:red", linestyle="--", linewidth=1)
-        ax.set_xticks(range(k))
-        ax.set_yticks(range(k))
+        names = list(classes) if classes is not None and len(classes) == k else [str(i) for i in range(k)]
+        ax.set_xticks(range(k), names, rotation=30 if max(map(len, names)) > 3 else 0, ha="right", fontsize=7)
+        ax.set_yticks(range(k), names, fontsize=7)
+        for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+            for i, label in enumerate(ticks):
+                if i in defective:
+                    label.set_color("tab:red")
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class (row total = 100%)")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-        suffix = f"; dashed: defective from class {defective_from}" if defective_from is not None else ""
+        suffix = "; red: defective classes" if len(defective) else ""
         ax.set_title(f"{title}\ntest split, n={int(cm.sum())}{suffix}", fontsize=9)
         return png_bytes(fig, dpi)

@@ -28,6 +28,7 @@ from lathe.errors import ConfigError, DataError, LatheError
 from lathe.data.ingest import load_split
 from lathe.io import write_json
 from lathe.models import ResNetLike, build_model, count_macs, count_params, spec_macs, spec_of
+from lathe.data.contract import TASK_FILE, Task, read_task
 from lathe.teacher import FILES, check_trainable, load_model, write_model_dir
 from lathe.train import Progress, TrainResult, fit, predict_logits, score, to_tensor
 
@@ -215,7 +216,8 @@ def _rounded(scores: dict[str, float]) -> dict[str, float]:
 
 
 def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: PruneParams,
-          gen: torch.Generator, progress: Progress | None = None, on_round: RoundHook | None = None) -> PruneResult:
+          gen: torch.Generator, task: Task, progress: Progress | None = None,
+          on_round: RoundHook | None = None) -> PruneResult:
     """Remove `cfg.ratio` of `model`'s MACs or channels in `cfg.steps` rounds, fine-tuning after each;
     returns the final model and a record of every round. `model`'s weights are not changed.
 
@@ -226,14 +228,14 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
     """
     if model.spec.ranks:
         raise LatheError("prune: the input model is low-rank factorised; prune an unfactorised model")
-    size, in_ch, num_classes = model.image_size, model.spec.in_channels, model.spec.num_classes
+    size, in_ch = model.image_size, model.spec.in_channels
     importance = make_importance(cfg.importance)
     groups = channel_groups(model)
     check_ratio_reachable(model, groups, cfg)
     initial = {g.convs: g.channels for g in groups}
     teacher_macs, teacher_params = count_macs(model, size, in_ch), count_params(model)
     x_val = to_tensor(val["images"])
-    teacher_val = score(predict_logits(model, x_val), val["labels"], num_classes)
+    teacher_val = score(predict_logits(model, x_val), val["labels"], task)
 
     current, rounds, history = model, [], []
     counts = dict(initial)
@@ -252,7 +254,7 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
             "target_macs": None if target_macs is None else round(target_macs),
             "macs": macs, "macs_ratio": round(macs / teacher_macs, 6), "params": count_params(current),
             "channels": {g.root: counts[g.convs] for g in groups},
-            "val_before_finetune": _rounded(score(predict_logits(current, x_val), val["labels"], num_classes)),
+            "val_before_finetune": _rounded(score(predict_logits(current, x_val), val["labels"], task)),
         }
         if on_round is not None:
             on_round(row)
@@ -262,7 +264,7 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
             return {"epoch": offset + epoch_row["epoch"], "round": k, "round_epoch": epoch_row["epoch"],
                     **{c: v for c, v in epoch_row.items() if c != "epoch"}}
 
-        last = fit(current, train, val, cfg.finetune, gen, num_classes,
+        last = fit(current, train, val, cfg.finetune, gen, task,
                    progress=None if progress is None else (lambda r: progress(tagged(r))))
         history.extend(tagged(r) for r in last.history)
         row.update(best_epoch=offset + last.best_epoch, best_val=_rounded(last.best_val))
@@ -298,15 +300,20 @@ def load_source(model_dir: Path, role: str = "teacher") -> ResNetLike:
     return model
 
 
-def load_data(prepared_dir: Path, model: ResNetLike, model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The train and val splits, checked against the model's classes and input size."""
+def load_data(prepared_dir: Path, model: ResNetLike,
+              model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Task]:
+    """The train and val splits and the task, checked against the model's classes and input size."""
+    task = read_task(prepared_dir)
+    if (task.num_classes, task.channels) != (model.spec.num_classes, model.spec.in_channels):
+        raise DataError(f"{Path(prepared_dir) / TASK_FILE}: {task.num_classes} classes, {task.channels} channel(s), "
+                        f"but {model_dir} was built for {model.spec.num_classes} and {model.spec.in_channels}")
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    check_trainable(train, val, model.spec.num_classes)
+    check_trainable(train, val, task.num_classes)
     side = int(train["images"].shape[-1])
     if side != model.image_size:
         raise DataError(f"{Path(prepared_dir) / 'train.safetensors'}: images are {side} px but {model_dir} was "
                         f"built for {model.image_size} px; rerun it on the same ingest.image_size")
-    return train, val
+    return train, val, task
 
 
 def prune_teacher(teacher_dir: Path, prepared_dir: Path, cfg: PruneParams, progress: Progress | None = None,
@@ -314,8 +321,8 @@ def prune_teacher(teacher_dir: Path, prepared_dir: Path, cfg: PruneParams, progr
     """Deterministically prune the teacher folder's model on the prepared train/val splits."""
     gen = make_deterministic(cfg.finetune.seed, cfg.finetune.threads)
     teacher = load_source(teacher_dir)
-    train, val = load_data(prepared_dir, teacher, teacher_dir)
-    return prune(teacher, train, val, cfg, gen, progress, on_round)
+    train, val, task = load_data(prepared_dir, teacher, teacher_dir)
+    return prune(teacher, train, val, cfg, gen, task, progress, on_round)
 
 
 def write_pruned(out_dir: Path, result: PruneResult, check_images: np.ndarray) -> dict:

@@ -65,7 +65,7 @@ from lathe.evaluate import (
     to_input,
 )
 from lathe.export import set_metadata
-from lathe.data.ingest import load_split
+from lathe.data.ingest import image_geometry, load_split
 from lathe.io import sha256_bytes, sha256_file, write_bytes, write_json
 
 # 7-bit weights: CPUs without VNNI (AVX2) multiply uint8 x int8 pairs with a saturating 16-bit add
@@ -199,13 +199,12 @@ def check_source(model_path: Path) -> onnx.ModelProto:
     return proto
 
 
-def check_images(images: np.ndarray, where: Path) -> int:
-    """(N, S, S) uint8 with N >= 1; returns S."""
-    if images.ndim != 3 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
-        raise DataError(f"{where}: images are {images.dtype} {images.shape}; expected (N, S, S) uint8")
+def check_images(images: np.ndarray, where: Path) -> tuple[int, int]:
+    """(N, S, S) or (N, C, S, S) uint8 with N >= 1; returns (C, S)."""
+    channels, side = image_geometry(images, where)
     if len(images) == 0:
         raise DataError(f"{where}: the split is empty")
-    return int(images.shape[1])
+    return channels, side
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,9 +424,9 @@ def quantize_model(model_dir: Path, prepared_dir: Path, cfg: QuantizeParams) -> 
     check_source(model_path)
     train_path = Path(prepared_dir) / f"{CALIBRATION_SPLIT}.safetensors"
     train = load_split(prepared_dir, CALIBRATION_SPLIT)
-    image_size = check_images(train["images"], train_path)
+    channels, image_size = check_images(train["images"], train_path)
     session = load_session(model_path, threads=1)
-    check_input(session, image_size, model_path, train_path)
+    check_input(session, image_size, model_path, train_path, channels)
     fixed = input_spec(session)[1][0]
     batch = fixed if isinstance(fixed, int) and fixed > 0 else CALIBRATION_BATCH
 
@@ -453,7 +452,7 @@ def quantize_model(model_dir: Path, prepared_dir: Path, cfg: QuantizeParams) -> 
             "split": CALIBRATION_SPLIT, "seed": cfg.seed, "size": cfg.calibration_size,
             "n_split": int(len(train["images"])), "sample_ids": ids, "sample_ids_sha256": ids_sha,
             "method": cfg.method, "options": calibrator_options(cfg), "batch": batch,
-            "preprocessing": "uint8 / 255 -> (N, 1, S, S) float32 (lathe.evaluate.to_input)",
+            "preprocessing": "uint8 / 255 -> (N, C, S, S) float32 (lathe.evaluate.to_input)",
         },
         "quantization": {
             "format": "QDQ", "quant_pre_process": True, "per_channel": cfg.per_channel, "reduce_range": REDUCE_RANGE,

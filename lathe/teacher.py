@@ -16,7 +16,8 @@ from torch import nn
 
 from lathe.config import ArchSpec, TrainParams
 from lathe.determinism import make_deterministic, numerics_record
-from lathe.errors import DataError, LatheError
+from lathe.data.contract import Task, read_task
+from lathe.errors import ConfigError, DataError, LatheError
 from lathe.export import export_onnx, max_abs_diff_vs_torch, save_onnx
 from lathe.data.ingest import load_split
 from lathe.io import write_bytes, write_json
@@ -53,6 +54,17 @@ def check_trainable(train: dict[str, np.ndarray], val: dict[str, np.ndarray], nu
         raise DataError(f"train labels {bad} are outside 0..{num_classes - 1}")
 
 
+def spec_for_task(spec: ArchSpec, task: Task, key: str) -> ArchSpec:
+    """`spec` with the data's input channels and class count. A value params set explicitly (`key`, e.g.
+    train_teacher.arch) must agree with the data: it is then a check, not a second source of the fact."""
+    facts = {"in_channels": (task.channels, "data.channels"), "num_classes": (task.num_classes, "data.classes")}
+    for field, (value, origin) in facts.items():
+        if field in spec.model_fields_set and getattr(spec, field) != value:
+            raise ConfigError(f"{key}.{field} is {getattr(spec, field)} but the data has {value} ({origin}); "
+                              f"drop {key}.{field}: it comes from the data")
+    return spec.model_copy(update={f: v for f, (v, _) in facts.items()})
+
+
 def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | None = None) -> tuple[nn.Module, TrainResult, int]:
     """Deterministically train the teacher on the train split, selecting on val.
 
@@ -61,12 +73,14 @@ def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | Non
     network is the teacher. `result.members` holds each member's best val scores. Progress rows
     carry `member` (1-based) while a member trains, and `member` 0 for the distilled teacher.
     """
+    task = read_task(prepared_dir)
+    cfg = cfg.model_copy(update={"arch": spec_for_task(cfg.arch, task, "train_teacher.arch")})
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    check_trainable(train, val, cfg.arch.num_classes)
-    image_size = int(train["images"].shape[1])
+    check_trainable(train, val, task.num_classes)
+    image_size = task.image_size
     k = cfg.ensemble.members
     if k == 1:
-        return *train_one(train, val, cfg, cfg.seed, image_size, progress), image_size
+        return *train_one(train, val, cfg, cfg.seed, task, progress), image_size
     jobs = [(str(prepared_dir), cfg.model_dump_json(), cfg.seed + i, i + 1) for i in range(k)]
     outs = map_jobs(train_member, jobs, cfg.ensemble.parallel, progress)
     members = [member_from_job(cfg.arch, image_size, out) for out in outs]
@@ -75,17 +89,17 @@ def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | Non
     loss = kd_loss(teacher, cfg.ensemble.temperature, cfg.ensemble.alpha, weights, cfg.label_smoothing)
     distilled_cfg = cfg.model_copy(update={"epochs": cfg.ensemble.epochs or cfg.epochs,
                                            "threads": cfg.ensemble.threads or cfg.threads})
-    model, result = train_one(train, val, distilled_cfg, cfg.seed + k, image_size, tagged(progress, 0), loss)
+    model, result = train_one(train, val, distilled_cfg, cfg.seed + k, task, tagged(progress, 0), loss)
     result.members = [r.best_val for _, r in members]
     return model, result, image_size
 
 
-def train_one(train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: TrainParams, seed: int, image_size: int,
+def train_one(train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: TrainParams, seed: int, task: Task,
               progress: Progress | None = None, loss_fn: LossFn | None = None) -> tuple[nn.Module, TrainResult]:
     """One network of `cfg.arch` trained from the seed's initialisation (weighted CE by default)."""
     gen = make_deterministic(seed, cfg.threads)
-    model = build_model(cfg.arch, image_size)
-    return model, fit(model, train, val, cfg, gen, cfg.arch.num_classes, loss_fn=loss_fn, progress=progress)
+    model = build_model(cfg.arch, task.image_size)
+    return model, fit(model, train, val, cfg, gen, task, loss_fn=loss_fn, progress=progress)
 
 
 def train_member(prepared_dir: str, cfg_json: str, seed: int, member: int, progress: Progress) -> tuple[bytes, dict]:
@@ -96,7 +110,7 @@ def train_member(prepared_dir: str, cfg_json: str, seed: int, member: int, progr
     """
     cfg = TrainParams.model_validate_json(cfg_json)
     train, val = load_split(Path(prepared_dir), "train"), load_split(Path(prepared_dir), "val")
-    model, result = train_one(train, val, cfg, seed, int(train["images"].shape[1]), tagged(progress, member))
+    model, result = train_one(train, val, cfg, seed, read_task(Path(prepared_dir)), tagged(progress, member))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     record = {"history": result.history, "best_epoch": result.best_epoch, "best_val": result.best_val}
     return save_tensors(state), record

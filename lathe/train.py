@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lathe.config import AugmentParams, FitParams
+from lathe.data.contract import Task
 from lathe.metrics import accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix
 
 Progress = Callable[[dict], None]
@@ -76,14 +77,14 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> 
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def score(logits: torch.Tensor, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Accuracy, balanced accuracy and defective recall of logits against labels."""
+def score(logits: torch.Tensor, labels: np.ndarray, task: Task) -> dict[str, float]:
+    """Accuracy, balanced accuracy and defective recall (task.defective) of logits against labels."""
     pred = logits.argmax(1).numpy()
-    cm = confusion_matrix(labels, pred, num_classes)
+    cm = confusion_matrix(labels, pred, task.num_classes)
     return {
         "accuracy": accuracy(cm),
         "balanced_accuracy": balanced_accuracy(cm),
-        "defective_recall": binary_defect_metrics(labels, pred, 2)["defective_recall"],
+        "defective_recall": binary_defect_metrics(labels, pred, task.defective_indices)["defective_recall"],
     }
 
 
@@ -214,7 +215,7 @@ def fit(
     val: dict[str, np.ndarray],
     cfg: FitParams,
     gen: torch.Generator,
-    num_classes: int,
+    task: Task,
     loss_fn: LossFn | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
@@ -230,7 +231,7 @@ def fit(
     x_train, y_train = to_layout(to_tensor(train["images"]), layout), torch.from_numpy(train["labels"])
     x_val = to_layout(to_tensor(val["images"]), layout)
     if loss_fn is None:
-        loss_fn = cross_entropy_loss(class_weights(train["labels"], num_classes, cfg.class_weighting), cfg.label_smoothing)
+        loss_fn = cross_entropy_loss(class_weights(train["labels"], task.num_classes, cfg.class_weighting), cfg.label_smoothing)
     opt = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -258,7 +259,7 @@ def fit(
             total += loss.item() * len(idx)
             seen += len(idx)
         judged = ema if ema is not None else model
-        val_scores = score(predict_logits(judged, x_val), val["labels"], num_classes)
+        val_scores = score(predict_logits(judged, x_val), val["labels"], task)
         row = {"epoch": epoch, "train_loss": round(total / max(seen, 1), 6), "lr": sched.get_last_lr()[0],
                **{f"val_{k}": round(v, 6) for k, v in val_scores.items()}}
         result.history.append(row)

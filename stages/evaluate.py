@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from lathe.config import EvaluateParams
+from lathe.data.contract import read_task
 from lathe.evaluate import evaluate_model
 from lathe.plots import confusion_png
 from lathe.reports import detail_record, predictions_csv, write_reports
@@ -21,7 +22,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def body() -> None:
         cfg = section(args, "evaluate", EvaluateParams)
         r = evaluate_model(args.model_dir, args.prepared_dir, cfg)
-        picture = confusion_png(r.confusion, args.model_dir.as_posix(), cfg.defective_from_class)
+        task = read_task(args.prepared_dir)
+        picture = confusion_png(r.confusion, args.model_dir.as_posix(), task.classes, task.defective_indices)
         write_reports(args.out_dir, r.metrics, detail_record(r.metrics, r.confusion, r.timing_method),
                       predictions_csv(r.sample_ids, r.labels, r.predicted, r.p_defective), picture)
         m = r.metrics

@@ -3,7 +3,7 @@
 models/packages/<target>.tar.gz (+ .sha256).
 
 argv: TARGET REPORTS_DIR MODELS_DIR OUT_DIR ARCHIVE [--prepared DIR] [--validation DIR] [--raw-dvc FILE]
-Reads params sections `targets` (its own entry), `package`, `evaluate` (defective_from_class), and records
+Reads params sections `targets` (its own entry) and `package`, the task from data/prepared/task.json, and records
 the whole params file in the manifest. dvc.lock is read at run time: this stage runs after every stage
 it walks back through, so their entries are fresh.
 """
@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from lathe.config import EvaluateParams, PackageParams, load_params, parse_section, parse_targets
+from lathe.config import PackageParams, load_params, parse_section, parse_targets
 from lathe.errors import ConfigError
 from stages.common import PARAMS_FILE, run
 
@@ -45,10 +45,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.target not in targets:
             raise ConfigError(f"{args.params}: no target '{args.target}' under targets (have: {', '.join(targets)})")
         cfg = parse_section(params, "package", PackageParams, str(args.params))
-        evaluate = parse_section(params, "evaluate", EvaluateParams, str(args.params))
         inputs = PackageInputs(root=Path.cwd(), reports_dir=args.reports_dir, models_dir=args.models_dir,
                                prepared_dir=args.prepared, validation_dir=args.validation, raw_dvc=args.raw_dvc)
-        res = build_package(args.target, targets[args.target], cfg, evaluate, params, inputs, args.out_dir, args.archive)
+        res = build_package(args.target, targets[args.target], cfg, params, inputs, args.out_dir, args.archive)
         log.info("%s: chose %s (package %s, manifest sha256 %s) -> %s, %s (sha256 %s)", args.target, res.variant,
                  res.package_id, res.manifest_sha256[:16], args.out_dir, args.archive, res.archive_sha256[:16])
 

@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         model, result, image_size = train_teacher(args.prepared_dir, cfg, progress)
         check = load_split(args.prepared_dir, "val")["images"][:16]
-        summary = write_model_dir(args.out_dir, model, cfg.arch, image_size, result, check)
+        summary = write_model_dir(args.out_dir, model, model.spec, image_size, result, check)
         write_text(args.history_csv, history_csv(result.history))
         log.info("best epoch %d, val %s, %d params -> %s", summary["best_epoch"], summary["best_val"], summary["params"], args.out_dir)
 

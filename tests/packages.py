@@ -1,6 +1,6 @@
 """Signed packages made by the package code's own rules, for the audit tests (no trained model, no DVC run).
 
-`build_package` writes a valid lathe.package/1 folder: a tiny hand-made ONNX classifier, the real
+`build_package` writes a valid lathe.package/2 folder: a tiny hand-made ONNX classifier, the real
 preprocessing record, a self-test from onnxruntime, a manifest with its package id, the model
 stamped with the manifest's hash, signed with model-signing.
 """
@@ -13,12 +13,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lathe.data.contract import Task
 from lathe.io import sha256_bytes, sha256_file, write_json
 from lathe.ship.card import preprocessing_record
 from lathe.ship.contract import npz_bytes, package_id_of, stamp_model_bytes, unstamped_model_bytes
 from lathe.ship.signing import generate_keys, sign_package
 
 SIZE = 8  # px: the tiny model's input side
+TASK = Task(classes=["functional", "possibly_defective", "probably_defective", "defective"],
+            defective=["probably_defective", "defective"], image_size=SIZE)
 
 
 def tiny_model(seed: int, nodes: list | None = None) -> onnx.ModelProto:
@@ -43,7 +46,7 @@ def make_keys(root: Path, name: str = "k") -> dict[str, Path]:
 def build_package(dest: Path, private_key: Path, seed: int = 0, target: str = "edge",
                   raw_md5: str = "a" * 32 + ".dir", commit: str = "0" * 40, model: onnx.ModelProto | None = None,
                   expected: np.ndarray | None = None, build_time: str = "2024-01-01T00:00:00Z") -> Path:
-    """A valid lathe.package/1 folder `dest/<target>`: model stamped with the manifest hash, signed.
+    """A valid lathe.package/2 folder `dest/<target>`: model stamped with the manifest hash, signed.
 
     `model` replaces the tiny classifier (a hostile one, say); `expected` then gives the self-test's
     expected logits (else onnxruntime computes them here).
@@ -58,10 +61,10 @@ def build_package(dest: Path, private_key: Path, seed: int = 0, target: str = "e
         (pkg / "model.onnx").write_bytes(unstamped)
         expected = predict(load_session(pkg / "model.onnx", 1), images)
     (pkg / "selftest.npz").write_bytes(npz_bytes({"images": images, "logits": expected.astype(np.float32)}))
-    write_json(pkg / "preprocessing.json", preprocessing_record(unstamped, SIZE, 2, 0.5, 4))
+    write_json(pkg / "preprocessing.json", preprocessing_record(unstamped, TASK, 0.5))
     (pkg / "model_card.md").write_text(f"# model card {seed}\n")
     manifest = {
-        "schema": "lathe.package/1", "target": {"name": target, "selection": "smallest"},
+        "schema": "lathe.package/2", "target": {"name": target, "selection": "smallest"},
         "variant": "quantized/student",
         "files": {"model.onnx": sha256_bytes(unstamped),
                   **{n: sha256_file(pkg / n) for n in ("preprocessing.json", "model_card.md", "selftest.npz")}},
@@ -73,7 +76,7 @@ def build_package(dest: Path, private_key: Path, seed: int = 0, target: str = "e
                                                                          "md5": "c" * 32 + ".dir"}], "params": {}}},
         "chain": ["data/raw", "ingest", "quantize@student", f"package@{target}"],
         "raw_data": {"path": "data/raw", "md5": raw_md5, "files": 49, "samples": 48,
-                     "class_counts": {"0": 12, "1": 12, "2": 12, "3": 12}},
+                     "class_counts": {c: 12 for c in TASK.classes}},
         "validation": {"success": True, "sha256": "d" * 64, "summary": "12/12 expectations met"},
         "calibration": None, "params": {"ingest": {"image_size": SIZE}},
         "libraries": {"onnx": onnx.__version__},

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -18,14 +19,15 @@ BIN = Path(sys.executable).parent
 # after the teacher. The teacher gets enough optimizer steps (10 epochs of batch 8) to learn the generated
 # classes well above chance (tests/integration/test_pipeline.py says by how much); ~2 s here.
 TINY_PARAMS = {
+    "data": {"classes": ["functional", "possibly_defective", "probably_defective", "defective"],
+             "defective": ["probably_defective", "defective"], "stratify": ["label", "cell_type"]},
     "ingest": {"image_size": 16, "seed": 0, "val_fraction": 0.2, "test_fraction": 0.25},
     "validate": {"min_rows": 20, "min_per_class_per_split": 1},
     "train_teacher": {
         "seed": 0, "threads": 1, "epochs": 10, "batch_size": 8, "lr": 0.01,
         "arch": {"stem_channels": 8, "stem_stride": 1, "widths": [8, 16], "blocks": [1, 1]},
     },
-    "evaluate": {"latency_warmup": 1, "latency_runs": 5, "throughput_batch": 8, "throughput_runs": 1,
-                 "defective_from_class": 2},
+    "evaluate": {"latency_warmup": 1, "latency_runs": 5, "throughput_batch": 8, "throughput_runs": 1},
     "prune": {"ratio": 0.5, "steps": 2, "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
     "prune_baseline": {"target": "channels", "ratio": 0.5, "steps": 1,
                        "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
@@ -60,14 +62,25 @@ def make_prepared(root: Path, params: dict | None = None) -> Path:
     `params` is the ingest section, TINY_PARAMS["ingest"] when None.
     """
     from lathe.config import IngestParams
-    from lathe.data.raw import generate_raw
+    from lathe.data.contract import DataParams
     from lathe.data.ingest import ingest, write_prepared
+    from lathe.data.raw import generate_raw
 
     generate_raw(root / "raw", per_class_type=6, size=32)
     cfg = IngestParams(**(TINY_PARAMS["ingest"] if params is None else params))
-    rows, images = ingest(root / "raw", cfg)
-    write_prepared(root / "prepared", rows, images, cfg)
+    rows, images, task = ingest(root / "raw", cfg, DataParams(**TINY_PARAMS["data"]))
+    write_prepared(root / "prepared", rows, images, task)
     return root / "prepared"
+
+
+def write_tiny_task(prepared: Path, image_size: int, channels: int = 1) -> Path:
+    """task.json for a hand-made prepared folder: TINY_PARAMS["data"] (the 4 ELPV-shaped classes)."""
+    from lathe.data.contract import DataParams, task_of, write_task
+
+    data = DataParams(**{**TINY_PARAMS["data"], "channels": channels})
+    prepared.mkdir(parents=True, exist_ok=True)
+    write_task(prepared, task_of(data, image_size, ["defect_probability", "cell_type"]))
+    return prepared
 
 
 def make_teacher(root: Path, prepared: Path, epochs: int = 1) -> Path:
@@ -79,7 +92,7 @@ def make_teacher(root: Path, prepared: Path, epochs: int = 1) -> Path:
 
     cfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": epochs})
     model, result, size = train_teacher(prepared, cfg)
-    write_model_dir(root / "teacher", model, cfg.arch, size, result, load_split(prepared, "val")["images"])
+    write_model_dir(root / "teacher", model, model.spec, size, result, load_split(prepared, "val")["images"])
     return root / "teacher"
 
 
@@ -101,8 +114,10 @@ def sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return res
 
 
-def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 12) -> Path:
-    """A real git + DVC repo holding the project code, tiny params and generated raw data, committed."""
+def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 12,
+                   make_raw: Callable[[Path], object] | None = None) -> Path:
+    """A real git + DVC repo holding the project code, tiny params and raw data, committed. The raw data
+    is generated (ELPV-shaped, `raw_per_class_type` per class and cell type), or `make_raw(data/raw)`'s."""
     from lathe.data.raw import generate_raw
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -114,7 +129,10 @@ def make_workspace(dest: Path, params: dict, raw_per_class_type: int = 12) -> Pa
             shutil.copy2(src, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
-    generate_raw(dest / "data" / "raw", per_class_type=raw_per_class_type, size=32, seed=0)
+    if make_raw is None:
+        generate_raw(dest / "data" / "raw", per_class_type=raw_per_class_type, size=32, seed=0)
+    else:
+        make_raw(dest / "data" / "raw")
     sh(dest, "git", "init", "-q")
     sh(dest, "git", "config", "user.email", "test@lathe.invalid")
     sh(dest, "git", "config", "user.name", "lathe tests")

@@ -25,7 +25,8 @@ from lathe.ship.signing import (
 
 app = command_group(help="Lathe: compress plant-floor models and keep the evidence auditors ask for.",
                     no_args_is_help=True)
-data_app = command_group(help="Bring data into the raw layout (images/*.png + labels.csv).", no_args_is_help=True)
+data_app = command_group(help="Bring data into the raw layout (labels.csv with file,label + the images).",
+                         no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(ops_app)  # run, exp, pool, status, serve: the operations front door, at the top level
 
@@ -67,6 +68,27 @@ def import_elpv_cmd(dest: Path = typer.Argument(..., help="raw-layout folder to 
     with console.status("copying ELPV images"):
         n = import_elpv(dest)
     console.print(f"imported {n} ELPV samples into {dest}")
+
+
+@data_app.command("import-folder")
+@one_line_errors
+def import_folder_cmd(
+    src: Path = typer.Argument(..., help="one sub-folder per class (the ImageFolder layout): SRC/<class>/<images>"),
+    dest: Path = typer.Argument(..., help="raw-layout folder to create, e.g. data/raw"),
+    link: bool = typer.Option(False, "--link/--copy", help="symlink the images instead of copying them"),
+) -> None:
+    """Import a folder-per-class dataset into DEST: images under DEST/images/<class>/, labels.csv with
+    file,label. Prints the `data:` lines params.yaml needs; then `dvc add DEST`."""
+    from lathe.data.folder import import_folder
+
+    refuse_non_empty(dest)
+    with console.status(f"importing {src}"):
+        counts = import_folder(src, dest, mode="link" if link else "copy")
+    total = sum(counts.values())
+    console.print(f"imported {total} images of {len(counts)} classes into {dest}: "
+                  + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    console.print("params.yaml needs (name the defective classes):\n"
+                  f"data:\n  classes: [{', '.join(counts)}]\n  defective: [...]", markup=False)
 
 
 @data_app.command("generate")

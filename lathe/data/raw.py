@@ -1,88 +1,86 @@
-"""The raw-data layout (the contract for a plant's own data), its reader, and data sources.
-
-Raw layout::
-
-    data/raw/
-      images/<name>.png          8-bit grayscale (or RGB, converted) cell images, any square-ish size
-      labels.csv                 header: file,defect_probability,cell_type
-                                 file: path relative to data/raw (e.g. images/cell0001.png)
-                                 defect_probability: one of 0, 1/3, 2/3, 1 (as decimals)
-                                 cell_type: mono | poly
-"""
+"""The raw layout's reader and writer (labels.csv, lathe.data.contract) and its sources: the ELPV
+importer and a synthetic EL-cell generator (the try-it data). Only this module names ELPV's classes
+and columns."""
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lathe.data.contract import LABELS_FILE, REQUIRED_COLUMNS
 from lathe.errors import DataError, problem_list
 from lathe.io import write_bytes, write_text
 
-LABEL_COLUMNS = ("file", "defect_probability", "cell_type")
-LABELS_FILE = "labels.csv"
+MAX_LABELS_BYTES = 256 * 2**20  # a labels.csv larger than this is refused before it is parsed
+# ELPV's four grades as class names, in index order (defect probability 0, 1/3, 2/3, 1), and its metadata.
+ELPV_CLASSES = ("functional", "possibly_defective", "probably_defective", "defective")
+ELPV_METADATA = ("defect_probability", "cell_type")
+ELPV_PROBABILITIES = (0.0, round(1 / 3, 6), round(2 / 3, 6), 1.0)  # grade k has probability k/3
 
 
 @dataclass(frozen=True)
 class RawSample:
-    """One row of labels.csv."""
+    """One row of labels.csv: the file, its class name and its metadata columns (as text)."""
 
     file: str  # relative to the raw root, forward slashes
-    defect_probability: float
-    cell_type: str
+    label: str
+    meta: dict[str, str] = field(default_factory=dict)
 
 
-def parse_labels(raw_dir: Path) -> tuple[list[tuple[int, RawSample]], list[str]]:
-    """Every row of `raw_dir/labels.csv` that parses, with its line number, and one problem line per row
-    that does not (naming the file, line and field). A missing or unreadable file or header raises DataError."""
-    path = Path(raw_dir) / LABELS_FILE
+def read_labels_text(path: Path) -> str:
+    """labels.csv as text: UTF-8 with or without a BOM, at most MAX_LABELS_BYTES."""
     if not path.is_file():
-        raise DataError(f"{path}: labels file not found (expected columns {','.join(LABEL_COLUMNS)})")
+        raise DataError(f"{path}: labels file not found (expected columns {','.join(REQUIRED_COLUMNS)}, "
+                        "more columns are metadata)")
+    if path.stat().st_size > MAX_LABELS_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_LABELS_BYTES} a labels file may have")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Excel's UTF-8 CSV) is dropped, not a column name
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+
+
+def parse_labels(raw_dir: Path) -> tuple[list[tuple[int, RawSample]], list[str], list[str]]:
+    """Every row of `raw_dir/labels.csv` that parses, with its line number; one problem line per row
+    that does not (naming the file, line and field); and the metadata column names. A missing or
+    unreadable file or header raises DataError."""
+    path = Path(raw_dir) / LABELS_FILE
+    reader = csv.DictReader(io.StringIO(read_labels_text(path)))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; header is {reader.fieldnames}")
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; header is {','.join(header) or '(empty)'}")
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes or "" in header:
+        raise DataError(f"{path}: column names must be distinct and non-empty; header is {','.join(header)}")
+    reader.fieldnames = header
+    meta_cols = [h for h in header if h not in REQUIRED_COLUMNS]
     rows, problems = [], []
     for line_no, row in enumerate(reader, start=2):
         file = (row.get("file") or "").strip()
         where = f"{path}:{line_no} ({file or 'no file name'})"
-        prob_text = (row.get("defect_probability") or "").strip()
-        cell_type = (row.get("cell_type") or "").strip()
-        if not file:
+        label = (row.get("label") or "").strip()
+        if None in row:  # more cells than header columns
+            problems.append(f"{where}: {len(header) + len(row[None])} cells, but the header has {len(header)}")
+        elif not file:
             problems.append(f"{where}: empty file name")
-            continue
-        if not prob_text:
-            problems.append(f"{where}: empty defect_probability")
-            continue
-        try:
-            prob = float(prob_text)
-        except ValueError:
-            problems.append(f"{where}: defect_probability {prob_text!r} is not a number")
-            continue
-        if not math.isfinite(prob):
-            problems.append(f"{where}: defect_probability {prob_text!r} is not finite")
-            continue
-        if not cell_type:
-            problems.append(f"{where}: empty cell_type")
-            continue
-        rows.append((line_no, RawSample(file=file, defect_probability=prob, cell_type=cell_type)))
-    return rows, problems
+        elif not label:
+            problems.append(f"{where}: empty label")
+        else:
+            rows.append((line_no, RawSample(file, label, {c: (row.get(c) or "").strip() for c in meta_cols})))
+    return rows, problems, meta_cols
 
 
 def read_labels(raw_dir: Path) -> list[RawSample]:
-    """Parse `raw_dir/labels.csv`; errors name the line and file at fault (every bad row at once)."""
+    """Every row of `raw_dir/labels.csv`; a DataError names every bad row at once."""
     path = Path(raw_dir) / LABELS_FILE
-    rows, problems = parse_labels(raw_dir)
+    rows, problems, _ = parse_labels(raw_dir)
     if problems:
         raise DataError(problem_list(f"{len(problems)} bad row(s) in {path}:", problems))
     if not rows:
@@ -90,14 +88,13 @@ def read_labels(raw_dir: Path) -> list[RawSample]:
     return [s for _, s in rows]
 
 
-def write_labels(raw_dir: Path, samples: list[RawSample], prob_texts: list[str] | None = None) -> None:
-    """Write labels.csv; `prob_texts` keeps the source's exact decimal spelling when given."""
+def write_labels(raw_dir: Path, samples: list[RawSample], meta_columns: tuple[str, ...] | list[str] = ()) -> None:
+    """Write labels.csv: file, label, then `meta_columns` from each sample's metadata."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(LABEL_COLUMNS)
-    for i, s in enumerate(samples):
-        prob = prob_texts[i] if prob_texts is not None else repr(s.defect_probability)
-        writer.writerow([s.file, prob, s.cell_type])
+    writer.writerow([*REQUIRED_COLUMNS, *meta_columns])
+    for s in samples:
+        writer.writerow([s.file, s.label, *(s.meta.get(c, "") for c in meta_columns)])
     write_text(Path(raw_dir) / LABELS_FILE, buf.getvalue())
 
 
@@ -114,13 +111,14 @@ def import_elpv(dest: Path, source: Path | None = None) -> int:
     """Copy ELPV into the raw layout at `dest`, byte for byte; returns the sample count.
 
     Deterministic: image bytes are copied unchanged and labels.csv keeps the package's spelling
-    of each probability, so the folder's DVC md5 is the same on every machine.
+    of each probability, so the folder's DVC md5 is the same on every machine. The label is the
+    grade's class name (ELPV_CLASSES); the probability and the cell type stay as metadata columns.
     """
     source = Path(source) if source is not None else elpv_source_dir()
     labels = source / LABELS_FILE
     if not labels.is_file():
         raise DataError(f"{labels}: ELPV labels not found")
-    samples, texts = [], []
+    samples = []
     for line_no, line in enumerate(labels.read_text().splitlines(), start=1):
         parts = line.split()
         if not parts:
@@ -128,8 +126,11 @@ def import_elpv(dest: Path, source: Path | None = None) -> int:
         if len(parts) != 3:
             raise DataError(f"{labels}:{line_no}: expected 'path probability type', got {line!r}")
         rel, prob, cell_type = parts
-        samples.append(RawSample(file=rel, defect_probability=float(prob), cell_type=cell_type))
-        texts.append(prob)
+        try:
+            grade = ELPV_PROBABILITIES.index(round(float(prob), 6))
+        except ValueError:
+            raise DataError(f"{labels}:{line_no}: defect probability {prob!r} is not one of 0, 1/3, 2/3, 1") from None
+        samples.append(RawSample(rel, ELPV_CLASSES[grade], {"defect_probability": prob, "cell_type": cell_type}))
     dest = Path(dest)
     (dest / "images").mkdir(parents=True, exist_ok=True)
     for s in samples:
@@ -139,7 +140,7 @@ def import_elpv(dest: Path, source: Path | None = None) -> int:
         target = dest / s.file
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
-    write_labels(dest, samples, texts)
+    write_labels(dest, samples, ELPV_METADATA)
     return len(samples)
 
 
@@ -207,7 +208,8 @@ def synth_image(rng: np.random.Generator, size: int, severity: int, cell_type: s
 
 
 def generate_raw(dest: Path, per_class_type: int = 6, size: int = 48, seed: int = 0) -> int:
-    """Write a small deterministic raw-layout dataset (4 classes x 2 types x `per_class_type`)."""
+    """Write a small deterministic raw-layout dataset shaped like ELPV (its 4 classes x 2 cell types x
+    `per_class_type`, the same labels.csv columns)."""
     rng = np.random.default_rng(seed)
     dest = Path(dest)
     samples = []
@@ -218,6 +220,7 @@ def generate_raw(dest: Path, per_class_type: int = 6, size: int = 48, seed: int 
                 buf = io.BytesIO()
                 Image.fromarray(synth_image(rng, size, cls, cell_type)).save(buf, format="PNG")
                 write_bytes(dest / name, buf.getvalue())
-                samples.append(RawSample(name, cls / 3, cell_type))
-    write_labels(dest, samples)
+                samples.append(RawSample(name, ELPV_CLASSES[cls], {"defect_probability": repr(cls / 3),
+                                                                    "cell_type": cell_type}))
+    write_labels(dest, samples, ELPV_METADATA)
     return len(samples)

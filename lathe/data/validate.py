@@ -9,7 +9,8 @@ Tables:
   manifest       one row per manifest.csv row        (columns, nulls, value sets, ranges, uniqueness)
   class_counts   one row per (split, class)           (at least N samples of each class in each split)
   splits         one row per {split}.safetensors      (readable, shape, dtypes, lengths, sizes add up)
-  samples        one row per sample id (outer join of manifest and arrays: split/label/type agree)
+  samples        one row per sample id (outer join of manifest and arrays: split and label agree)
+  groups         one row per value of the data.group column, when there is one (never in two splits)
   raw_files      one row per manifest file            (exists under the raw dir, sha256 unchanged)
 
 Great Expectations is imported lazily: it takes ~5 s, and only this stage needs it.
@@ -30,18 +31,16 @@ from safetensors import SafetensorError, safe_open
 
 from lathe.config import ValidateParams
 from lathe.errors import DataError, ValidationFailed
-from lathe.data.ingest import CELL_TYPES, MANIFEST_COLUMNS, SPLITS, cell_type_code, resolve_inside
+from lathe.data.contract import TASK_FILE, Task, read_task
+from lathe.data.ingest import MANIFEST_COLUMNS, SPLITS, resolve_inside
 from lathe.io import load_arrays, sha256_file, write_json, write_text
 
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.md"
 MAX_OFFENDERS = 20  # offenders kept per expectation in result.json; the count is always exact
 MESSAGE_OFFENDERS = 10  # offenders named per expectation in the error message and summary
-PROB_DECIMALS = 6  # 1/3 is stored as 0.3333333333333333; compare probabilities at this precision
-NUMERIC_COLUMNS = (
-    "sample_id", "defect_probability", "label", "src_width", "src_height", "pixel_mean", "pixel_std",
-)
-ARRAY_DTYPES = {"images": "uint8", "labels": "int64", "cell_types": "int64", "sample_ids": "int64"}
+NUMERIC_COLUMNS = ("sample_id", "label_index", "src_width", "src_height", "src_bit_depth", "pixel_mean", "pixel_std")
+ARRAY_DTYPES = {"images": "uint8", "labels": "int64", "sample_ids": "int64"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,9 +126,9 @@ class ValidationReport:
             "",
         ]
         counts = st.get("split_class_counts") or {}
-        classes = st.get("class_values") or []
+        classes = st.get("classes") or []
         if counts:
-            lines += ["| split | " + " | ".join(f"class {c}" for c in classes) + " | total |",
+            lines += ["| split | " + " | ".join(classes) + " | total |",
                       "|---|" + "---:|" * (len(classes) + 1)]
             for split, per in counts.items():
                 cells = [str(per.get(str(c), 0)) for c in classes]
@@ -216,29 +215,25 @@ def typed_manifest(raw: pd.DataFrame) -> pd.DataFrame:
     for col in NUMERIC_COLUMNS:
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")
-    if "defect_probability" in df:
-        df["defect_probability"] = df["defect_probability"].round(PROB_DECIMALS)
     files = df["file"] if "file" in df else pd.Series([None] * len(df), index=df.index, dtype=object)
     df["where"] = [f if isinstance(f, str) else f"manifest row {i + 2}" for i, f in enumerate(files)]
     return df
 
 
-def manifest_table(df: pd.DataFrame, cfg: ValidateParams) -> Table:
+def manifest_table(df: pd.DataFrame, cfg: ValidateParams, task: Task) -> Table:
     """Expectations over manifest.csv itself."""
     t = Table("manifest", df)
-    t.add("manifest_columns", f"has columns {', '.join(MANIFEST_COLUMNS)}",
-          "ExpectTableColumnsToMatchSet", column_set=list(MANIFEST_COLUMNS), exact_match=False)
+    columns = [*MANIFEST_COLUMNS, *task.metadata]
+    t.add("manifest_columns", f"has columns {', '.join(columns)}",
+          "ExpectTableColumnsToMatchSet", column_set=columns, exact_match=False)
     t.add("row_count", f"between {cfg.min_rows} and {cfg.max_rows} rows",
           "ExpectTableRowCountToBeBetween", min_value=cfg.min_rows, max_value=cfg.max_rows)
-    for col in MANIFEST_COLUMNS:
+    for col in [*MANIFEST_COLUMNS, *task.stratify_metadata]:
         if t.has(col):  # a missing column is reported once, by manifest_columns
             what = "no empty or non-numeric values" if col in NUMERIC_COLUMNS else "no empty values"
             t.add(f"{col}_not_null", f"{col}: {what}", "ExpectColumnValuesToNotBeNull", column=col)
-    probs = sorted({round(p, PROB_DECIMALS) for p in cfg.defect_probabilities})
-    in_set = [
-        ("label", cfg.class_values), ("defect_probability", probs),
-        ("cell_type", cfg.cell_types), ("split", list(SPLITS)),
-    ]
+    in_set = [("label", list(task.classes)), ("label_index", list(range(task.num_classes))), ("split", list(SPLITS)),
+              ("src_bit_depth", [8, 16])]
     for col, allowed in in_set:
         if t.has(col):
             t.add(f"{col}_in_set", f"{col} is one of {', '.join(map(str, allowed))}",
@@ -261,14 +256,14 @@ def manifest_table(df: pd.DataFrame, cfg: ValidateParams) -> Table:
     return t
 
 
-def class_counts_table(df: pd.DataFrame, cfg: ValidateParams) -> Table | None:
+def class_counts_table(df: pd.DataFrame, cfg: ValidateParams, task: Task) -> Table | None:
     """Samples per (split, class), zeros included: a class missing from a split is a row with 0."""
     if not {"split", "label"} <= set(df.columns):
         return None
     observed = df.groupby(["split", "label"]).size()
     rows = [
         {"where": f"split {s}, class {c}", "split": s, "label": c, "count": int(observed.get((s, c), 0))}
-        for s in SPLITS for c in cfg.class_values
+        for s in SPLITS for c in task.classes
     ]
     t = Table("class_counts", pd.DataFrame(rows))
     t.add("class_count_per_split",
@@ -297,7 +292,7 @@ def _split_row(prepared_dir: Path, split: str) -> tuple[dict[str, Any], dict[str
         return row, {}
     images = arrays["images"]
     row["n"] = int(images.shape[0]) if images.ndim else 0
-    row["image_hw"] = "x".join(map(str, images.shape[1:])) if images.ndim == 3 else f"shape {images.shape}"
+    row["image_hw"] = "x".join(map(str, images.shape[1:])) if images.ndim in (3, 4) else f"shape {images.shape}"
     row["dtypes"] = " ".join(f"{k}={arrays[k].dtype}" for k in ARRAY_DTYPES)
     row["lengths_match"] = all(arrays[k].shape[:1] == (row["n"],) for k in ARRAY_DTYPES)
     row["finite"] = all(bool(np.isfinite(a).all()) for a in arrays.values() if a.dtype.kind in "fc")
@@ -306,7 +301,7 @@ def _split_row(prepared_dir: Path, split: str) -> tuple[dict[str, Any], dict[str
 
 
 def splits_table(
-    prepared_dir: Path, image_size: int, n_manifest: int
+    prepared_dir: Path, task: Task, n_manifest: int
 ) -> tuple[Table, dict[str, dict[str, np.ndarray]]]:
     """Expectations over the three split files; also returns their arrays for the samples table."""
     rows, loaded = [], {}
@@ -317,13 +312,15 @@ def splits_table(
             loaded[split] = arrays
     t = Table("splits", pd.DataFrame(rows))
     dtypes = " ".join(f"{k}={v}" for k, v in ARRAY_DTYPES.items())
-    t.add("split_files_readable", "every split file exists and holds images, labels, cell_types, sample_ids",
+    t.add("split_files_readable", "every split file exists and holds images, labels, sample_ids",
           "ExpectColumnValuesToBeInSet", column="status", value_set=["ok"])
+    image_size = task.image_size
     if loaded:  # per-array checks only make sense for the files that loaded
-        t.add("images_shape", f"images are (N, {image_size}, {image_size})",
-              "ExpectColumnValuesToBeInSet", column="image_hw", value_set=[f"{image_size}x{image_size}"])
+        shape = [image_size, image_size] if task.channels == 1 else [task.channels, image_size, image_size]
+        t.add("images_shape", f"images are (N, {', '.join(map(str, shape))})",
+              "ExpectColumnValuesToBeInSet", column="image_hw", value_set=["x".join(map(str, shape))])
         t.add("array_dtypes", dtypes, "ExpectColumnValuesToBeInSet", column="dtypes", value_set=[dtypes])
-        t.add("array_lengths_match", "images, labels, cell_types and sample_ids have N entries each",
+        t.add("array_lengths_match", "images, labels and sample_ids have N entries each",
               "ExpectColumnValuesToBeInSet", column="lengths_match", value_set=[True])
         t.add("arrays_finite", "no NaN or inf in any array",
               "ExpectColumnValuesToBeInSet", column="finite", value_set=[True])
@@ -335,37 +332,44 @@ def splits_table(
 
 
 def samples_table(df: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]]) -> Table | None:
-    """Manifest rows outer-joined with the arrays' rows on sample_id: split, label and type must agree."""
-    if not {"sample_id", "split", "label", "cell_type"} <= set(df.columns):
+    """Manifest rows outer-joined with the arrays' rows on sample_id: split and label must agree."""
+    if not {"sample_id", "split", "label_index"} <= set(df.columns):
         return None
     man = df[df["sample_id"].notna()]
     man = pd.DataFrame({
         "sample_id": man["sample_id"].astype("int64"), "file": man["where"], "split": man["split"],
-        "label": man["label"],
-        "cell_type": [cell_type_code(c) if isinstance(c, str) else None for c in man["cell_type"]],
+        "label": man["label_index"],
     })
     parts = [
         pd.DataFrame({"sample_id": a["sample_ids"].astype("int64"), "split_in_arrays": split,
-                      "label_in_arrays": a["labels"], "cell_type_in_arrays": a["cell_types"]})
+                      "label_in_arrays": a["labels"]})
         for split, a in loaded.items()
         # arrays of the wrong length or a non-integer id type are reported by the splits table
-        if a["sample_ids"].shape == a["labels"].shape == a["cell_types"].shape
-        and a["sample_ids"].dtype.kind in "iu"
+        if a["sample_ids"].shape == a["labels"].shape and a["sample_ids"].dtype.kind in "iu"
     ]
     arr = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-        columns=["sample_id", "split_in_arrays", "label_in_arrays", "cell_type_in_arrays"])
+        columns=["sample_id", "split_in_arrays", "label_in_arrays"])
     joined = man.merge(arr, on="sample_id", how="outer", sort=True)
     joined["where"] = [f if isinstance(f, str) else f"sample_id {i} (not in manifest)"
                        for f, i in zip(joined["file"], joined["sample_id"])]
     t = Table("samples", joined.reset_index(drop=True))
     t.add("arrays_split_match", "every manifest sample is in its split's arrays, and nothing else is",
           "ExpectColumnPairValuesToBeEqual", column_A="split", column_B="split_in_arrays")
-    t.add("arrays_label_match", "array labels equal manifest labels",
+    t.add("arrays_label_match", "array labels equal manifest label indices",
           "ExpectColumnPairValuesToBeEqual", column_A="label", column_B="label_in_arrays",
           ignore_row_if="either_value_is_missing")
-    t.add("arrays_cell_type_match", f"array cell types equal manifest cell types (codes {list(CELL_TYPES)})",
-          "ExpectColumnPairValuesToBeEqual", column_A="cell_type", column_B="cell_type_in_arrays",
-          ignore_row_if="either_value_is_missing")
+    return t
+
+
+def groups_table(df: pd.DataFrame, task: Task) -> Table | None:
+    """One row per value of the task's group column: the splits its samples are in (must be one)."""
+    if task.group is None or not {task.group, "split"} <= set(df.columns):
+        return None
+    per = df.groupby(task.group, dropna=False)["split"].agg(lambda s: ",".join(sorted(set(map(str, s)))))
+    frame = pd.DataFrame({"where": [f"{task.group} {g}" for g in per.index], "splits": per.to_numpy()})
+    t = Table("groups", frame)
+    t.add("group_in_one_split", f"every {task.group} value is in exactly one split (no leakage between splits)",
+          "ExpectColumnValuesToNotMatchRegex", column="splits", regex=",")
     return t
 
 
@@ -529,22 +533,27 @@ def _where_split_label(row: pd.Series) -> str:
 def validate_prepared(
     prepared_dir: Path, raw_dir: Path, cfg: ValidateParams, image_size: int
 ) -> ValidationReport:
-    """Run the data gate over `prepared_dir` (manifest + split arrays) and the raw files in `raw_dir`."""
+    """Run the data gate over `prepared_dir` (task, manifest, split arrays) and the raw files in `raw_dir`.
+    `image_size` is params ingest.image_size: the task and the arrays must have it."""
     prepared_dir, raw_dir = Path(prepared_dir), Path(raw_dir)
+    task = read_task(prepared_dir)
+    if task.image_size != image_size:
+        raise DataError(f"{prepared_dir / TASK_FILE}: image size {task.image_size}, but params ingest.image_size is "
+                        f"{image_size}; rerun the ingest stage")
     manifest = typed_manifest(read_manifest_frame(prepared_dir))
-    splits, loaded = splits_table(prepared_dir, image_size, len(manifest))
+    splits, loaded = splits_table(prepared_dir, task, len(manifest))
     tables = [
-        manifest_table(manifest, cfg), class_counts_table(manifest, cfg), splits,
-        samples_table(manifest, loaded), raw_files_table(manifest, raw_dir),
+        manifest_table(manifest, cfg, task), class_counts_table(manifest, cfg, task), splits,
+        samples_table(manifest, loaded), groups_table(manifest, task), raw_files_table(manifest, raw_dir),
     ]
     gx = _gx()
     source = _context(gx).data_sources.add_pandas(name="lathe")
     outcomes = [o for t in tables if t is not None for o in run_table(gx, source, t)]
-    stats = _statistics(manifest, cfg, image_size, prepared_dir, outcomes, gx.__version__)
+    stats = _statistics(manifest, task, prepared_dir, outcomes, gx.__version__)
     return ValidationReport(success=all(o.success for o in outcomes), statistics=stats, expectations=outcomes)
 
 
-def _statistics(df: pd.DataFrame, cfg: ValidateParams, image_size: int, prepared_dir: Path,
+def _statistics(df: pd.DataFrame, task: Task, prepared_dir: Path,
                 outcomes: list[Outcome], gx_version: str) -> dict[str, Any]:
     """Counts an auditor wants next to the verdict (and the package manifest will quote)."""
     def counts(col: str) -> dict[str, int]:
@@ -557,11 +566,12 @@ def _statistics(df: pd.DataFrame, cfg: ValidateParams, image_size: int, prepared
     if {"split", "label"} <= set(df.columns):
         for s in SPLITS:
             sub = df[df["split"] == s]["label"].value_counts()
-            per[s] = {str(c): int(sub.get(c, 0)) for c in cfg.class_values}
+            per[s] = {c: int(sub.get(c, 0)) for c in task.classes}
     n_ok = sum(o.success for o in outcomes)
     return {
-        "rows": int(len(df)), "image_size": image_size, "class_values": list(cfg.class_values),
-        "splits": counts("split"), "labels": counts("label"), "cell_types": counts("cell_type"),
+        "rows": int(len(df)), "image_size": task.image_size, "channels": task.channels, "classes": list(task.classes),
+        "splits": counts("split"), "labels": counts("label"),
+        **{f"{c}_counts": counts(c) for c in task.stratify_metadata},
         "split_class_counts": per, "manifest_sha256": sha256_file(prepared_dir / "manifest.csv"),
         "evaluated_expectations": len(outcomes), "successful_expectations": n_ok,
         "unsuccessful_expectations": len(outcomes) - n_ok, "great_expectations_version": gx_version,

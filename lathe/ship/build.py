@@ -4,7 +4,7 @@
 (models/<v>/model.onnx, reports/<v>/metrics.json), the prepared data, the validation result,
 `data/raw.dvc`, `dvc.yaml`/`dvc.lock` (as YAML; DVC is never imported) and git (through the `git`
 command), and writes `models/packages/<target>/` plus `<target>.tar.gz` and `.sha256`. The format is
-docs/package-format.md (schema `lathe.package/1`).
+docs/package-format.md (schema `lathe.package/2`).
 
 Every check (dirty tree, signing key, gates) runs before anything is written; the package folder is
 built beside the destination and swapped in with renames, so a failure or a crash leaves the old
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lathe.config import ENV_SIGNING_KEY, EvaluateParams, PackageParams, TargetParams, signing_key_path
+from lathe.config import ENV_SIGNING_KEY, PackageParams, TargetParams, signing_key_path
 from lathe.determinism import machine_record, numerics_record
 from lathe.errors import ConfigError, LatheError
 from lathe.io import remove_dead_temps, sha256_bytes, temp_prefix
@@ -101,13 +101,14 @@ def _allow_dirty(cfg: PackageParams) -> bool:
     return cfg.allow_dirty or os.environ.get(ENV_ALLOW_DIRTY, "") in ("1", "true", "yes")
 
 
-def build_package(target: str, profile: TargetParams, cfg: PackageParams, evaluate: EvaluateParams,
-                  params: dict, inputs: PackageInputs, out_dir: Path, archive: Path) -> BuildResult:
+def build_package(target: str, profile: TargetParams, cfg: PackageParams, params: dict, inputs: PackageInputs,
+                  out_dir: Path, archive: Path) -> BuildResult:
     """Choose the variant for `target`, build the package folder and archive, swap them in.
 
     `params` is the whole params.yaml (recorded in the manifest). Raises LatheError (nothing
     written) when the tree is dirty without permission, the key is missing, or no variant passes.
     """
+    from lathe.data.contract import read_task
     from lathe.data.ingest import load_split
 
     root = Path(inputs.root)
@@ -135,11 +136,11 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
     splits = {s: load_split(inputs.prepared_dir, s) for s in (THRESHOLD_SPLIT, REPORT_SPLIT)}
     for s in splits.values():
         s["labels"] = s["labels"].astype(np.int64)
-    splits_info = {**splits, "image_size": int(splits[REPORT_SPLIT]["images"].shape[1])}
+    task = read_task(inputs.prepared_dir)
     candidates, logits_of = [], {}
     for variant in cfg.variants:
         c, logits = evaluate_candidate(variant, Path(inputs.models_dir), Path(inputs.reports_dir), splits, profile,
-                                       evaluate.defective_from_class)
+                                       task.defective_indices)
         candidates.append(c)
         logits_of[variant] = logits
     chosen = select(candidates, profile.selection)
@@ -159,7 +160,6 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
     order, entries, leaves = stage_chain(lock, starts)
     raw = raw_data_record(root, Path(inputs.raw_dvc), inputs.prepared_dir)
     chain = sorted(leaves) + order + [f"package@{target}"]
-    num_classes = int(logits_of[chosen.variant][REPORT_SPLIT].shape[1])
 
     # 4. files (unstamped model first: the manifest records its hash)
     model_unstamped = unstamped_model_bytes(source_bytes)
@@ -169,14 +169,12 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
                           "logits": logits_of[chosen.variant][REPORT_SPLIT][idx].astype(np.float32),
                           "sample_ids": test["sample_ids"][idx].astype(np.int64),
                           "labels": test["labels"][idx].astype(np.int64)})
-    preprocessing = json.dumps(preprocessing_record(model_unstamped, splits_info["image_size"],
-                                                    evaluate.defective_from_class, chosen.threshold.value,
-                                                    num_classes), indent=2, sort_keys=True) + "\n"
+    preprocessing = json.dumps(preprocessing_record(model_unstamped, task, chosen.threshold.value),
+                               indent=2, sort_keys=True) + "\n"
     validation = validation_record(inputs.validation_dir)
     calibration = calibration_record(model_dir)
     machine = machine_record()
-    card = model_card(target, profile, chosen, candidates, raw, validation, calibration, num_classes,
-                      evaluate.defective_from_class, splits_info, machine)
+    card = model_card(target, profile, chosen, candidates, raw, validation, calibration, task, machine)
     t = chosen.threshold
     manifest: dict[str, Any] = {
         "schema": SCHEMA,
@@ -196,7 +194,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, evalua
         "libraries": library_versions(),
         "metrics": {"test": chosen.metrics,
                     "threshold": {"value": t.value, "recall_target": t.recall_target, "chosen_on": THRESHOLD_SPLIT,
-                                  "defective_from_class": evaluate.defective_from_class, "val": t.val, "test": t.test}},
+                                  "defective_classes": list(task.defective), "val": t.val, "test": t.test}},
         "gates": chosen.gates,
         # every candidate, so a verifier can re-rank them under target.selection (lathe.ship.gates.RANKS)
         "selection": [selection_row(c) for c in candidates],

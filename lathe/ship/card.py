@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 
 from lathe.config import TargetParams
+from lathe.data.contract import Task
+from lathe.evaluate import recall_key
 from lathe.ship.contract import (
     CARD_MEASURED_HEADER,
     MEASURED_GATES,
@@ -14,9 +16,6 @@ from lathe.ship.contract import (
     Preprocessing,
 )
 from lathe.ship.gates import MEASURED_RANK_FIELDS, RANKS, Candidate, gate_table, rank_rule
-
-CLASS_NAMES = ["functional (p=0)", "possibly defective (p=1/3)", "probably defective (p=2/3)", "defective (p=1)"]
-
 
 def selftest_indices(labels: np.ndarray, sample_ids: np.ndarray, per_class: int) -> np.ndarray:
     """Up to `per_class` test images per class, lowest sample ids first; returned in sample-id order."""
@@ -28,22 +27,32 @@ def selftest_indices(labels: np.ndarray, sample_ids: np.ndarray, per_class: int)
     return chosen[np.argsort(sample_ids[chosen], kind="stable")]
 
 
-def preprocessing_record(model_bytes: bytes, image_size: int, defective_from: int, threshold: float,
-                         num_classes: int) -> dict:
+COLOR_RULE = {  # how a source image becomes the model's channels (lathe.data.images)
+    1: "grayscale: colour sources converted with Pillow convert('L') (ITU-R 601-2 luma), alpha over black",
+    3: "RGB: gray sources replicated to R=G=B, alpha composited over black",
+}
+RESIZE_RULE = {
+    "squash": "area averaging to a square (Pillow Image.resize, BOX); the aspect ratio is not kept",
+    "pad": "area averaging of the longer side to the size (Pillow BOX), aspect kept, centred on black",
+}
+
+
+def preprocessing_record(model_bytes: bytes, task: Task, threshold: float) -> dict:
     proto = onnx.load_from_string(model_bytes)
     inits = {t.name for t in proto.graph.initializer}
     inp = [i for i in proto.graph.input if i.name not in inits][0]
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in inp.type.tensor_type.shape.dim]
     record = {
         "input": {"name": inp.name, "shape": shape, "dtype": "float32", "layout": "NCHW"},
-        "output": {"name": proto.graph.output[0].name, "kind": "logits", "shape": [shape[0], num_classes]},
-        "source_image": {"dtype": "uint8", "channels": 1,
-                         "color": "grayscale (8-bit; RGB converted with Pillow convert('L'))"},
-        "resize": {"size": [image_size, image_size], "method": "area averaging (Pillow Image.resize, BOX)"},
+        "output": {"name": proto.graph.output[0].name, "kind": "logits", "shape": [shape[0], task.num_classes]},
+        "source_image": {"dtype": "uint8", "channels": task.channels, "color": COLOR_RULE[task.channels],
+                         "bit_depth": "8-bit; 16-bit sources scaled by their depth (v * 255 / 65535)"},
+        "resize": {"size": [task.image_size, task.image_size], "method": RESIZE_RULE[task.resize],
+                   "policy": task.resize},
         "normalise": {"divide_by": 255.0, "mean": 0.0, "std": 1.0, "rule": "(x / divide_by - mean) / std, float32"},
-        "class_names": CLASS_NAMES[:num_classes],
-        "defective_from_class": defective_from,
-        "decision": {"p_defective": f"sum(softmax(logits)[{defective_from}:])", "threshold": threshold,
+        "class_names": list(task.classes),
+        "defective_classes": list(task.defective),
+        "decision": {"p_defective": f"sum(softmax(logits)[{task.defective_indices}])", "threshold": threshold,
                      "rule": "defective when p_defective >= threshold"},
         "selftest": {"file": SELFTEST_FILE, "inputs": "images", "outputs": "logits", "atol": SELFTEST_ATOL},
     }
@@ -69,24 +78,24 @@ def selection_lines(profile: TargetParams, chosen: Candidate, candidates: list[C
 
 
 def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates: list[Candidate], raw: dict,
-               validation: dict, calibration: dict | None, num_classes: int, defective_from: int, splits: dict,
-               machine: dict) -> str:
+               validation: dict, calibration: dict | None, task: Task, machine: dict) -> str:
     """The human-readable card; `machine` (lathe.determinism.machine_record) only in its last section."""
     m, t = chosen.metrics, chosen.threshold
     lines = [
         f"# Model card: {target} / {chosen.variant}", "",
         "## Intended use", "",
-        "Screening electroluminescence (EL) images of single solar cells on a production line for defects. "
-        f"Input: one cell, 8-bit grayscale, resized to {splits['image_size']}x{splits['image_size']} px. "
-        "Output: four classes of defect probability (0, 1/3, 2/3, 1); a cell is judged *defective* when "
-        f"the softmax mass on classes >= {defective_from} reaches the decision threshold. "
+        "Screening images of parts on a production line for defects. "
+        f"Input: one image, {'grayscale' if task.channels == 1 else 'RGB'}, resized ({task.resize}) to "
+        f"{task.image_size}x{task.image_size} px. Output: {task.num_classes} classes "
+        f"({', '.join(task.classes)}); a part is judged *defective* when the softmax mass on "
+        f"{', '.join(task.defective)} reaches the decision threshold. "
         "A decision aid for inspection staff: escapes happen at the rate below, so it does not replace "
         "the plant's final quality check.", "",
         f"Target profile `{target}`: {profile.description or '-'}; runtime {profile.runtime}, "
         f"{profile.threads} thread(s), batch {profile.batch}.", "",
         "## Data", "",
         f"- raw data `{raw['path']}` md5 `{raw['md5']}`, {raw['files']} files, {raw['samples']} samples",
-        "- class counts: " + ", ".join(f"class {k}: {v}" for k, v in raw["class_counts"].items()),
+        "- class counts: " + ", ".join(f"{k}: {v}" for k, v in raw["class_counts"].items()),
         f"- validation: {validation['summary']} (result sha256 `{validation['sha256'][:16]}...`)",
         f"- test split: {m.get('n_test', '?')} samples; threshold chosen on the val split "
         f"({t.val['n_defective']} defective, {t.val['n_functional']} functional)",
@@ -100,23 +109,20 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates
               "| split | defective recall | escape rate | false-reject rate |", "|---|---:|---:|---:|",
               f"| val | {_pct(t.val['defective_recall'])} | {_pct(t.val['escape_rate'])} | {_pct(t.val['false_reject_rate'])} |",
               f"| test | {_pct(t.test['defective_recall'])} | {_pct(t.test['escape_rate'])} | {_pct(t.test['false_reject_rate'])} |",
-              "", "## Metrics (test split, 4-class argmax)", "",
+              "", f"## Metrics (test split, {task.num_classes}-class argmax)", "",
               f"- accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m.get('balanced_accuracy', 0))}, "
               f"macro-F1 {m.get('macro_f1', 0):.3f}",
               f"- size {m['size_bytes']:,} B, {m.get('params', '?')} parameters (latency: the last section)", "",
               "| class | recall |", "|---|---:|"]
-    for k in range(num_classes):
-        lines.append(f"| {k} {CLASS_NAMES[k] if k < len(CLASS_NAMES) else ''} | {_pct(m.get(f'recall_class_{k}', 0.0))} |")
-    lines += ["", "| cell type | accuracy | test samples |", "|---|---:|---:|"]
-    for ct in ("mono", "poly"):
-        if f"accuracy_{ct}" in m:
-            lines.append(f"| {ct} | {_pct(m[f'accuracy_{ct}'])} | {m.get(f'n_test_{ct}', '?')} |")
+    for name in task.classes:
+        flag = " (defective)" if name in task.defective else ""
+        lines.append(f"| {name}{flag} | {_pct(m.get(recall_key(name), 0.0))} |")
     lines += ["", "## Gates", "", gate_table(target, [chosen], measured_apart=True), ""]
     lines += selection_lines(profile, chosen, candidates)
     lines += ["## Limits", "",
-              "- Trained and judged on the data above only; other cell sizes, cameras, exposure or module "
-              "types are out of scope until evaluated.",
-              "- The middle classes (p=1/3, p=2/3) are small and hard; read per-class recall before relying on them.",
+              "- Trained and judged on the data above only; other parts, cameras, lighting or exposure are out of "
+              "scope until evaluated.",
+              "- Small classes are judged on few test samples; read per-class recall before relying on them.",
               "- Latency was measured on the build machine, not on the device: run the self-test and time it there.",
               f"- Self-test: `{SELFTEST_FILE}` holds golden images and logits; outputs must match within "
               f"atol {SELFTEST_ATOL}.", ""]

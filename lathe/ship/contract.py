@@ -23,7 +23,7 @@ from lathe.ship.signing import SIGNATURE_FILE
 
 M = TypeVar("M", bound=BaseModel)
 
-SCHEMA = "lathe.package/1"
+SCHEMA = "lathe.package/2"
 MODEL_FILE = "model.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
 MANIFEST_FILE = "manifest.json"
@@ -195,6 +195,7 @@ class OutputSpec(_Record):
 class ResizeSpec(_Record):
     size: list[int] = Field(min_length=2, max_length=2)
     method: str = Field(max_length=200)
+    policy: Literal["squash", "pad"]
 
 
 class NormaliseSpec(_Record):
@@ -226,7 +227,7 @@ class Preprocessing(_Record):
     resize: ResizeSpec
     normalise: NormaliseSpec
     class_names: list[str] = Field(min_length=2, max_length=256)
-    defective_from_class: int = Field(ge=1)
+    defective_classes: list[str] = Field(min_length=1, max_length=255, description="class names judged a defect")
     decision: DecisionSpec
     selftest: SelftestSpec
 
@@ -235,8 +236,14 @@ class Preprocessing(_Record):
         k = len(self.class_names)
         if self.output.shape[1] != k:
             raise ValueError(f"output has {self.output.shape[1]} classes but class_names lists {k}")
-        if not self.defective_from_class < k:
-            raise ValueError(f"defective_from_class {self.defective_from_class} leaves no functional class of {k}")
+        unknown = [c for c in self.defective_classes if c not in self.class_names]
+        if unknown:
+            raise ValueError(f"defective_classes {unknown} are not among class_names")
+        if len(set(self.defective_classes)) >= k:
+            raise ValueError("defective_classes name every class: none is left as good")
+        if self.input.shape[1] != self.source_image.get("channels"):
+            raise ValueError(f"source_image.channels {self.source_image.get('channels')} does not match the input's "
+                             f"{self.input.shape[1]}")
         if self.resize.size != self.input.shape[2:]:
             raise ValueError(f"resize.size {self.resize.size} does not match the input's {self.input.shape[2:]}")
         if len(set(self.class_names)) != k or not all(0 < len(c) <= 100 for c in self.class_names):
@@ -313,7 +320,7 @@ class GateRecord(_Open):
 class Manifest(_Open):
     """The manifest keys verify and trace rely on (the rest is kept as written)."""
 
-    schema_: Literal["lathe.package/1"] = Field(alias="schema")
+    schema_: Literal["lathe.package/2"] = Field(alias="schema")
     package_id: str = Field(pattern=r"^[0-9a-f]{16}$")
     target: TargetRecord
     variant: str = Field(pattern=VARIANT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +28,17 @@ class Threshold:
     test: dict[str, float | int]  # the same on the test split
 
 
-def p_defective(logits: np.ndarray, defective_from: int) -> np.ndarray:
-    """(N, K) logits -> (N,) float64 softmax mass on classes >= defective_from."""
+def p_defective(logits: np.ndarray, defective: Sequence[int]) -> np.ndarray:
+    """(N, K) logits -> (N,) float64 softmax mass on the defective class indices."""
     from lathe.evaluate import softmax
 
-    return softmax(logits)[:, defective_from:].sum(axis=1)
+    return softmax(logits)[:, list(defective)].sum(axis=1)
 
 
-def rates_at(p_def: np.ndarray, labels: np.ndarray, defective_from: int, threshold: float) -> dict[str, float | int]:
-    """Defective recall, escape rate and false-reject rate (functional judged defective) at `threshold`."""
-    defective = np.asarray(labels) >= defective_from
+def rates_at(p_def: np.ndarray, labels: np.ndarray, defective_classes: Sequence[int],
+             threshold: float) -> dict[str, float | int]:
+    """Defective recall, escape rate and false-reject rate (good judged defective) at `threshold`."""
+    defective = np.isin(np.asarray(labels), defective_classes)
     judged = np.asarray(p_def) >= threshold
     n_def, n_fun = int(defective.sum()), int((~defective).sum())
     tp, fp = int((defective & judged).sum()), int((~defective & judged).sum())
@@ -45,7 +47,7 @@ def rates_at(p_def: np.ndarray, labels: np.ndarray, defective_from: int, thresho
             "false_reject_rate": round(fp / n_fun, 6) if n_fun else 0.0, "n_defective": n_def, "n_functional": n_fun}
 
 
-def choose_threshold(p_def: np.ndarray, labels: np.ndarray, defective_from: int, recall_target: float) -> float:
+def choose_threshold(p_def: np.ndarray, labels: np.ndarray, defective: Sequence[int], recall_target: float) -> float:
     """The highest threshold t with recall(p_def >= t) >= recall_target on these samples.
 
     With n defective samples, k = ceil(target * n) of them must be caught: t is the k-th highest
@@ -53,9 +55,9 @@ def choose_threshold(p_def: np.ndarray, labels: np.ndarray, defective_from: int,
     threshold still catches them). Ties in p_defective only raise the recall at t. Deterministic.
     """
     p_def = np.asarray(p_def, dtype=np.float64)
-    scores = np.sort(p_def[np.asarray(labels) >= defective_from])[::-1]
+    scores = np.sort(p_def[np.isin(np.asarray(labels), defective)])[::-1]
     if len(scores) == 0:
-        raise DataError(f"the {THRESHOLD_SPLIT} split holds no defective sample (class >= {defective_from}); "
+        raise DataError(f"the {THRESHOLD_SPLIT} split holds no defective sample (classes {list(defective)}); "
                         "cannot choose a decision threshold")
     k = max(1, math.ceil(recall_target * len(scores) - 1e-9))
     scale = 10 ** THRESHOLD_DECIMALS
@@ -212,7 +214,7 @@ def gate_table(target: str, candidates: list[Candidate], measured_apart: bool = 
 
 
 def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits: dict[str, dict],
-                       target: TargetParams, defective_from: int) -> tuple[Candidate, dict[str, np.ndarray]]:
+                       target: TargetParams, defective: Sequence[int]) -> tuple[Candidate, dict[str, np.ndarray]]:
     """Run the variant through onnxruntime on val (threshold) and test (rates there); check the gates.
 
     Returns the candidate and its logits per split.
@@ -228,10 +230,10 @@ def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits
     session = load_session(model_path, threads=1)
     logits = {s: predict(session, splits[s]["images"]) for s in (THRESHOLD_SPLIT, REPORT_SPLIT)}
     val, test = splits[THRESHOLD_SPLIT], splits[REPORT_SPLIT]
-    p_val = p_defective(logits[THRESHOLD_SPLIT], defective_from)
-    p_test = p_defective(logits[REPORT_SPLIT], defective_from)
-    t = choose_threshold(p_val, val["labels"], defective_from, target.defective_recall_target)
+    p_val = p_defective(logits[THRESHOLD_SPLIT], defective)
+    p_test = p_defective(logits[REPORT_SPLIT], defective)
+    t = choose_threshold(p_val, val["labels"], defective, target.defective_recall_target)
     threshold = Threshold(value=t, recall_target=target.defective_recall_target,
-                          val=rates_at(p_val, val["labels"], defective_from, t),
-                          test=rates_at(p_test, test["labels"], defective_from, t))
+                          val=rates_at(p_val, val["labels"], defective, t),
+                          test=rates_at(p_test, test["labels"], defective, t))
     return Candidate(variant, metrics, threshold, check_gates(target.gates, metrics, threshold)), logits

@@ -247,11 +247,13 @@ def raw_data_record(root: Path, raw_dvc: Path, prepared_dir: Path) -> dict:
         raise DataError(f"{raw_dvc}: expected one out with an md5")
     rows = read_manifest(Path(prepared_dir) / "manifest.csv")
     counts: dict[str, int] = {}
+    index: dict[str, int] = {}
     for r in rows:
         counts[r["label"]] = counts.get(r["label"], 0) + 1
+        index[r["label"]] = int(r["label_index"])
     return {"path": _rel(root, raw_dvc.parent / outs[0]["path"]), "md5": outs[0]["md5"],
             "files": outs[0].get("nfiles"), "samples": len(rows),
-            "class_counts": {k: counts[k] for k in sorted(counts, key=int)}}
+            "class_counts": {k: counts[k] for k in sorted(counts, key=index.__getitem__)}}
 
 
 def validation_record(validation_dir: Path) -> dict:

@@ -263,7 +263,7 @@ def synthetic_report(rows):
         "setup": {"machine": {"cpu": "test cpu", "logical_cpus": 2, "platform": "linux", "python": "3.11",
                               "onnxruntime": "1.31"},
                   "threads": 1, "warmup": 50, "runs": 300, "batch": 1, "prepared_dir": "data/prepared",
-                  "test_samples": 654, "image_size": 64, "defective_from_class": 2,
+                  "test_samples": 654, "image_size": 64, "defective_classes": ["probably_defective", "defective"],
                   "origins": {r["name"]: "made somehow" for r in rows}, "notes": ["pruned baseline skipped"]},
     }
 
@@ -314,7 +314,7 @@ def make_bench_workspace(tmp_path, pruned=False):
     rng = np.random.default_rng(3)
     save_arrays(prepared / "train.safetensors", {
         "images": rng.integers(0, 256, (20, SIZE, SIZE), dtype=np.uint8), "labels": np.arange(20) % 4,
-        "cell_types": np.arange(20) % 2, "sample_ids": np.arange(20, dtype=np.int64),
+        "sample_ids": np.arange(20, dtype=np.int64),
     })
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(bench={"warmup": 2, "matmul_repeats": 5})))
     return tmp_path

@@ -51,9 +51,10 @@ def test_the_predicted_splits_are_the_ones_ingest_makes(repo):
     from collections import Counter
 
     from lathe.config import IngestParams
+    from lathe.data.contract import DataParams
     from lathe.data.ingest import ingest
 
-    rows, _ = ingest(repo / "data/raw", IngestParams(**tiny_params()["ingest"]))
+    rows, _, _ = ingest(repo / "data/raw", IngestParams(**tiny_params()["ingest"]), DataParams(**tiny_params()["data"]))
     made = Counter(r.split for r in rows)
     fact = f"data/raw: {len(rows)} samples -> train {made['train']}, val {made['val']}, test {made['test']}"
     assert fact in check_repo(repo).facts
@@ -75,22 +76,23 @@ MISTAKES = {
     "calibration": ({"quantize": {"calibration_size": 256}}, "params.yaml: quantize.calibration_size",
                     "train split ingest will make (24 samples); lower it to at most 24"),
     "per class": ({"validate": {"min_per_class_per_split": 3}}, "params.yaml: validate.min_per_class_per_split",
-                  "val/class 0: 2"),
+                  "val/functional: 2"),
     "variant": ({"package": {"variants": ["quantized/studnet"]}}, "params.yaml: package.variants[0]",
                 "did you mean 'quantized/student'"),
     "key": ({"package": {"private_key": "keys/none.pem"}}, "params.yaml: package.private_key", "lathe keys init"),
     "num_classes": ({"train_teacher": {"arch": {"num_classes": 3}}}, "params.yaml: train_teacher.arch.num_classes",
-                    "classes [0, 1, 2, 3]"),
+                    "3, but the data has 4 (data.classes)"),
     "gate typo": ({"targets": {"tiny-gw": {"gates": {"max_sise_bytes": 1}}}},
                   "params.yaml: targets.tiny-gw.gates.max_sise_bytes", "did you mean 'max_size_bytes'"),
     "target name": ({"targets": {"Line PC": {}}}, "params.yaml: targets.Line PC", "must match"),
-    "defective class": ({"evaluate": {"defective_from_class": 4}}, "params.yaml: evaluate.defective_from_class",
-                        "no class would count as defective"),
+    "defective class": ({"data": {"defective": ["defectve"]}}, "params.yaml: data",
+                        "defective names ['defectve'], not in classes"),
     "cross-field": ({"ingest": {"val_fraction": 0.45, "test_fraction": 0.45}}, "params.yaml: ingest",
                     "leaves less than 20% for training"),
     "min rows": ({"validate": {"min_rows": 100}}, "params.yaml: validate.min_rows", "the data has 48 rows"),
-    "cell types": ({"validate": {"cell_types": ["mono", "poyl"]}}, "params.yaml: validate.cell_types[1]",
-                   "did you mean 'poly'"),
+    "channels": ({"data": {"channels": 2}}, "params.yaml: data.channels", "2 is not one of 1, 3"),
+    "class name": ({"data": {"classes": ["ok", "bad/worse"], "defective": ["bad/worse"]}}, "params.yaml: data",
+                   "must be 1-100 letters"),
 }
 
 
@@ -113,31 +115,31 @@ def test_every_mistake_at_once_and_every_bad_row(tmp_path):
     params = tiny_params()
     for change, _, _ in MISTAKES.values():
         for section, values in change.items():
-            if section not in ("targets", "ingest"):  # one targets mapping; ingest's would hide the splits
+            # one targets mapping; ingest's would hide the splits, and the data rows below are judged
+            # against a valid data section
+            if section not in ("targets", "ingest", "data"):
                 params.setdefault(section, {}).update(values)
-    params["validate"]["cell_types"] = ["mono", "poly"]  # else the data rows below are judged against "poyl"
     repo = make_repo(tmp_path / "repo", params)
     labels = repo / "data/raw/labels.csv"
     lines = labels.read_text().splitlines()
-    lines[2] = lines[2].split(",")[0] + ",0.5,mono"
-    lines[3] = lines[3].split(",")[0] + ",0.0,cigs"
+    lines[2] = lines[2].split(",")[0] + ",scrap,0.5,mono"
+    lines[3] = lines[3].split(",")[0] + ",functional,0,"
     (repo / "data/raw" / lines[4].split(",")[0]).unlink()
-    labels.write_text("\n".join(lines + [lines[5], "images/extra.png,abc,mono"]) + "\n")
+    labels.write_text("\n".join(lines + [lines[5], "images/extra.png,1e308,1,mono"]) + "\n")
 
     found = problems_of(repo)
 
     keys = {p.split(": ")[1] for p in found if p.startswith("params.yaml: ")}
     assert {"quantise", "prune.ration", "prune.ratio", "quantize.method", "package.variants[0]",
-            "package.private_key", "train_teacher.arch.num_classes", "evaluate.defective_from_class",
-            "validate.min_rows"} <= keys, found
+            "package.private_key", "train_teacher.arch.num_classes", "validate.min_rows"} <= keys, found
     # 47 usable rows of 50: 24 train still (the calibration check runs on what ingest will keep)
     assert "quantize.calibration_size" in keys
     data = [p for p in found if p.startswith("data/raw/labels.csv:")]
-    assert any(":3 (" in p and "defect_probability 0.5" in p for p in data), data
-    assert any(":4 (" in p and "'cigs'" in p for p in data), data
+    assert any(":3 (" in p and "label 'scrap' is not one of data.classes" in p for p in data), data
+    assert any(":4 (" in p and "empty cell_type" in p for p in data), data
     assert any(":5 (" in p and "file not found" in p for p in data), data
     assert any(":50 (" in p and "listed again (first on line 6)" in p for p in data), data
-    assert any(":51 (" in p and "'abc' is not a number" in p for p in data), data
+    assert any(":51 (" in p and "label '1e308' is not one of data.classes" in p for p in data), data
 
 
 def test_missing_or_broken_params_and_data_are_named(tmp_path):
@@ -152,8 +154,7 @@ def test_missing_or_broken_params_and_data_are_named(tmp_path):
 def test_a_labels_file_without_its_columns_is_one_line(repo):
     (repo / "data/raw/labels.csv").write_text("file,prob\nimages/x.png,0\n")
     found = problems_of(repo)
-    assert found == [("data/raw/labels.csv: missing column(s) defect_probability, cell_type; "
-                      "header is ['file', 'prob']")], found
+    assert found == ["data/raw/labels.csv: missing column(s) label; header is file,prob"], found
 
 
 def test_a_gate_above_its_recall_target_is_a_warning_not_a_problem(tmp_path):

@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from lathe.config import ArchSpec, DistillParams, TrainParams, parse_section
+from lathe.data.contract import read_task
+from lathe.data.ingest import load_split
 from lathe.distill import RECORD, control_student, distill_student, make_student, write_student_dir
 from lathe.errors import ConfigError, LatheError
-from lathe.data.ingest import load_split
 from lathe.io import write_bytes, write_json
 from lathe.models import build_model
 from lathe.teacher import FILES, arch_document, load_model, train_teacher
@@ -91,7 +92,7 @@ def test_pruned_init_takes_the_pruned_architecture_and_weights(inputs, tmp_path)
     pruned = build_model(spec, 16)
     write_arch_and_weights(tmp_path / "pruned", pruned, spec, 16)
     cfg = tiny_cfg(init="pruned", epochs=1)
-    start = make_student(cfg, 16, tmp_path / "pruned")
+    start = make_student(cfg, read_task(inputs / "prepared"), tmp_path / "pruned")
     assert start.spec == spec and start.source.endswith("arch.json")
     assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in start.model.state_dict().items())
     run = distill_student(inputs / "teacher", inputs / "prepared", cfg, init_dir=tmp_path / "pruned")
@@ -110,9 +111,9 @@ def test_student_not_smaller_than_teacher_is_refused_with_both_counts(inputs):
 
 def test_student_must_match_the_teachers_classes_and_the_data_channels(inputs):
     small = TINY_PARAMS["distill"]["student"]
-    with pytest.raises(ConfigError, match=r"distill\.student\.num_classes is 3 but the teacher predicts 4"):
+    with pytest.raises(ConfigError, match=r"distill\.student\.num_classes is 3 but the data has 4 \(data.classes\)"):
         distill_student(inputs / "teacher", inputs / "prepared", tiny_cfg(student={**small, "num_classes": 3}))
-    with pytest.raises(ConfigError, match=r"distill\.student\.in_channels is 3 .* 1 channel"):
+    with pytest.raises(ConfigError, match=r"distill\.student\.in_channels is 3 but the data has 1 \(data.channels\)"):
         control_student(inputs / "prepared", tiny_cfg(student={**small, "in_channels": 3}))
 
 

@@ -16,6 +16,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lathe.config import ArchSpec, EvaluateParams
+from lathe.data.contract import Task
 from lathe.errors import DataError, LatheError
 from lathe.evaluate import (
     count_onnx_macs,
@@ -33,6 +34,7 @@ from lathe.export import INPUT_NAME, export_onnx
 from lathe.io import save_arrays
 from lathe.metrics import TIMING_KEYS
 from lathe.models import build_model, count_params
+from tests.tiny import write_tiny_task
 
 SIZE = 16
 FAST = EvaluateParams(latency_warmup=1, latency_runs=5, throughput_batch=4, throughput_runs=1)
@@ -68,10 +70,9 @@ def write_test_split(prepared, n=12, size=SIZE, seed=0):
     save_arrays(prepared / "test.safetensors", {
         "images": rng.integers(0, 256, (n, size, size), dtype=np.uint8),
         "labels": (np.arange(n) % 4).astype(np.int64),
-        "cell_types": (np.arange(n) % 2).astype(np.int64),
         "sample_ids": np.arange(100, 100 + n, dtype=np.int64),
     })
-    return prepared
+    return write_tiny_task(prepared, size)
 
 
 def torch_macs(model, size):
@@ -97,26 +98,31 @@ def torch_macs(model, size):
 # --- pure metrics -------------------------------------------------------------------------------
 
 
+TASK = Task(classes=["ok", "minor", "major", "scrap"], defective=["major", "scrap"], image_size=8)
+
+
 def test_quality_metrics_on_a_hand_computed_case():
     labels = np.array([0, 0, 1, 2, 3, 3])
-    cell_types = np.array([0, 0, 0, 1, 1, 1])  # mono, mono, mono, poly, poly, poly
     predicted = np.array([0, 1, 1, 3, 3, 0])
     logits = np.eye(4, dtype=np.float32)[predicted] * 5.0
-    m = quality_metrics(labels, cell_types, logits, defective_from=2)
+    m = quality_metrics(labels, logits, TASK)
     assert m["accuracy"] == round(3 / 6, 6)
-    assert [m[f"recall_class_{k}"] for k in range(4)] == [0.5, 1.0, 0.0, 0.5]
+    assert [m[f"recall_{c}"] for c in TASK.classes] == [0.5, 1.0, 0.0, 0.5]
     assert m["balanced_accuracy"] == 0.5
     # defective truth idx 3,4,5; predicted defective idx 3,4 -> tp 2, fn 1, fp 0, tn 3
     assert m["defective_recall"] == round(2 / 3, 6) and m["escape_rate"] == round(1 / 3, 6)
     assert m["defective_precision"] == 1.0 and m["false_reject_rate"] == 0.0
-    assert m["accuracy_mono"] == round(2 / 3, 6) and m["accuracy_poly"] == round(1 / 3, 6)
-    assert (m["n_test"], m["n_test_mono"], m["n_test_poly"]) == (6, 3, 3)
+    assert m["n_test"] == 6
     assert all(isinstance(v, (int, float)) for v in m.values())
 
 
-def test_missing_cell_type_gives_zero_not_nan():
-    m = quality_metrics(np.array([0, 1]), np.array([0, 0]), np.eye(4, dtype=np.float32)[[0, 1]], 2)
-    assert m["accuracy_poly"] == 0.0 and m["n_test_poly"] == 0 and m["accuracy_mono"] == 1.0
+def test_defective_classes_need_not_be_the_last_ones_and_absent_classes_give_zero_not_nan():
+    task = Task(classes=["scrap", "ok", "dent"], defective=["scrap", "dent"], image_size=8)
+    labels, predicted = np.array([0, 1, 1, 2]), np.array([2, 1, 0, 2])  # scrap->dent is still caught
+    m = quality_metrics(labels, np.eye(3, dtype=np.float32)[predicted], task)
+    assert m["defective_recall"] == 1.0 and m["false_reject_rate"] == 0.5
+    m = quality_metrics(np.array([1, 1]), np.eye(3, dtype=np.float32)[[1, 1]], task)
+    assert m["recall_scrap"] == 0.0 and m["defective_recall"] == 0.0 and m["accuracy"] == 1.0
 
 
 def test_softmax_rows_sum_to_one_and_p_defective_is_the_tail_mass():
@@ -281,9 +287,9 @@ def test_evaluate_model_reports_everything_and_quality_is_deterministic(tmp_path
     model_dir, prepared = write_model_dir(tmp_path / "m"), write_test_split(tmp_path / "prep")
     first, second = evaluate_model(model_dir, prepared, FAST), evaluate_model(model_dir, prepared, FAST)
     m = first.metrics
-    expected = {"accuracy", "balanced_accuracy", "macro_f1", "recall_class_0", "recall_class_1", "recall_class_2",
-                "recall_class_3", "defective_recall", "defective_precision", "escape_rate", "false_reject_rate",
-                "accuracy_mono", "accuracy_poly", "n_test", "size_bytes", "params", "macs", *TIMING_KEYS}
+    expected = {"accuracy", "balanced_accuracy", "macro_f1", "recall_functional", "recall_possibly_defective",
+                "recall_probably_defective", "recall_defective", "defective_recall", "defective_precision",
+                "escape_rate", "false_reject_rate", "n_test", "size_bytes", "params", "macs", *TIMING_KEYS}
     assert expected <= set(m)
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m.values())
     assert m["n_test"] == 12 and m["size_bytes"] == (model_dir / "model.onnx").stat().st_size

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lathe.config import ArchSpec, LowRankParams, parse_section
+from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
-from lathe.data.ingest import load_split
 from lathe.lowrank import RECORD, choose_rank, factorize, lowrank, lowrank_teacher, plan_ranks, write_lowrank
 from lathe.models import LowRankConv, build_model, count_macs, count_params
 from lathe.teacher import FILES, load_model
@@ -16,6 +16,9 @@ from lathe.train import to_tensor
 from tests.tiny import TINY_PARAMS, make_prepared, make_teacher
 
 SPEC = ArchSpec(**TINY_PARAMS["train_teacher"]["arch"])
+from lathe.data.contract import Task
+
+TASK = Task(classes=["a", "b", "c", "d"], defective=["c", "d"], image_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,7 @@ def test_a_factorised_model_is_not_factorised_again():
     model = build_model(SPEC.model_copy(update={"ranks": {"head": 1}}), 16)
     data = {"images": np.zeros((4, 16, 16), np.uint8), "labels": np.arange(4)}
     with pytest.raises(LatheError, match="already factorised"):
-        lowrank(model, data, data, tiny_cfg(), make_deterministic(0, 1))
+        lowrank(model, data, data, tiny_cfg(), make_deterministic(0, 1), TASK)
 
 
 def test_missing_teacher_and_bad_ranks_are_named(teacher, tmp_path):

@@ -52,12 +52,16 @@ def test_history_without_loss_or_with_a_bad_cell_names_the_file_and_line(tmp_pat
         read_history(tmp_path / "d.csv")
 
 
+CLASSES = ["functional", "possibly_defective", "probably_defective", "defective"]
+
+
 def test_confusion_matrix_picture(tmp_path):
     cm = np.array([[50, 3, 1, 0], [10, 5, 2, 1], [2, 3, 4, 6], [0, 1, 2, 30]])
-    first, second = confusion_png(cm, "quantized/student", 2), confusion_png(cm, "quantized/student", 2)
+    first = confusion_png(cm, "quantized/student", CLASSES, [2, 3])
+    second = confusion_png(cm, "quantized/student", CLASSES, [2, 3])
     assert_stable_png(first, second)
     assert png_size(first) == (480, 420)
-    assert confusion_png(cm.T, "quantized/student", 2) != first
+    assert confusion_png(cm.T, "quantized/student", CLASSES, [2, 3]) != first
     with pytest.raises(LatheError, match=r"has shape \(2, 3\); expected \(K, K\)"):
         confusion_png(np.zeros((2, 3)), "x")
 
@@ -65,7 +69,7 @@ def test_confusion_matrix_picture(tmp_path):
 def test_a_matplotlibrc_does_not_change_the_bytes(tmp_path):
     """Drawn in fresh interpreters, with and without a user matplotlibrc that changes fonts and colours."""
     code = ("import sys, numpy as np; from lathe.plots import confusion_png; "
-            "sys.stdout.buffer.write(confusion_png(np.array([[3, 1], [0, 2]]), 't', 1))")
+            "sys.stdout.buffer.write(confusion_png(np.array([[3, 1], [0, 2]]), 't', ['ok', 'bad'], [1]))")
     env = offline_env() | {"PYTHONPATH": str(ROOT), "MPLCONFIGDIR": str(tmp_path / "plain")}
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout
     (tmp_path / "styled").mkdir()

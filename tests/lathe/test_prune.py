@@ -7,15 +7,26 @@ import torch_pruning as tp
 from torch import nn
 
 from lathe.config import ArchSpec, PruneParams, parse_section
+from lathe.data.contract import Task
+from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.data.ingest import load_split
 from lathe.models import build_model, count_macs, count_params
-from lathe.prune import (RECORD, channel_groups, make_importance, prune, prune_teacher, prune_to_counts,
-                         search_counts, write_pruned)
+from lathe.prune import (
+    RECORD,
+    channel_groups,
+    make_importance,
+    prune,
+    prune_teacher,
+    prune_to_counts,
+    search_counts,
+    write_pruned,
+)
 from lathe.teacher import FILES, load_model
 from lathe.train import to_tensor
 from tests.tiny import TINY_PARAMS, make_prepared, make_teacher
+
+TASK = Task(classes=["a", "b", "c", "d"], defective=["c", "d"], image_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -193,4 +204,4 @@ def test_a_factorised_model_is_not_pruned():
     spec = ArchSpec(**{**TINY_PARAMS["train_teacher"]["arch"], "ranks": {"head": 1}})
     data = {"images": np.zeros((4, 16, 16), np.uint8), "labels": np.arange(4)}
     with pytest.raises(LatheError, match="low-rank factorised"):
-        prune(build_model(spec, 16), data, data, tiny_cfg(), make_deterministic(0, 1))
+        prune(build_model(spec, 16), data, data, tiny_cfg(), make_deterministic(0, 1), TASK)

@@ -24,7 +24,7 @@ from lathe.quantize import (
     float_compute_nodes, node_type_counts, pre_process, quantize_dynamic_int8, quantize_model, quantize_static_defaults,
     quantize_static_int8, reader_for, runtime_node_types, write_quantized,
 )
-from tests.tiny import ROOT, TINY_PARAMS
+from tests.tiny import ROOT, TINY_PARAMS, write_tiny_task
 
 SIZE = 16
 TINY = QuantizeParams.model_validate(TINY_PARAMS["quantize"])
@@ -80,9 +80,9 @@ def write_prepared(prepared, n_train=40, n_val=24, size=SIZE):
     for split, n, seed, sid in (("train", n_train, 1, ids[:n_train]), ("val", n_val, 2, ids[n_train:])):
         images, labels = synthetic(n, seed, size)
         save_arrays(prepared / f"{split}.safetensors", {
-            "images": images, "labels": labels, "cell_types": (np.arange(n) % 2).astype(np.int64), "sample_ids": sid,
+            "images": images, "labels": labels, "sample_ids": sid,
         })
-    return prepared
+    return write_tiny_task(prepared, size)
 
 
 def initializer(proto, name):

@@ -18,7 +18,7 @@ def test_stage_writes_declared_outputs(tmp_path):
     params = write_params(tmp_path, tiny_params())
     stage.main([str(tmp_path / "raw"), str(tmp_path / "prep"), "--params", str(params)])
     assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == [
-        "manifest.csv", "test.safetensors", "train.safetensors", "val.safetensors"]
+        "manifest.csv", "task.json", "test.safetensors", "train.safetensors", "val.safetensors"]
 
 
 def test_unreadable_image_exits_with_the_data_error_status_naming_the_file(tmp_path, capsys):
@@ -72,8 +72,8 @@ def test_every_bad_row_and_file_is_named_at_once_with_the_data_error_status(tmp_
     labels = tmp_path / "raw" / "labels.csv"
     lines = labels.read_text().splitlines()
     (tmp_path / "raw" / lines[1].split(",")[0]).unlink()
-    lines[2] = lines[2].split(",")[0] + ",0.5,mono"
-    lines[3] = lines[3].split(",")[0] + ",0.0,cigs"
+    lines[2] = lines[2].split(",")[0] + ",scrap,0.5,mono"
+    lines[3] = lines[3].split(",")[0] + ",functional,0.0,"
     labels.write_text("\n".join(lines + [lines[4]]) + "\n")
     params = write_params(tmp_path, tiny_params())
     with pytest.raises(SystemExit) as exit_info:
@@ -82,8 +82,8 @@ def test_every_bad_row_and_file_is_named_at_once_with_the_data_error_status(tmp_
     assert exit_info.value.code == DATA_ERROR_EXIT and "Traceback" not in "\n".join(err)
     assert err[0].startswith("[ingest] FAILED: 4 problem(s) in ") and len(err) == 5, err
     assert [line.split(": ", 1)[1] for line in err[1:]] == [
-        "defect_probability 0.5 is not one of 0, 0.333333, 0.666667, 1",
-        "cell_type 'cigs' is not one of mono, poly",
+        "label 'scrap' is not one of data.classes (functional, possibly_defective, probably_defective, defective)",
+        "empty cell_type (params data.stratify/data.group use it)",
         "file listed again (first on line 5)",
         f"file not found ({tmp_path / 'raw' / lines[1].split(',')[0]})",
     ]

@@ -7,6 +7,7 @@ import yaml
 
 from lathe.config import IngestParams
 from lathe.data.raw import generate_raw
+from lathe.data.contract import DataParams
 from lathe.data.ingest import ingest, read_manifest, write_prepared
 from lathe.errors import DATA_ERROR_EXIT
 from stages import validate as stage
@@ -19,8 +20,8 @@ def clean(tmp_path_factory):
     root = tmp_path_factory.mktemp("clean")
     generate_raw(root / "raw", per_class_type=6, size=32)
     cfg = IngestParams(**tiny_params()["ingest"])
-    rows, images = ingest(root / "raw", cfg)
-    write_prepared(root / "prep", rows, images, cfg)
+    rows, images, task = ingest(root / "raw", cfg, DataParams(**tiny_params()["data"]))
+    write_prepared(root / "prep", rows, images, task)
     return root
 
 
@@ -64,7 +65,7 @@ def test_image_size_is_read_from_the_ingest_section(work, capsys):
     params = write_params(work, tiny_params(ingest={"image_size": 32}))
     with pytest.raises(SystemExit):
         stage.main(argv(work, params))
-    assert "images_shape" in capsys.readouterr().err
+    assert "task.json: image size 16, but params ingest.image_size is 32" in capsys.readouterr().err
 
 
 def test_params_typo_exits_1_naming_the_key(work, capsys):

@@ -25,7 +25,7 @@ from lathe.audit.selftest import SandboxLimits, SelftestError, check_model_graph
 from lathe.audit.trust import resolve_trust
 from lathe.audit.verify import verify_package
 from lathe.ship.contract import Preprocessing, npz_bytes
-from tests.packages import SIZE, build_package, make_keys, tiny_model
+from tests.packages import SIZE, TASK, build_package, make_keys, tiny_model
 
 
 def endless_loop_model() -> onnx.ModelProto:
@@ -75,7 +75,7 @@ def external_data_model() -> onnx.ModelProto:
 def preprocessing() -> Preprocessing:
     from lathe.ship.card import preprocessing_record
 
-    return Preprocessing.model_validate(preprocessing_record(tiny_model(0).SerializeToString(), SIZE, 2, 0.5, 4))
+    return Preprocessing.model_validate(preprocessing_record(tiny_model(0).SerializeToString(), TASK, 0.5))
 
 
 def write_case(tmp_path: Path, model: onnx.ModelProto) -> tuple[Path, Path]:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from lathe.config import IngestParams, ValidateParams
+from lathe.data.contract import DataParams
 from lathe.data.raw import generate_raw
 from lathe.errors import DataError, ValidationFailed
 from lathe.data.ingest import ingest, read_manifest, write_prepared
@@ -24,13 +25,14 @@ from lathe.data.validate import (
 from tests.tiny import TINY_PARAMS
 
 INGEST = IngestParams(**TINY_PARAMS["ingest"])
+DATA = DataParams(**TINY_PARAMS["data"])
 CFG = ValidateParams(**TINY_PARAMS["validate"])
 SIZE = INGEST.image_size
 
 
 def prepare(raw, prep):
-    rows, images = ingest(raw, INGEST)
-    write_prepared(prep, rows, images, INGEST)
+    rows, images, task = ingest(raw, INGEST, DATA)
+    write_prepared(prep, rows, images, task)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def test_clean_data_passes_every_expectation(clean):
     names = [o.name for o in report.expectations]
     assert len(names) == len(set(names)) >= 30
     assert {"sha256_unique", "class_count_per_split", "images_shape", "arrays_split_match",
-            "raw_sha256_match", "defect_probability_in_set"} <= set(names)
+            "raw_sha256_match", "label_in_set", "label_index_in_set", "cell_type_not_null"} <= set(names)
     st = report.statistics
     assert st["rows"] == 48 and st["image_size"] == SIZE
     assert sum(sum(per.values()) for per in st["split_class_counts"].values()) == 48
@@ -133,45 +135,52 @@ def test_reports_are_strict_json_and_byte_identical_across_runs(clean, tmp_path)
 # Bad labels and images (broken in raw, then ingested as usual)
 
 
-def test_defect_probability_outside_the_set_fails_naming_the_file(work):
+def test_label_index_outside_the_classes_fails_naming_the_file(work):
     victim = manifest_rows(work)[0]["file"]
-    # ingest refuses such a row (tests/lathe/data/test_ingest.py); the gate still catches a prepared folder
-    # written otherwise (an older ingest, a hand edit)
-    set_manifest_field(work, victim, defect_probability="0.5")
+    # ingest never writes such a row (tests/lathe/data/test_ingest.py); the gate still catches a prepared
+    # folder written otherwise (an older ingest, a hand edit)
+    set_manifest_field(work, victim, label_index="9")
     report = run(work)
-    assert failed_names(report) == {"defect_probability_in_set"}
+    # the arrays still say the old index, so the cross-check fails too
+    assert failed_names(report) == {"label_index_in_set", "arrays_label_match"}
     msg = gate_message(report)
-    assert victim in msg and "0.5" in msg
+    assert victim in msg and "9" in msg
 
 
-def test_label_outside_the_set_fails_naming_the_file(work):
+def test_label_outside_the_classes_fails_naming_the_file(work):
     def relabel(rows):
-        rows[3]["label"] = "7"
+        rows[3]["label"] = "cracked"
         return rows
     victim = manifest_rows(work)[3]["file"]
     rewrite_csv(work / "prep" / "manifest.csv", relabel)
     report = run(work)
-    # the arrays still say the old label, so the cross-check fails too
-    assert failed_names(report) == {"label_in_set", "arrays_label_match"}
+    assert failed_names(report) == {"label_in_set"}
+    assert f"{victim} (cracked)" in gate_message(report)
+
+
+def test_an_empty_stratify_column_fails_naming_the_file(work):
+    victim = manifest_rows(work)[5]["file"]
+    set_manifest_field(work, victim, cell_type="")  # ingest refuses it in labels.csv
+    report = run(work)
+    assert failed_names(report) == {"cell_type_not_null"}
     assert victim in gate_message(report)
 
 
-def test_unknown_cell_type_fails_naming_the_file(work):
-    victim = manifest_rows(work)[5]["file"]
-    set_manifest_field(work, victim, cell_type="cigs")  # ingest refuses it in labels.csv
+def test_a_group_value_in_two_splits_fails_naming_the_group(work):
+    task = json.loads((work / "prep" / "task.json").read_text())
+    (work / "prep" / "task.json").write_text(json.dumps({**task, "group": "cell_type"}))  # mono is in every split
     report = run(work)
-    # the arrays still hold the row's old cell type code, so the cross-check fails too
-    assert failed_names(report) == {"cell_type_in_set", "arrays_cell_type_match"}
-    assert f"{victim} (cigs)" in gate_message(report)
+    assert failed_names(report) == {"group_in_one_split"}
+    assert "cell_type mono (test,train,val)" in gate_message(report)
 
 
 def test_duplicate_image_in_two_splits_names_both_files(work):
     rows = manifest_rows(work)
-    a = next(r for r in rows if r["split"] == "train" and r["label"] == "0")
-    b = next(r for r in rows if r["split"] == "test" and r["label"] == "3")
+    a = next(r for r in rows if r["split"] == "train" and r["label"] == "functional")
+    b = next(r for r in rows if r["split"] == "test" and r["label"] == "defective")
     (work / "raw" / b["file"]).write_bytes((work / "raw" / a["file"]).read_bytes())
     prepare(work / "raw", work / "prep")
-    # splits depend on labels.csv only, so b stays in test with label 3
+    # splits depend on labels.csv only, so b stays in test, labelled defective
     assert [r["split"] for r in manifest_rows(work)] == [r["split"] for r in rows]
     report = run(work)
     assert failed_names(report) == {"sha256_unique"}
@@ -179,7 +188,7 @@ def test_duplicate_image_in_two_splits_names_both_files(work):
     assert dup.offender_count == 2 and {o.where for o in dup.offenders} == {a["file"], b["file"]}
     msg = gate_message(report)
     assert a["file"] in msg and b["file"] in msg
-    assert "different splits (test, train)" in msg and "different labels (0, 3)" in msg
+    assert "different splits (test, train)" in msg and "different labels (defective, functional)" in msg
 
 
 def test_blank_image_fails_pixel_std(work):
@@ -203,23 +212,23 @@ def test_too_small_source_image_fails_min_side(work):
 
 
 def test_split_without_a_class_fails_naming_split_and_class(work):
-    # keep one class-3 image per cell type: strata of 1 all land in train, none in val or test
+    # keep one defective image per cell type: strata of 1 all land in train, none in val or test
     def drop(rows):
-        return [r for r in rows if r["defect_probability"] != "1.0" or r["file"].endswith("_000.png")]
+        return [r for r in rows if r["label"] != "defective" or r["file"].endswith("_000.png")]
     rewrite_csv(work / "raw" / "labels.csv", drop)
     shutil.rmtree(work / "prep")
     prepare(work / "raw", work / "prep")
     report = run(work)
     assert failed_names(report) == {"class_count_per_split"}
     (counts,) = report.failed
-    assert [o.where for o in counts.offenders] == ["split val, class 3", "split test, class 3"]
-    assert "split val, class 3 (0)" in gate_message(report)
+    assert [o.where for o in counts.offenders] == ["split val, class defective", "split test, class defective"]
+    assert "split val, class defective (0)" in gate_message(report)
 
 
 def test_min_per_class_per_split_comes_from_params(clean):
     report = run(clean, cfg=CFG.model_copy(update={"min_per_class_per_split": 3}))
     assert failed_names(report) == {"class_count_per_split"}
-    assert {o.where for o in report.failed[0].offenders} == {f"split val, class {c}" for c in range(4)}
+    assert {o.where for o in report.failed[0].offenders} == {f"split val, class {c}" for c in DATA.classes}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ def test_missing_raw_file_fails_naming_it(work):
 def test_array_labels_disagreeing_with_manifest_fail(work):
     arrays = load_arrays(work / "prep" / "train.safetensors")
     sid = int(arrays["sample_ids"][0])
-    arrays["labels"][0] = (arrays["labels"][0] + 1) % 4
+    arrays["labels"][0] = (arrays["labels"][0] + 1) % len(DATA.classes)
     save_arrays(work / "prep" / "train.safetensors", arrays, {"image_size": str(SIZE)})
     report = run(work)
     assert failed_names(report) == {"arrays_label_match"}
@@ -259,8 +268,15 @@ def test_array_labels_disagreeing_with_manifest_fail(work):
     assert manifest_rows(work)[sid]["file"] in gate_message(report)
 
 
-def test_wrong_image_size_fails_naming_every_split_file(clean):
-    report = run(clean, size=SIZE * 2)
+def test_an_image_size_other_than_the_params_is_a_data_error_naming_the_task(clean):
+    with pytest.raises(DataError, match="task.json: image size 16, but params ingest.image_size is 32"):
+        run(clean, size=SIZE * 2)
+
+
+def test_wrong_image_size_fails_naming_every_split_file(work):
+    task = json.loads((work / "prep" / "task.json").read_text())
+    (work / "prep" / "task.json").write_text(json.dumps({**task, "image_size": SIZE * 2}))
+    report = run(work, size=SIZE * 2)
     assert failed_names(report) == {"images_shape", "image_size_metadata"}
     msg = gate_message(report)
     assert all(f"{s}.safetensors ({SIZE}x{SIZE})" in msg for s in ("train", "val", "test"))
@@ -309,5 +325,6 @@ def test_offender_lists_are_capped_but_counts_exact(clean, tmp_path):
 
 
 def test_missing_manifest_is_a_data_error(tmp_path):
+    (tmp_path / "task.json").write_text(json.dumps({"classes": ["a", "b"], "defective": ["b"], "image_size": SIZE}))
     with pytest.raises(DataError, match="manifest.csv"):
         validate_prepared(tmp_path, tmp_path, CFG, SIZE)

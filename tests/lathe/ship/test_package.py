@@ -50,24 +50,24 @@ def test_threshold_is_the_highest_reaching_the_recall_target():
     # defective p: 0.9 0.8 0.7 0.6 0.5; 80% of 5 -> 4 caught -> t = 0.6
     p = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.65, 0.1])
     y = np.array([3, 3, 2, 3, 2, 0, 1])
-    t = choose_threshold(p, y, 2, 0.8)
+    t = choose_threshold(p, y, [2, 3], 0.8)
     assert t == 0.6
-    r = rates_at(p, y, 2, t)
+    r = rates_at(p, y, [2, 3], t)
     assert r["defective_recall"] == 0.8 and r["escape_rate"] == 0.2 and r["false_reject_rate"] == 0.5
-    assert choose_threshold(p, y, 2, 1.0) == 0.5
-    assert choose_threshold(p, y, 2, 0.01) == 0.9  # at least one defective sample is caught
+    assert choose_threshold(p, y, [2, 3], 1.0) == 0.5
+    assert choose_threshold(p, y, [2, 3], 0.01) == 0.9  # at least one defective sample is caught
 
 
 def test_threshold_rounds_down_so_the_target_still_holds_and_ties_are_deterministic():
     p = np.array([0.12345678, 0.12345678, 0.9])
     y = np.array([2, 2, 2])
-    t = choose_threshold(p, y, 2, 0.5)
-    assert t == 0.123456 and rates_at(p, y, 2, t)["defective_recall"] == 1.0  # tie: both caught
+    t = choose_threshold(p, y, [2, 3], 0.5)
+    assert t == 0.123456 and rates_at(p, y, [2, 3], t)["defective_recall"] == 1.0  # tie: both caught
 
 
 def test_threshold_without_defective_samples_is_an_error():
     with pytest.raises(DataError, match="no defective sample"):
-        choose_threshold(np.array([0.3]), np.array([0]), 2, 0.9)
+        choose_threshold(np.array([0.3]), np.array([0]), [2, 3], 0.9)
 
 
 # --- gates and selection
