@@ -95,6 +95,13 @@ def scan_labels(raw_dir: Path, data: DataParams) -> LabelScan:
     return LabelScan(rows, problems, metadata)
 
 
+def read_problem(exc: OSError, where: str, path: Path) -> str:
+    """One line for a listed file that cannot be read."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{where}: file not found ({path})"
+    return f"{where}: cannot read {path} ({exc.strerror or exc})"
+
+
 def file_problems(raw_dir: Path, rows: list[tuple[int, RawSample]], min_side: int = 1,
                   max_pixels: int | None = None) -> list[str]:
     """Every listed file that is missing, unreadable, not a supported image (by its header), larger than
@@ -105,11 +112,8 @@ def file_problems(raw_dir: Path, rows: list[tuple[int, RawSample]], min_side: in
         try:
             with open(path, "rb") as fh:
                 width, height = header_of(fh, where, max_pixels)
-        except FileNotFoundError:
-            out.append(f"{where}: file not found ({path})")
-            continue
         except OSError as exc:
-            out.append(f"{where}: cannot read {path} ({exc.strerror})")
+            out.append(read_problem(exc, where, path))
             continue
         except DataError as exc:
             out.append(str(exc))
@@ -129,11 +133,8 @@ def load_samples(raw_dir: Path, rows: list[tuple[int, RawSample]], size: int,
         where, path = f"{labels}:{line_no} ({s.file})", resolve_inside(raw_dir, s.file)
         try:
             blob = path.read_bytes()
-        except FileNotFoundError:
-            problems.append(f"{where}: file not found ({path})")
-            continue
         except OSError as exc:
-            problems.append(f"{where}: cannot read {path} ({exc.strerror})")
+            problems.append(read_problem(exc, where, path))
             continue
         try:
             img = decode_image(blob, where, data.channels, data.max_pixels)
