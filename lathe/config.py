@@ -34,7 +34,8 @@ Seed = Field(0, ge=0, le=2**32 - 1, description="random seed, 0 to 2**32 - 1")
 class Section(BaseModel):
     """Base for params sections: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and inf (YAML .nan, .inf, or 1.0e400, which overflows to inf) are never a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class IngestParams(Section):

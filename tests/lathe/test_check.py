@@ -90,6 +90,8 @@ MISTAKES = {
     "cross-field": ({"ingest": {"val_fraction": 0.45, "test_fraction": 0.45}}, "params.yaml: ingest",
                     "leaves less than 20% for training"),
     "min rows": ({"validate": {"min_rows": 100}}, "params.yaml: validate.min_rows", "the data has 48 rows"),
+    "not a number": ({"ingest": {"val_fraction": float("nan")}}, "params.yaml: ingest.val_fraction", "finite number"),
+    "overflow": ({"prune": {"ratio": float("inf")}}, "params.yaml: prune.ratio", "finite number"),
     "channels": ({"data": {"channels": 2}}, "params.yaml: data.channels", "2 is not one of 1, 3"),
     "class name": ({"data": {"classes": ["ok", "bad/worse"], "defective": ["bad/worse"]}}, "params.yaml: data",
                    "must be 1-100 letters"),
@@ -183,3 +185,13 @@ def test_the_check_imports_no_torch_onnxruntime_or_great_expectations(repo):
     out = json.loads(res.stdout)
     assert out["ok"] and out["heavy"] == [], out
     assert out["seconds"] < 5, out  # ~0.5 s here; the bound leaves room for a loaded 2-core machine
+
+
+def test_an_overflowing_number_in_the_yaml_text_is_named(tmp_path):
+    """1.0e400 is valid YAML; it parses to inf, which no setting accepts."""
+    repo = make_repo(tmp_path / "repo", tiny_params())
+    text = (repo / "params.yaml").read_text().replace("ratio: 0.5", "ratio: 1.0e400", 1)
+    assert "1.0e400" in text
+    (repo / "params.yaml").write_text(text)
+    found = problems_of(repo)
+    assert any(p.startswith("params.yaml: prune.ratio:") and "finite number" in p for p in found), found
