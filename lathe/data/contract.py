@@ -22,6 +22,7 @@ consumer that only needs classes and the defective set stays as it is.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -99,6 +100,14 @@ class Task(BaseModel):
     stratify: list[str] = Field(default_factory=lambda: ["label"], description="columns the splits are stratified on")
     group: str | None = Field(None, description="metadata column no value of which is in two splits")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Task:  # task.json is read back from disk: hold it to the contract again
+        unknown = [c for c in self.defective if c not in self.classes]
+        if unknown or len(set(self.classes)) != len(self.classes) or set(self.defective) >= set(self.classes):
+            raise ValueError(f"classes {self.classes} must be distinct and include the defective {self.defective}, "
+                             "with at least one good class")
+        return self
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -112,11 +121,6 @@ class Task(BaseModel):
     def stratify_metadata(self) -> list[str]:
         """The metadata columns the split used (stratify and group): every row must have a value."""
         return stratify_metadata(self.stratify, self.group)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, S, S) of one model input."""
-        return (self.channels, self.image_size, self.image_size)
 
 
 def stratify_metadata(stratify: list[str], group: str | None) -> list[str]:
@@ -147,7 +151,5 @@ def read_task(prepared_dir: Path) -> Task:
 
 
 def _hint(word: str, choices: list[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -208,3 +208,15 @@ def test_task_json_is_plain_and_names_the_contract(raw, tmp_path):
     record = json.loads((tmp_path / "prep" / "task.json").read_text())
     assert record["classes"] == list(ELPV_CLASSES) and record["defective"] == ["probably_defective", "defective"]
     assert record["metadata"] == ["defect_probability", "cell_type"] and record["kind"] == "image_classification"
+
+
+def test_a_hand_edited_task_file_is_one_line_naming_it(raw, tmp_path):
+    rows, images, task = ingest(raw, CFG, ELPV)
+    write_prepared(tmp_path / "prep", rows, images, task)
+    record = json.loads((tmp_path / "prep" / "task.json").read_text())
+    (tmp_path / "prep" / "task.json").write_text(json.dumps({**record, "defective": ["cracked"]}))
+    with pytest.raises(DataError, match=r"task.json: not a valid task file \(.*defective \['cracked'\]"):
+        read_task(tmp_path / "prep")
+    (tmp_path / "prep" / "task.json").write_text("{")
+    with pytest.raises(DataError, match="task.json: not a valid task file"):
+        read_task(tmp_path / "prep")
