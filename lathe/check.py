@@ -60,7 +60,8 @@ ENV_ALLOW_DIRTY = "LATHE_ALLOW_DIRTY"
 
 # Every params section a stage or `make bench` reads, and its model (targets are checked per entry).
 SECTIONS: dict[str, type[Section]] = {
-    "data": DataParams, "ingest": IngestParams, "validate": ValidateParams, "train_teacher": TrainParams, "prune": PruneParams,
+    "data": DataParams, "ingest": IngestParams, "validate": ValidateParams, "train_teacher": TrainParams,
+    "prune": PruneParams,
     "prune_baseline": PruneParams, "distill": DistillParams, "lowrank": LowRankParams,
     "quantize": QuantizeParams, "evaluate": EvaluateParams, "compare": CompareParams, "bench": BenchParams,
     "package": PackageParams,

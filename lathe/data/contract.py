@@ -69,7 +69,8 @@ class DataParams(Section):
             raise ValueError("classes must be distinct")
         unknown = [c for c in self.defective if c not in self.classes]
         if unknown:
-            raise ValueError(f"defective names {unknown}, not in classes {self.classes}{_hint(unknown[0], self.classes)}")
+            raise ValueError(f"defective names {unknown}, not in classes {self.classes}"
+                             f"{_hint(unknown[0], self.classes)}")
         if set(self.defective) == set(self.classes):
             raise ValueError("every class is defective: at least one class must count as good")
         if self.group is not None and self.group in self.stratify:

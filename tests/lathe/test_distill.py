@@ -111,7 +111,7 @@ def test_student_not_smaller_than_teacher_is_refused_with_both_counts(inputs):
 
 def test_student_must_match_the_teachers_classes_and_the_data_channels(inputs):
     small = TINY_PARAMS["distill"]["student"]
-    with pytest.raises(ConfigError, match=r"distill\.student\.num_classes is 3 but the data has 4 \(data.classes\)"):
+    with pytest.raises(ConfigError, match=r"distill\.student\.num_classes is 3 but the data has 4 \(data\.classes"):
         distill_student(inputs / "teacher", inputs / "prepared", tiny_cfg(student={**small, "num_classes": 3}))
     with pytest.raises(ConfigError, match=r"distill\.student\.in_channels is 3 but the data has 1 \(data.channels\)"):
         control_student(inputs / "prepared", tiny_cfg(student={**small, "in_channels": 3}))
