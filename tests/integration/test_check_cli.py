@@ -20,9 +20,9 @@ TEN = [
     ({"prune": {"ratio": 1.5}}, "prune.ratio", "less than 1"),
     ({"quantize": {"method": "minmx"}}, "quantize.method", "did you mean 'minmax'"),
     ({"package": {"variants": ["quantized/studnet"]}}, "package.variants[0]", "did you mean 'quantized/student'"),
-    ({"validate": {"min_per_class_per_split": 5}}, "validate.min_per_class_per_split", "val/class 0: 4"),
+    ({"validate": {"min_per_class_per_split": 5}}, "validate.min_per_class_per_split", "val/functional: 4"),
     ({"package": {"private_key": ".lathe/keys/gone.pem"}}, "package.private_key", "not found"),
-    ({"evaluate": {"defective_from_class": 4}}, "evaluate.defective_from_class", "no class would count as defective"),
+    ({"data": {"channels": 2}}, "data.channels", "2 is not one of 1, 3"),
     ({"ops": {"retires": 2}}, "ops.retires", "did you mean 'retries'"),
 ]
 
@@ -77,9 +77,9 @@ def test_bad_rows_and_params_are_named_together(ws):
     good = labels.read_text()
     lines = good.splitlines()
     victim = lines[3].split(",")[0]
-    lines[1] = lines[1].split(",")[0] + ",0.5,mono"
-    lines[2] = lines[2].split(",")[0] + ",1.0,bifacial"
-    lines[3] = "images/gone.png,0.0,mono"
+    lines[1] = lines[1].split(",")[0] + ",defectve,1.0,mono"
+    lines[2] = lines[2].split(",")[0] + ",defective,1.0,"
+    lines[3] = "images/gone.png,functional,0.0,mono"
     lines.append(lines[4])
     labels.write_text("\n".join(lines) + "\n")
     params = tiny_params(quantize={"calibration_size": 60})
@@ -92,8 +92,8 @@ def test_bad_rows_and_params_are_named_together(ws):
 
     found = res.stdout.splitlines()
     assert res.returncode == 1
-    assert any(f.startswith("data/raw/labels.csv:2 (") and "defect_probability 0.5" in f for f in found), found
-    assert any(f.startswith("data/raw/labels.csv:3 (") and "'bifacial'" in f for f in found), found
+    assert any(f.startswith("data/raw/labels.csv:2 (") and "did you mean 'defective'" in f for f in found), found
+    assert any(f.startswith("data/raw/labels.csv:3 (") and "empty cell_type" in f for f in found), found
     assert any(f.startswith("data/raw/labels.csv:4 (images/gone.png): file not found") for f in found), found
     assert any(f.startswith("data/raw/labels.csv:98 (") and "listed again (first on line 5)" in f for f in found)
     # 94 usable rows of 97 make a train split of 55 (one stratum lost a sample)

@@ -123,7 +123,8 @@ def add_image(ws: Path) -> str:
     buf = io.BytesIO()
     Image.fromarray(synth_image(np.random.default_rng(99), 32, 3, "mono")).save(buf, format="PNG")
     (raw / new).write_bytes(buf.getvalue())
-    write_labels(raw, [*samples, RawSample(new, 1.0, "mono")])
+    write_labels(raw, [*samples, RawSample(new, "defective", {"defect_probability": "1.0", "cell_type": "mono"})],
+                 ["defect_probability", "cell_type"])
     sh(ws, "dvc", "add", "-q", "data/raw")
     sh(ws, "git", "add", "data/raw.dvc")
     sh(ws, "git", "commit", "-q", "-m", "one more inspection image")

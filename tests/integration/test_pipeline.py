@@ -198,9 +198,9 @@ BAD_INPUTS = {
     "missing file": remove_image,
     "duplicate image": duplicate_image,
     "blank image": blank_image,
-    "label outside the set": relabel("0.5", 1),
+    "label outside the classes": relabel("cracked", 1),
     "empty label": relabel("", 1),
-    "unknown cell type": relabel("cigs", 2),
+    "empty stratify value": relabel("", 3),  # cell_type, which data.stratify uses
 }
 
 
