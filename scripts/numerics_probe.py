@@ -43,6 +43,7 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
     from lathe.export import export_onnx
     from lathe.models import build_model
     from lathe.quantize import quantize_static_int8
+    from lathe.data.contract import Task
     from lathe.train import fit, frozen_teacher, kd_loss
 
     t0 = time.monotonic()
@@ -55,13 +56,15 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
     student, teacher = build_model(cfg.arch, size), build_model(cfg.arch, size)
     loss = kd_loss(frozen_teacher(teacher), 2.0, 0.9, torch.ones(cfg.arch.num_classes), 0.05)
     fit_cfg = cfg.model_copy(update={"epochs": epochs, "batch_size": 16})
+    classes = [f"class{k}" for k in range(cfg.arch.num_classes)]
+    task = Task(classes=classes, defective=classes[len(classes) // 2:], image_size=size)
     result = fit(student, {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, fit_cfg, gen,
-                 cfg.arch.num_classes, loss_fn=loss)
+                 task, loss_fn=loss)
     state = result.model.state_dict()
     # a pruned network's channel counts (not multiples of 8) train in the NCHW layout (lathe.train.memory_layout)
     odd_arch = cfg.arch.model_copy(update={"stem_channels": 7, "widths": [7, 14, 29, 58]})
     odd = fit(build_model(odd_arch, size), {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, fit_cfg,
-              gen, cfg.arch.num_classes).model
+              gen, task).model
     out: dict[str, object] = {
         "aten": torch.backends.cpu.get_cpu_capability(), "numerics": numerics_record(),
         "train": digest(b"".join(v.contiguous().numpy().tobytes() for v in state.values())),

@@ -233,7 +233,7 @@ def test_metrics_report_shows_the_comparison_and_pictures_with_repo_relative_pat
     (root / "reports/quantized/student").mkdir(parents=True)
     (root / "data/validation").mkdir(parents=True)
     (root / "reports/compare.md").write_text("| variant | size |\n|---|---|\n| student | 173 KB |\n")
-    picture = confusion_png([[3, 1], [0, 2]], "quantized/student", 1)
+    picture = confusion_png([[3, 1], [0, 2]], "quantized/student", ["ok", "bad"], [1])
     (root / "reports/pareto.png").write_bytes(picture)
     (root / "reports/quantized/student/confusion.png").write_bytes(picture)
     (root / "data/validation/result.json").write_text(json.dumps({"success": True, "statistics": {}}))
