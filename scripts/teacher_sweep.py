@@ -21,17 +21,18 @@ import yaml
 
 from lathe.config import EvaluateParams, IngestParams, TrainParams, load_params
 from lathe.evaluate import evaluate_model
+from lathe.data.contract import TASK_FILE, DataParams
 from lathe.data.ingest import ingest, load_split, write_prepared
 from lathe.teacher import train_teacher, write_model_dir
 
 
-def prepared_at(raw_dir: Path, cache: Path, image_size: int, base: IngestParams) -> Path:
-    """data/prepared for `image_size` (the pipeline's split seed and fractions), built once."""
+def prepared_at(raw_dir: Path, cache: Path, image_size: int, base: IngestParams, data: DataParams) -> Path:
+    """data/prepared for `image_size` (the pipeline's data contract, split seed and fractions), built once."""
     out = cache / f"prepared-{image_size}"
-    if not (out / "manifest.csv").is_file():
+    if not (out / TASK_FILE).is_file():
         cfg = base.model_copy(update={"image_size": image_size})
-        rows, images = ingest(raw_dir, cfg)
-        write_prepared(out, rows, images, cfg)
+        rows, images, task = ingest(raw_dir, cfg, data)
+        write_prepared(out, rows, images, task)
     return out
 
 
@@ -62,7 +63,8 @@ def main() -> None:
 
     params = load_params(args.params)
     base_ingest = IngestParams.model_validate(params["ingest"])
-    prepared = prepared_at(args.raw, args.out, args.image_size or base_ingest.image_size, base_ingest)
+    data = DataParams.model_validate(params["data"])
+    prepared = prepared_at(args.raw, args.out, args.image_size or base_ingest.image_size, base_ingest, data)
     section = apply_overrides(params["train_teacher"], args.set)
     quick_eval = EvaluateParams(latency_warmup=1, latency_runs=5, throughput_runs=1)
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -71,7 +73,7 @@ def main() -> None:
         model, result, image_size = train_teacher(prepared, cfg)
         wall = time.perf_counter() - t0
         model_dir = args.out / args.name / f"seed{seed}"
-        write_model_dir(model_dir, model, cfg.arch, image_size, result, load_split(prepared, "val")["images"][:16])
+        write_model_dir(model_dir, model, model.spec, image_size, result, load_split(prepared, "val")["images"][:16])
         m = evaluate_model(model_dir, prepared, quick_eval).metrics
         row = {"name": args.name, "seed": seed, "image_size": image_size, "overrides": args.set,
                "wall_s": round(wall, 1), "best_epoch": result.best_epoch,
