@@ -50,7 +50,7 @@ from lathe.config import (
     load_params,
     signing_key_path,
 )
-from lathe.data.contract import DataParams
+from lathe.data.contract import DataParams, arch_mismatches
 from lathe.errors import DataError, LatheError
 
 PARAMS_FILE = "params.yaml"
@@ -265,15 +265,13 @@ class _Checker:
         data = self.cfg.get("data")
         if data is None or data.model is None:
             return
-        facts = {"in_channels": (data.model.channels, "data.channels"),
-                 "num_classes": (len(data.model.classes), "data.classes")}
         scratch = self.value("distill", "init") == "scratch"  # init: pruned takes the pruned teacher's arch
         for section, key in (("train_teacher", "arch"), *((("distill", "student"),) if scratch else ())):
             spec = self.value(section, key)
-            for field_name, (value, origin) in facts.items():
-                if spec is not None and field_name in spec.model_fields_set and getattr(spec, field_name) != value:
-                    self.problem(f"{section}.{key}.{field_name}", f"{getattr(spec, field_name)}, but the data has "
-                                 f"{value} ({origin}); drop it: it comes from the data")
+            for field_name, said, value, origin in (arch_mismatches(spec, data.model.channels, len(data.model.classes))
+                                                    if spec is not None else []):
+                self.problem(f"{section}.{key}.{field_name}", f"{said}, but the data has {value} ({origin}); "
+                             "drop it: it comes from the data")
 
     def signing_key(self, private_key: str) -> None:
         key = signing_key_path(private_key, self.root)

@@ -16,7 +16,7 @@ from torch import nn
 
 from lathe.config import ArchSpec, TrainParams
 from lathe.determinism import make_deterministic, numerics_record
-from lathe.data.contract import Task, read_task
+from lathe.data.contract import Task, arch_mismatches, read_task
 from lathe.errors import ConfigError, DataError, LatheError
 from lathe.export import export_onnx, max_abs_diff_vs_torch, save_onnx
 from lathe.data.ingest import load_split
@@ -57,12 +57,10 @@ def check_trainable(train: dict[str, np.ndarray], val: dict[str, np.ndarray], nu
 def spec_for_task(spec: ArchSpec, task: Task, key: str) -> ArchSpec:
     """`spec` with the data's input channels and class count. A value params set explicitly (`key`, e.g.
     train_teacher.arch) must agree with the data: it is then a check, not a second source of the fact."""
-    facts = {"in_channels": (task.channels, "data.channels"), "num_classes": (task.num_classes, "data.classes")}
-    for field, (value, origin) in facts.items():
-        if field in spec.model_fields_set and getattr(spec, field) != value:
-            raise ConfigError(f"{key}.{field} is {getattr(spec, field)} but the data has {value} ({origin}); "
-                              f"drop {key}.{field}: it comes from the data")
-    return spec.model_copy(update={f: v for f, (v, _) in facts.items()})
+    for field, said, value, origin in arch_mismatches(spec, task.channels, task.num_classes):
+        raise ConfigError(f"{key}.{field} is {said} but the data has {value} ({origin}); "
+                          f"drop {key}.{field}: it comes from the data")
+    return spec.model_copy(update={"in_channels": task.channels, "num_classes": task.num_classes})
 
 
 def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | None = None) -> tuple[nn.Module, TrainResult, int]:

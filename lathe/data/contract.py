@@ -30,9 +30,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lathe.config import Section
+from lathe.config import ArchSpec, Section
 from lathe.errors import DataError
 from lathe.io import write_json
+
+Channels = Literal[1, 3]  # model input channels: gray or RGB
+ResizePolicy = Literal["squash", "pad"]  # how a source becomes a square (lathe.data.images.resize_image)
 
 LABELS_FILE = "labels.csv"
 REQUIRED_COLUMNS = ("file", "label")
@@ -49,13 +52,13 @@ class DataParams(Section):
     classes: list[str] = Field(min_length=2, max_length=256, description="class names in index order")
     defective: list[str] = Field(min_length=1, description="the classes that count as a defect (recall, escape, "
                                  "false-reject rate, the package threshold)")
-    channels: Literal[1, 3] = Field(1, description="model input channels: 1 gray, 3 RGB (sources are converted)")
+    channels: Channels = Field(1, description="model input channels: 1 gray, 3 RGB (sources are converted)")
     stratify: list[str] = Field(default_factory=lambda: ["label"], description="columns whose combinations are "
                                 "split in proportion: label and/or metadata columns of labels.csv")
     group: str | None = Field(None, description="metadata column whose values never straddle two splits "
                               "(module, wafer, lot): the leakage guard")
-    resize: Literal["squash", "pad"] = Field("squash", description="squash: stretch to a square; pad: keep the "
-                                             "aspect ratio, centre on black")
+    resize: ResizePolicy = Field("squash", description="squash: stretch to a square; pad: keep the aspect ratio, "
+                                 "centre on black")
     max_pixels: int = Field(50_000_000, ge=1, description="largest source image (width x height) accepted; the "
                             "header is checked before any pixel is decoded")
 
@@ -94,9 +97,9 @@ class Task(BaseModel):
     kind: Literal["image_classification"] = "image_classification"
     classes: list[str] = Field(min_length=2)
     defective: list[str] = Field(min_length=1)
-    channels: Literal[1, 3] = 1
+    channels: Channels = 1
     image_size: int = Field(ge=1)
-    resize: Literal["squash", "pad"] = "squash"
+    resize: ResizePolicy = "squash"
     metadata: list[str] = Field(default_factory=list, description="labels.csv metadata columns kept in the manifest")
     stratify: list[str] = Field(default_factory=lambda: ["label"], description="columns the splits are stratified on")
     group: str | None = Field(None, description="metadata column no value of which is in two splits")
@@ -122,6 +125,14 @@ class Task(BaseModel):
     def stratify_metadata(self) -> list[str]:
         """The metadata columns the split used (stratify and group): every row must have a value."""
         return stratify_metadata(self.stratify, self.group)
+
+
+def arch_mismatches(spec: ArchSpec, channels: int, num_classes: int) -> list[tuple[str, int, int, str]]:
+    """Where an architecture set explicitly in params contradicts the data: (field, value in params,
+    value of the data, the data's params key) per field. Fields left unset are filled from the data."""
+    facts = {"in_channels": (channels, "data.channels"), "num_classes": (num_classes, "data.classes")}
+    return [(name, getattr(spec, name), value, origin) for name, (value, origin) in facts.items()
+            if name in spec.model_fields_set and getattr(spec, name) != value]
 
 
 def stratify_metadata(stratify: list[str], group: str | None) -> list[str]:

@@ -29,14 +29,15 @@ import math
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, get_args
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lathe.data.contract import ResizePolicy
 from lathe.errors import DataError
 
-RESIZE_POLICIES = ("squash", "pad")
+RESIZE_POLICIES: tuple[str, ...] = get_args(ResizePolicy)
 DEFAULT_MAX_PIXELS = 50_000_000
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # Pillow's names; an MPO is opened by the JPEG opener
 GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")

@@ -15,6 +15,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lathe.config import TARGET_NAME, GateParams, SelectionPolicy
+from lathe.data.contract import ResizePolicy
 from lathe.errors import LatheError
 from lathe.export import write_metadata
 from lathe.io import sha256_bytes
@@ -195,7 +196,7 @@ class OutputSpec(_Record):
 class ResizeSpec(_Record):
     size: list[int] = Field(min_length=2, max_length=2)
     method: str = Field(max_length=200)
-    policy: Literal["squash", "pad"]
+    policy: ResizePolicy
 
 
 class NormaliseSpec(_Record):
