@@ -4,7 +4,7 @@ Prefect orchestrates, DVC decides: every grid point is one `dvc exp run --temp -
 experiment, run one at a time (2 cores, and latencies are measured; with jobs > 1 the points are
 queued, `dvc exp run --queue`, and `dvc exp run --run-all --jobs N` runs them);
 `dvc exp show --json` is read back, and every (experiment, variant) row with its
-accuracy, size and batch-1 latency goes into a Pareto table (lathe.compare.pareto_front; lower size
+accuracy, size and batch-1 latency goes into a Pareto table (lathe.measure.compare.pareto_front; lower size
 or latency, higher quality is better):
 
     reports/experiments.md, reports/experiments.json     (plain files, not DVC outs)
@@ -43,7 +43,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.pipeline import flatten  # noqa: E402
-from lathe.compare import pareto_front  # noqa: E402
+from lathe.measure.compare import pareto_front  # noqa: E402
 from lathe.config import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY  # noqa: E402
 
 ARTIFACT_KEY = "lathe-experiments"

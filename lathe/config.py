@@ -80,7 +80,7 @@ class ArchSpec(Section):
     """A small ResNet-style CNN: stem conv, stages of basic blocks, global pooling, linear head."""
 
     # Set from the data (task.json: data.channels, data.classes) when a network is first built
-    # (lathe.teacher.spec_for_task); a value written in params must agree with the data.
+    # (lathe.model.teacher.spec_for_task); a value written in params must agree with the data.
     in_channels: int = Field(1, ge=1)
     num_classes: int = Field(4, ge=2)
     stem_channels: int = Field(32, ge=1)

@@ -19,7 +19,7 @@ Two halves:
 - `make_deterministic(seed, threads)`: seeds, deterministic algorithms, the thread count.
 
 Vector-math (VML) ops - exp, log, tanh on large contiguous tensors - go through MKL's VML, which
-differs between vendors even under CBWR; training code avoids them (lathe.train.soft_loss) and uses
+differs between vendors even under CBWR; training code avoids them (lathe.model.train.soft_loss) and uses
 the fused AdamW step (the foreach step differs between vendors).
 """
 

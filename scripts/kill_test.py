@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from flows.recovery import LAST_GOOD, LockfileBroken, recover_workspace  # noqa: E402
-from lathe.metrics import TIMING_KEYS  # noqa: E402
+from lathe.measure.metrics import TIMING_KEYS  # noqa: E402
 from tests.tiny import make_workspace, offline_env, tiny_params  # noqa: E402
 
 # compared by file names only: their bytes embed latencies measured in this run

@@ -39,12 +39,12 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
 
     from lathe.config import QuantizeParams, TrainParams, load_section
     from lathe.determinism import make_deterministic, numerics_record
-    from lathe.evaluate import load_session, predict
-    from lathe.export import export_onnx
-    from lathe.models import build_model
-    from lathe.quantize import quantize_static_int8
+    from lathe.measure.evaluate import load_session, predict
+    from lathe.model.export import export_onnx
+    from lathe.model.arch import build_model
+    from lathe.compress.quantize import quantize_static_int8
     from lathe.data.contract import Task
-    from lathe.train import fit, frozen_teacher, kd_loss
+    from lathe.model.train import fit, frozen_teacher, kd_loss
 
     t0 = time.monotonic()
     params = ROOT / "params.yaml"
@@ -61,7 +61,7 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
     result = fit(student, {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, fit_cfg, gen,
                  task, loss_fn=loss)
     state = result.model.state_dict()
-    # a pruned network's channel counts (not multiples of 8) train in the NCHW layout (lathe.train.memory_layout)
+    # a pruned network's channel counts (not multiples of 8) train in the NCHW layout (lathe.model.train.memory_layout)
     odd_arch = cfg.arch.model_copy(update={"stem_channels": 7, "widths": [7, 14, 29, 58]})
     odd = fit(build_model(odd_arch, size), {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, fit_cfg,
               gen, task).model
@@ -71,7 +71,7 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
         "train_odd": digest(b"".join(v.contiguous().numpy().tobytes() for v in odd.state_dict().values())),
     }
     weight = [v for v in state.values() if v.dim() == 4][-1]
-    conv = weight.double().reshape(weight.shape[0], -1)  # as lathe.lowrank.weight_matrix
+    conv = weight.double().reshape(weight.shape[0], -1)  # as lathe.compress.lowrank.weight_matrix
     u, s, vh = torch.linalg.svd(conv, full_matrices=False)
     out["svd"] = digest(torch.cat([u.flatten(), s, vh.flatten()]).float().numpy().tobytes())
     onnx_bytes = export_onnx(result.model, size, cfg.arch.in_channels)

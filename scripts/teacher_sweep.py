@@ -20,10 +20,10 @@ from pathlib import Path
 import yaml
 
 from lathe.config import EvaluateParams, IngestParams, TrainParams, load_params
-from lathe.evaluate import evaluate_model
+from lathe.measure.evaluate import evaluate_model
 from lathe.data.contract import TASK_FILE, DataParams
 from lathe.data.ingest import ingest, load_split, write_prepared
-from lathe.teacher import train_teacher, write_model_dir
+from lathe.model.teacher import train_teacher, write_model_dir
 
 
 def prepared_at(raw_dir: Path, cache: Path, image_size: int, base: IngestParams, data: DataParams) -> Path:

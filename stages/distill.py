@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lathe.config import DistillParams
-from lathe.distill import control_student, distill_student, write_student_dir
+from lathe.compress.distill import control_student, distill_student, write_student_dir
 from lathe.data.ingest import load_split
 from lathe.io import write_text
-from lathe.teacher import history_csv
+from lathe.model.teacher import history_csv
 from stages.common import PARAMS_FILE, EpochClock, run, section
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 from lathe.config import EvaluateParams
 from lathe.data.contract import read_task
-from lathe.evaluate import evaluate_model
-from lathe.plots import confusion_png
-from lathe.reports import detail_record, predictions_csv, write_reports
+from lathe.measure.evaluate import evaluate_model
+from lathe.measure.plots import confusion_png
+from lathe.measure.reports import detail_record, predictions_csv, write_reports
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from lathe.config import LowRankParams
 from lathe.data.ingest import load_split
 from lathe.io import write_text
-from lathe.lowrank import lowrank_teacher, write_lowrank
-from lathe.teacher import history_csv
+from lathe.compress.lowrank import lowrank_teacher, write_lowrank
+from lathe.model.teacher import history_csv
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)

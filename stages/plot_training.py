@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lathe.errors import LatheError
 from lathe.io import write_bytes
-from lathe.plots import read_history, training_curves_png
+from lathe.measure.plots import read_history, training_curves_png
 from stages.common import run
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from lathe.config import PruneParams
 from lathe.data.ingest import load_split
 from lathe.io import write_text
-from lathe.prune import prune_teacher, write_pruned
-from lathe.teacher import history_csv
+from lathe.compress.prune import prune_teacher, write_pruned
+from lathe.model.teacher import history_csv
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)

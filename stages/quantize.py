@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 
 from lathe.config import QuantizeParams
-from lathe.quantize import quantize_model, write_quantized
+from lathe.compress.quantize import quantize_model, write_quantized
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from lathe.config import TrainParams
 from lathe.data.ingest import load_split
 from lathe.io import write_text
-from lathe.teacher import history_csv, train_teacher, write_model_dir
+from lathe.model.teacher import history_csv, train_teacher, write_model_dir
 from stages.common import EpochClock, parse_args, run, section
 
 log = logging.getLogger(__name__)

@@ -88,7 +88,7 @@ def make_teacher(root: Path, prepared: Path, epochs: int = 1) -> Path:
     full model folder (weights, arch, ONNX checked on the val images, summary) at root/teacher (returned)."""
     from lathe.config import TrainParams
     from lathe.data.ingest import load_split
-    from lathe.teacher import train_teacher, write_model_dir
+    from lathe.model.teacher import train_teacher, write_model_dir
 
     cfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": epochs})
     model, result, size = train_teacher(prepared, cfg)

@@ -7,7 +7,7 @@ import onnx
 
 from lathe.config import TargetParams
 from lathe.data.contract import Task
-from lathe.evaluate import recall_key
+from lathe.measure.evaluate import recall_key
 from lathe.ship.contract import (
     CARD_MEASURED_HEADER,
     MEASURED_GATES,

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lathe.config import TARGET_NAME, GateParams, SelectionPolicy
 from lathe.data.contract import ResizePolicy
 from lathe.errors import LatheError
-from lathe.export import write_metadata
+from lathe.model.export import write_metadata
 from lathe.io import sha256_bytes
-from lathe.metrics import TIMING_KEYS
+from lathe.measure.metrics import TIMING_KEYS
 from lathe.ship.signing import SIGNATURE_FILE
 
 M = TypeVar("M", bound=BaseModel)

@@ -11,7 +11,7 @@ import numpy as np
 
 from lathe.config import TargetParams
 from lathe.errors import DataError, LatheError
-from lathe.reports import read_report
+from lathe.measure.reports import read_report
 from lathe.ship.contract import MEASURED_GATES, MODEL_FILE
 
 THRESHOLD_SPLIT = "val"
@@ -30,7 +30,7 @@ class Threshold:
 
 def p_defective(logits: np.ndarray, defective: Sequence[int]) -> np.ndarray:
     """(N, K) logits -> (N,) float64 softmax mass on the defective class indices."""
-    from lathe.evaluate import softmax
+    from lathe.measure.evaluate import softmax
 
     return softmax(logits)[:, list(defective)].sum(axis=1)
 
@@ -67,7 +67,7 @@ def choose_threshold(p_def: np.ndarray, labels: np.ndarray, defective: Sequence[
 @dataclass(frozen=True)
 class Candidate:
     variant: str
-    metrics: dict  # reports/<variant>/ as lathe.reports.read_report joins it (headline + detail + timing_method)
+    metrics: dict  # reports/<variant>/ as lathe.measure.reports.read_report joins it (headline + detail + timing_method)
     threshold: Threshold
     gates: list[dict]  # [{"gate", "limit", "value", "passed"}] in GATES order
 
@@ -219,7 +219,7 @@ def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits
 
     Returns the candidate and its logits per split.
     """
-    from lathe.evaluate import load_session, model_files, predict
+    from lathe.measure.evaluate import load_session, model_files, predict
 
     model_path = models_dir / variant / MODEL_FILE
     files = model_files(model_path)

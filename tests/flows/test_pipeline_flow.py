@@ -227,7 +227,7 @@ def test_cli_exits_nonzero_with_the_stage_message(prefect_server: None, tmp_path
 def test_metrics_report_shows_the_comparison_and_pictures_with_repo_relative_paths_only(tmp_path: Path) -> None:
     import base64
 
-    from lathe.plots import confusion_png
+    from lathe.measure.plots import confusion_png
 
     root = tmp_path / "checkout-on-the-build-machine"
     (root / "reports/quantized/student").mkdir(parents=True)

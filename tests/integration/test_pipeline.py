@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from lathe.reports import read_report
+from lathe.measure.reports import read_report
 from tests.tiny import sh
 
 pytestmark = pytest.mark.slow

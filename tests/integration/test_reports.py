@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lathe.metrics import HEADLINE_KEYS
+from lathe.measure.metrics import HEADLINE_KEYS
 from tests.integration.test_pipeline import VARIANTS, commit_run, ran_stages
 from tests.tiny import ROOT, sh
 

@@ -4,8 +4,8 @@ import json
 import pytest
 import yaml
 
-from lathe.metrics import HEADLINE_KEYS
-from lathe.reports import read_report
+from lathe.measure.metrics import HEADLINE_KEYS
+from lathe.measure.reports import read_report
 from stages import evaluate as stage
 from tests.lathe.test_evaluate import write_model_dir, write_test_split
 from tests.tiny import tiny_params

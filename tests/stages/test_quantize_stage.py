@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from lathe.config import EvaluateParams
-from lathe.evaluate import evaluate_model
+from lathe.measure.evaluate import evaluate_model
 from stages import quantize as stage
 from tests.lathe.test_evaluate import write_test_split
 from tests.lathe.test_quantize import write_model, write_prepared

@@ -5,7 +5,7 @@ import sys
 import yaml
 from safetensors.torch import load_file
 
-from lathe.teacher import FILES
+from lathe.model.teacher import FILES
 from tests.tiny import TINY_PARAMS, make_prepared
 
 

@@ -1,0 +1,1 @@
+"""Compression: prune, lowrank, distill and quantize, each from a source model folder to a compressed one."""

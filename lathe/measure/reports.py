@@ -1,0 +1,100 @@
+"""The evaluate stage's report files for one variant, and the one way to read them back.
+
+    reports/<variant>/metrics.json    the headline figures (lathe.measure.metrics.HEADLINE_KEYS), flat numbers:
+                                      the DVC metrics file, one row of `dvc metrics show` per variant
+    reports/<variant>/detail.json     everything else: the other metrics (per class, per cell type,
+                                      counts), the confusion matrix, and how latency was measured;
+                                      not a DVC metrics file (it would add ~15 mostly empty columns)
+    reports/<variant>/predictions.csv sample_id,label,predicted,p_defective per test sample
+    reports/<variant>/confusion.png   the confusion matrix as a picture (lathe.measure.plots), a DVC image plot
+
+Only metrics.json holds measured (machine-dependent) values; detail.json is a pure function of the
+model, the data and the params. Readers (compare, package, bench) call `read_report`, which joins the
+two into the flat dict the evaluate stage computed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lathe.errors import LatheError
+from lathe.io import read_json, write_bytes, write_json, write_text
+from lathe.measure.metrics import HEADLINE_KEYS
+
+METRICS_FILE = "metrics.json"
+DETAIL_FILE = "detail.json"
+PREDICTIONS_FILE = "predictions.csv"
+CONFUSION_PNG = "confusion.png"
+TIMING_METHOD = "timing_method"  # detail.json (and read_report's dict): how latency/throughput were measured
+
+
+def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(headline, the rest) of a flat metrics dict; a missing headline key is an error."""
+    missing = [k for k in HEADLINE_KEYS if k not in metrics]
+    if missing:
+        raise LatheError(f"evaluation lacks headline metrics {missing}")
+    return ({k: metrics[k] for k in HEADLINE_KEYS},
+            {k: v for k, v in metrics.items() if k not in HEADLINE_KEYS})
+
+
+def detail_record(metrics: dict[str, Any], confusion: np.ndarray, timing_method: str) -> dict[str, Any]:
+    """detail.json: the non-headline metrics, the confusion matrix (rows: true class, columns:
+    predicted; counts) and the timing method."""
+    return {"metrics": split_metrics(metrics)[1], "confusion_matrix": np.asarray(confusion, dtype=np.int64).tolist(),
+            TIMING_METHOD: timing_method}
+
+
+def predictions_csv(sample_ids: np.ndarray, labels: np.ndarray, predicted: np.ndarray, p_defective: np.ndarray) -> str:
+    """`sample_id,label,predicted,p_defective` per test sample; p_defective to 6 decimals."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("sample_id", "label", "predicted", "p_defective"))
+    writer.writerows((int(s), int(y), int(p), f"{q:.6f}") for s, y, p, q in zip(sample_ids, labels, predicted,
+                                                                               p_defective, strict=True))
+    return buf.getvalue()
+
+
+def write_reports(out_dir: Path, metrics: dict[str, Any], detail: dict[str, Any], predictions: str,
+                  confusion_png: bytes) -> None:
+    """Atomically write predictions.csv, confusion.png, detail.json and (last) metrics.json into `out_dir`."""
+    out_dir = Path(out_dir)
+    headline = split_metrics(metrics)[0]
+    write_text(out_dir / PREDICTIONS_FILE, predictions)
+    write_bytes(out_dir / CONFUSION_PNG, confusion_png)
+    write_json(out_dir / DETAIL_FILE, detail)
+    write_json(out_dir / METRICS_FILE, headline)
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LatheError(f"{path}: not found; the evaluate stage writes it (run it for this variant)")
+    try:
+        data = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LatheError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise LatheError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_report(report_dir: Path) -> dict[str, Any]:
+    """Every metric of one evaluated variant as one flat dict: metrics.json's headline figures, detail.json's
+    other metrics, and `timing_method` (a string). Errors name the file; which keys a reader needs, it checks."""
+    report_dir = Path(report_dir)
+    headline = _read_object(report_dir / METRICS_FILE)
+    detail = _read_object(report_dir / DETAIL_FILE)
+    bad = [k for k, v in headline.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not math.isfinite(v)]
+    if bad:
+        raise LatheError(f"{report_dir / METRICS_FILE}: {bad} are not finite numbers")
+    rest, method = detail.get("metrics"), detail.get(TIMING_METHOD)
+    if not isinstance(rest, dict) or not isinstance(method, str):
+        raise LatheError(f"{report_dir / DETAIL_FILE}: expected 'metrics' (an object) and '{TIMING_METHOD}' "
+                         f"(a string); rerun the evaluate stage for this variant")
+    return {**rest, **headline, TIMING_METHOD: method}
