@@ -24,15 +24,22 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from lathe.compress.params import QuantizeParams
+from lathe.config import load_params, parse_section
+from lathe.data.ingest import load_split
+from lathe.errors import LatheError
+from lathe.io import write_json, write_text
 from lathe.measure.bench import (
-    BASELINE_PRUNED, BenchModel, bench_markdown, build_baselines, calibration_subset, describe_pruned_baseline,
+    BASELINE_PRUNED,
+    BenchModel,
+    bench_markdown,
+    build_baselines,
+    calibration_subset,
+    describe_pruned_baseline,
     run_bench,
 )
-from lathe.config import BenchParams, QuantizeParams, load_params, parse_section
-from lathe.errors import LatheError
 from lathe.measure.evaluate import MODEL_FILE
-from lathe.data.ingest import load_split
-from lathe.io import write_json, write_text
+from lathe.measure.params import BenchParams
 
 log = logging.getLogger("bench")
 

@@ -44,7 +44,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.pipeline import flatten  # noqa: E402
 from lathe.measure.compare import pareto_front  # noqa: E402
-from lathe.config import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY  # noqa: E402
+from lathe.ship.signing import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY
 
 ARTIFACT_KEY = "lathe-experiments"
 REPORT_MD = Path("reports/experiments.md")

@@ -14,7 +14,6 @@ or great_expectations; images are checked by their headers, not decoded.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import shlex
@@ -29,29 +28,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lathe.config import (
-    ALL_VARIANTS,
-    ENV_SIGNING_KEY,
-    TARGET_NAME,
-    BenchParams,
-    CompareParams,
-    DistillParams,
-    EvaluateParams,
-    IngestParams,
-    LowRankParams,
-    PackageParams,
-    PruneParams,
-    QuantizeParams,
-    Section,
-    TargetParams,
-    TrainParams,
-    ValidateParams,
-    _field_names,
-    load_params,
-    signing_key_path,
-)
-from lathe.data.contract import DataParams, arch_mismatches
+from lathe.compress.params import DistillParams, LowRankParams, PruneParams, QuantizeParams
+from lathe.config import Section, _field_names, did_you_mean, load_params
+from lathe.data.contract import DataParams
+from lathe.data.params import IngestParams, ValidateParams
 from lathe.errors import DataError, LatheError
+from lathe.measure.params import BenchParams, CompareParams, EvaluateParams
+from lathe.model.params import TrainParams, arch_mismatches
+from lathe.ship.params import ALL_VARIANTS, TARGET_NAME, PackageParams, TargetParams
+from lathe.ship.signing import ENV_SIGNING_KEY, signing_key_path
 
 PARAMS_FILE = "params.yaml"
 PROJECT_FILE = "dvc.yaml"
@@ -100,12 +85,6 @@ class CheckReport:
 
 class CheckFailed(LatheError):
     """`lathe check` found problems; the message lists them, one per line."""
-
-
-def did_you_mean(word: object, choices: list[str]) -> str:
-    """' (did you mean 'x'?)' for the closest of `choices`, or ''."""
-    hint = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -37,13 +37,15 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
     import numpy as np
     import torch
 
-    from lathe.config import QuantizeParams, TrainParams, load_section
+    from lathe.compress.params import QuantizeParams
+    from lathe.compress.quantize import quantize_static_int8
+    from lathe.config import load_section
+    from lathe.data.contract import Task
     from lathe.determinism import make_deterministic, numerics_record
     from lathe.measure.evaluate import load_session, predict
-    from lathe.model.export import export_onnx
     from lathe.model.arch import build_model
-    from lathe.compress.quantize import quantize_static_int8
-    from lathe.data.contract import Task
+    from lathe.model.export import export_onnx
+    from lathe.model.params import TrainParams
     from lathe.model.train import fit, frozen_teacher, kd_loss
 
     t0 = time.monotonic()

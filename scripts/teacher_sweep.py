@@ -19,10 +19,13 @@ from pathlib import Path
 
 import yaml
 
-from lathe.config import EvaluateParams, IngestParams, TrainParams, load_params
-from lathe.measure.evaluate import evaluate_model
+from lathe.config import load_params
 from lathe.data.contract import TASK_FILE, DataParams
 from lathe.data.ingest import ingest, load_split, write_prepared
+from lathe.data.params import IngestParams
+from lathe.measure.evaluate import evaluate_model
+from lathe.measure.params import EvaluateParams
+from lathe.model.params import TrainParams
 from lathe.model.teacher import train_teacher, write_model_dir
 
 

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from lathe.measure.compare import build_comparison, compare_markdown, load_rows, pareto_png
-from lathe.config import CompareParams
 from lathe.io import write_bytes, write_json, write_text
+from lathe.measure.compare import build_comparison, compare_markdown, load_rows, pareto_png
+from lathe.measure.params import CompareParams
 from stages.common import PARAMS_FILE, run, section
 
 log = logging.getLogger(__name__)

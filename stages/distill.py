@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lathe.config import DistillParams
 from lathe.compress.distill import control_student, distill_student, write_student_dir
+from lathe.compress.params import DistillParams
 from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.model.teacher import history_csv

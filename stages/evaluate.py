@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from lathe.config import EvaluateParams
 from lathe.data.contract import read_task
 from lathe.measure.evaluate import evaluate_model
+from lathe.measure.params import EvaluateParams
 from lathe.measure.plots import confusion_png
 from lathe.measure.reports import detail_record, predictions_csv, write_reports
 from stages.common import parse_args, run, section

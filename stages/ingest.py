@@ -8,9 +8,9 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 
-from lathe.config import IngestParams
 from lathe.data.contract import DataParams
 from lathe.data.ingest import ingest, write_prepared
+from lathe.data.params import IngestParams
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from lathe.config import LowRankParams
+from lathe.compress.lowrank import lowrank_teacher, write_lowrank
+from lathe.compress.params import LowRankParams
 from lathe.data.ingest import load_split
 from lathe.io import write_text
-from lathe.compress.lowrank import lowrank_teacher, write_lowrank
 from lathe.model.teacher import history_csv
 from stages.common import parse_args, run, section
 

@@ -15,8 +15,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from lathe.config import PackageParams, load_params, parse_section, parse_targets
+from lathe.config import load_params, parse_section
 from lathe.errors import ConfigError
+from lathe.ship.params import PackageParams, parse_targets
 from stages.common import PARAMS_FILE, run
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from lathe.config import PruneParams
+from lathe.compress.params import PruneParams
+from lathe.compress.prune import prune_teacher, write_pruned
 from lathe.data.ingest import load_split
 from lathe.io import write_text
-from lathe.compress.prune import prune_teacher, write_pruned
 from lathe.model.teacher import history_csv
 from stages.common import parse_args, run, section
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from lathe.config import QuantizeParams
+from lathe.compress.params import QuantizeParams
 from lathe.compress.quantize import quantize_model, write_quantized
 from stages.common import parse_args, run, section
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from lathe.config import TrainParams
 from lathe.data.ingest import load_split
 from lathe.io import write_text
+from lathe.model.params import TrainParams
 from lathe.model.teacher import history_csv, train_teacher, write_model_dir
 from stages.common import EpochClock, parse_args, run, section
 

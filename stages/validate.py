@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from lathe.config import IngestParams, ValidateParams
+from lathe.data.params import IngestParams, ValidateParams
 from lathe.data.validate import raise_if_failed, validate_prepared, write_report
 from stages.common import parse_args, run, section
 

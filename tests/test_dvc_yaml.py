@@ -64,7 +64,7 @@ def test_every_stage_reads_only_declared_params_sections():
 def test_the_control_declares_every_distill_key_it_trains_with():
     """distill_control lists distill keys one by one (it must not rerun when only T or alpha
     change), so a new training field must be added there too, or DVC misses a change."""
-    from lathe.config import DistillParams
+    from lathe.compress.params import DistillParams
 
     declared = {p.removeprefix("distill.") for p in stage_entries()["distill_control"]["params"]}
     unused_by_the_control = {"temperature", "alpha"}

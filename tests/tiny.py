@@ -61,9 +61,9 @@ def make_prepared(root: Path, params: dict | None = None) -> Path:
 
     `params` is the ingest section, TINY_PARAMS["ingest"] when None.
     """
-    from lathe.config import IngestParams
     from lathe.data.contract import DataParams
     from lathe.data.ingest import ingest, write_prepared
+    from lathe.data.params import IngestParams
     from lathe.data.raw import generate_raw
 
     generate_raw(root / "raw", per_class_type=6, size=32)
@@ -86,8 +86,8 @@ def write_tiny_task(prepared: Path, image_size: int, channels: int = 1) -> Path:
 def make_teacher(root: Path, prepared: Path, epochs: int = 1) -> Path:
     """A tiny teacher trained on `prepared` with TINY_PARAMS["train_teacher"] for `epochs`, written as a
     full model folder (weights, arch, ONNX checked on the val images, summary) at root/teacher (returned)."""
-    from lathe.config import TrainParams
     from lathe.data.ingest import load_split
+    from lathe.model.params import TrainParams
     from lathe.model.teacher import train_teacher, write_model_dir
 
     cfg = TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": epochs})

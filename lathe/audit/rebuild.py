@@ -17,7 +17,6 @@ from typing import Any
 
 from lathe.audit.trust import Trust
 from lathe.audit.verify import VerifyReport, _short, check_signature
-from lathe.config import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY, signing_key_path
 from lathe.determinism import REQUIRED_CPU_FLAGS, cpu_model, machine_can_honour_pins
 from lathe.io import sha256_bytes
 from lathe.ship.contract import (
@@ -33,6 +32,7 @@ from lathe.ship.contract import (
     unstamped_model_bytes,
 )
 from lathe.ship.lineage import lock_mismatch
+from lathe.ship.signing import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY, signing_key_path
 
 # ---------------------------------------------------------------------------------------------
 # rebuild

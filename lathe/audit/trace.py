@@ -28,7 +28,12 @@ import yaml
 
 from lathe.audit.trust import Trust, git_toplevel
 from lathe.audit.verify import (
-    ARCHIVE_SUFFIX, VerifyReport, check_archive_sidecar, model_stamp_of, offline_checks, read_package_file,
+    ARCHIVE_SUFFIX,
+    VerifyReport,
+    check_archive_sidecar,
+    model_stamp_of,
+    offline_checks,
+    read_package_file,
 )
 from lathe.errors import LatheError
 from lathe.io import load_yaml, printable, sha256_file

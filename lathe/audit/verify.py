@@ -31,8 +31,18 @@ from lathe.audit.trust import Trust
 from lathe.errors import LatheError
 from lathe.io import printable, sha256_bytes
 from lathe.ship.contract import (
-    MANIFEST_FILE, MAX_FILE_BYTES, MODEL_FILE, PACKAGE_FILES, PACKAGE_ID_KEY, MANIFEST_SHA_KEY, PREPROCESSING_FILE,
-    SELFTEST_FILE, Manifest, Preprocessing, package_id_of, parse_json_file,
+    MANIFEST_FILE,
+    MANIFEST_SHA_KEY,
+    MAX_FILE_BYTES,
+    MODEL_FILE,
+    PACKAGE_FILES,
+    PACKAGE_ID_KEY,
+    PREPROCESSING_FILE,
+    SELFTEST_FILE,
+    Manifest,
+    Preprocessing,
+    package_id_of,
+    parse_json_file,
 )
 
 Status = Literal["PASS", "FAIL", "SKIP", "INFO"]  # INFO: shown, not checked (measured values)

@@ -15,16 +15,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from lathe.config import ArchSpec, DistillParams
+from lathe.compress.params import DistillParams
+from lathe.data.contract import Task, read_task
+from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
-from lathe.data.ingest import load_split
 from lathe.io import sha256_file, write_json
 from lathe.model.arch import build_model, count_params
-from lathe.data.contract import Task, read_task
+from lathe.model.params import ArchSpec
 from lathe.model.teacher import FILES, check_trainable, load_model, spec_for_task, write_model_dir
-from lathe.model.train import (Progress, TrainResult, class_weights, fit, frozen_teacher, kd_loss, memoized_teacher,
-                         predict_logits, score, to_tensor)
+from lathe.model.train import (
+    Progress,
+    TrainResult,
+    class_weights,
+    fit,
+    frozen_teacher,
+    kd_loss,
+    memoized_teacher,
+    predict_logits,
+    score,
+    to_tensor,
+)
 
 log = logging.getLogger(__name__)
 

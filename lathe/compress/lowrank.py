@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lathe.config import ArchSpec, LowRankParams
+from lathe.compress.params import LowRankParams
+from lathe.compress.prune import load_data, load_source
 from lathe.data.contract import Task
 from lathe.determinism import make_deterministic
 from lathe.errors import LatheError
 from lathe.io import write_json
 from lathe.model.arch import ResNetLike, build_model, count_macs, count_params, factor_shape
-from lathe.compress.prune import load_data, load_source
+from lathe.model.params import ArchSpec
 from lathe.model.teacher import write_model_dir
 from lathe.model.train import Progress, TrainResult, fit, predict_logits, score, to_tensor
 

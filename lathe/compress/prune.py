@@ -22,13 +22,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lathe.config import ArchSpec, PruneParams
+from lathe.compress.params import PruneParams
+from lathe.data.contract import TASK_FILE, Task, read_task
+from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.data.ingest import load_split
 from lathe.io import write_json
 from lathe.model.arch import ResNetLike, build_model, count_macs, count_params, spec_macs, spec_of
-from lathe.data.contract import TASK_FILE, Task, read_task
+from lathe.model.params import ArchSpec
 from lathe.model.teacher import FILES, check_trainable, load_model, write_model_dir
 from lathe.model.train import Progress, TrainResult, fit, predict_logits, score, to_tensor
 

@@ -51,9 +51,11 @@ from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_d
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from lathe.config import QuantizeParams
+from lathe.compress.params import QuantizeParams
+from lathe.data.ingest import image_geometry, load_split
 from lathe.determinism import numerics_record
 from lathe.errors import ConfigError, DataError, LatheError
+from lathe.io import sha256_bytes, sha256_file, write_bytes, write_json
 from lathe.measure.evaluate import (
     MODEL_FILE,
     check_input,
@@ -65,8 +67,6 @@ from lathe.measure.evaluate import (
     to_input,
 )
 from lathe.model.export import set_metadata
-from lathe.data.ingest import image_geometry, load_split
-from lathe.io import sha256_bytes, sha256_file, write_bytes, write_json
 
 # 7-bit weights: CPUs without VNNI (AVX2) multiply uint8 x int8 pairs with a saturating 16-bit add
 # (vpmaddubsw), CPUs with VNNI/AMX do not; with 7 bits no pair saturates, so INT8 inference gives the

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lathe.config import ArchSpec, Section
+from lathe.config import Section
 from lathe.errors import DataError
 from lathe.io import write_json
 
@@ -125,14 +125,6 @@ class Task(BaseModel):
     def stratify_metadata(self) -> list[str]:
         """The metadata columns the split used (stratify and group): every row must have a value."""
         return stratify_metadata(self.stratify, self.group)
-
-
-def arch_mismatches(spec: ArchSpec, channels: int, num_classes: int) -> list[tuple[str, int, int, str]]:
-    """Where an architecture set explicitly in params contradicts the data: (field, value in params,
-    value of the data, the data's params key) per field. Fields left unset are filled from the data."""
-    facts = {"in_channels": (channels, "data.channels"), "num_classes": (num_classes, "data.classes")}
-    return [(name, getattr(spec, name), value, origin) for name, (value, origin) in facts.items()
-            if name in spec.model_fields_set and getattr(spec, name) != value]
 
 
 def stratify_metadata(stratify: list[str], group: str | None) -> list[str]:

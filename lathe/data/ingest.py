@@ -13,9 +13,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from lathe.config import IngestParams
 from lathe.data.contract import COMPUTED_COLUMNS, LABELS_FILE, DataParams, Task, task_of, write_task
 from lathe.data.images import decode_image, header_of, pixel_stats, resize_image
+from lathe.data.params import IngestParams
 from lathe.data.raw import RawSample, parse_labels
 from lathe.errors import DataError, problem_list
 from lathe.io import load_arrays, save_arrays, sha256_bytes, write_text

@@ -29,10 +29,10 @@ import numpy as np
 import pandas as pd
 from safetensors import SafetensorError, safe_open
 
-from lathe.config import ValidateParams
-from lathe.errors import DataError, ValidationFailed
 from lathe.data.contract import TASK_FILE, Task, read_task
 from lathe.data.ingest import MANIFEST_COLUMNS, SPLITS, resolve_inside
+from lathe.data.params import ValidateParams
+from lathe.errors import DataError, ValidationFailed
 from lathe.io import load_arrays, sha256_file, write_json, write_text
 
 RESULT_FILE = "result.json"

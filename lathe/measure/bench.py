@@ -36,17 +36,27 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from lathe.measure.compare import fmt_bytes, fmt_count, fmt_ms, fmt_pct
-from lathe.config import BenchParams
-from lathe.errors import DataError, LatheError
-from lathe.measure.evaluate import (
-    MODEL_FILE, check_input, count_onnx_macs, count_onnx_params, fixed_batch, load_proto, load_session,
-    model_size_bytes, predict, quality_metrics, timing_input, to_input,
-)
 from lathe.data.contract import read_task
 from lathe.data.ingest import image_geometry, load_split
+from lathe.errors import DataError, LatheError
 from lathe.io import write_bytes
+from lathe.measure.compare import fmt_bytes, fmt_count, fmt_ms, fmt_pct
+from lathe.measure.evaluate import (
+    MODEL_FILE,
+    check_input,
+    count_onnx_macs,
+    count_onnx_params,
+    fixed_batch,
+    load_proto,
+    load_session,
+    model_size_bytes,
+    predict,
+    quality_metrics,
+    timing_input,
+    to_input,
+)
 from lathe.measure.metrics import latency_method
+from lathe.measure.params import BenchParams
 
 log = logging.getLogger(__name__)
 

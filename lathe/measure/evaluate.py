@@ -19,13 +19,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from lathe.config import EvaluateParams
-from lathe.errors import DataError, LatheError
 from lathe.data.contract import Task, read_task
 from lathe.data.ingest import image_geometry, load_split
+from lathe.errors import DataError, LatheError
 from lathe.measure.metrics import (
-    accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix, latency_method, macro_f1, per_class_recall,
+    accuracy,
+    balanced_accuracy,
+    binary_defect_metrics,
+    confusion_matrix,
+    latency_method,
+    macro_f1,
+    per_class_recall,
 )
+from lathe.measure.params import EvaluateParams
 
 MODEL_FILE = "model.onnx"
 TEST_SPLIT = "test"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lathe.config import ArchSpec
+from lathe.model.params import ArchSpec
 
 
 class BasicBlock(nn.Module):

@@ -35,26 +35,27 @@ def export_onnx(model: nn.Module, image_size: int, in_channels: int = 1, metadat
         )
         proto = onnx.load(str(path))
     proto.producer_name, proto.producer_version = "lathe", "0.1"
-    strip_stack_traces(proto)
+    strip_source_metadata(proto)
     if metadata:
         set_metadata(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 
 
-STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+# Per-node exporter metadata that describes the Python source rather than the model: stack traces hold
+# absolute paths and line numbers (another checkout, e.g. a rebuild's temporary worktree, would export
+# other bytes); `namespace` and `class_hierarchy` hold each module's Python path (lathe.model.arch.BasicBlock),
+# so moving a class to another module would change every model's identity. The layer names
+# (`name_scopes`) and the traced op (`fx_node`) stay: they depend on the model alone.
+SOURCE_METADATA_KEYS = frozenset({"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "namespace"})
 
 
-def strip_stack_traces(proto: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node Python stack traces.
-
-    They hold absolute source paths and line numbers, so the same model exported from another
-    checkout (a rebuild in a temporary worktree) would otherwise differ byte for byte.
-    """
+def strip_source_metadata(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node metadata about Python source (SOURCE_METADATA_KEYS), in place."""
     graphs = [proto.graph] + [f for f in proto.functions]
     for g in graphs:
         for node in g.node:
-            kept = [(m.key, m.value) for m in node.metadata_props if m.key != STACK_TRACE_KEY]
+            kept = [(m.key, m.value) for m in node.metadata_props if m.key not in SOURCE_METADATA_KEYS]
             if len(kept) != len(node.metadata_props):
                 del node.metadata_props[:]
                 for k, v in kept:

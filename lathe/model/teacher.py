@@ -14,16 +14,25 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from lathe.config import ArchSpec, TrainParams
-from lathe.determinism import make_deterministic, numerics_record
-from lathe.data.contract import Task, arch_mismatches, read_task
-from lathe.errors import ConfigError, DataError, LatheError
-from lathe.model.export import export_onnx, max_abs_diff_vs_torch, save_onnx
+from lathe.data.contract import Task, read_task
 from lathe.data.ingest import load_split
+from lathe.determinism import make_deterministic, numerics_record
+from lathe.errors import ConfigError, DataError, LatheError
 from lathe.io import write_bytes, write_json
 from lathe.model.arch import build_model, count_params
-from lathe.model.train import (LossFn, Progress, TrainResult, class_weights, ensemble_teacher, fit, kd_loss, memoized_teacher,
-                         to_tensor)
+from lathe.model.export import export_onnx, max_abs_diff_vs_torch, save_onnx
+from lathe.model.params import ArchSpec, TrainParams, arch_mismatches
+from lathe.model.train import (
+    LossFn,
+    Progress,
+    TrainResult,
+    class_weights,
+    ensemble_teacher,
+    fit,
+    kd_loss,
+    memoized_teacher,
+    to_tensor,
+)
 from lathe.workers import map_jobs
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lathe.config import AugmentParams, FitParams
 from lathe.data.contract import Task
 from lathe.measure.metrics import accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix
+from lathe.model.params import AugmentParams, FitParams
 
 Progress = Callable[[dict], None]
 

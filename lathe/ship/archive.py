@@ -24,10 +24,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from lathe.config import TARGET_NAME
 from lathe.errors import LatheError
 from lathe.io import atomic_path, printable, sha256_file, write_text
 from lathe.ship.contract import MAX_FILE_BYTES
+from lathe.ship.params import TARGET_NAME
 
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a package file: no folders, no odd characters
 CHUNK = 1 << 16

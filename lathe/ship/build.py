@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from lathe.config import ENV_SIGNING_KEY, PackageParams, TargetParams, signing_key_path
 from lathe.determinism import machine_record, numerics_record
 from lathe.errors import ConfigError, LatheError
 from lathe.io import remove_dead_temps, sha256_bytes, temp_prefix
@@ -66,6 +65,8 @@ from lathe.ship.lineage import (
     stage_chain,
     validation_record,
 )
+from lathe.ship.params import PackageParams, TargetParams
+from lathe.ship.signing import ENV_SIGNING_KEY, signing_key_path
 
 ENV_ALLOW_DIRTY = "LATHE_ALLOW_DIRTY"
 ENV_FLOW_RUN = "LATHE_FLOW_RUN_ID"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from lathe.config import TargetParams
 from lathe.data.contract import Task
 from lathe.measure.evaluate import recall_key
 from lathe.ship.contract import (
@@ -16,6 +15,8 @@ from lathe.ship.contract import (
     Preprocessing,
 )
 from lathe.ship.gates import MEASURED_RANK_FIELDS, RANKS, Candidate, gate_table, rank_rule
+from lathe.ship.params import TargetParams
+
 
 def selftest_indices(labels: np.ndarray, sample_ids: np.ndarray, per_class: int) -> np.ndarray:
     """Up to `per_class` test images per class, lowest sample ids first; returned in sample-id order."""

@@ -14,12 +14,12 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lathe.config import TARGET_NAME, GateParams, SelectionPolicy
 from lathe.data.contract import ResizePolicy
 from lathe.errors import LatheError
-from lathe.model.export import write_metadata
 from lathe.io import sha256_bytes
 from lathe.measure.metrics import TIMING_KEYS
+from lathe.model.export import write_metadata
+from lathe.ship.params import TARGET_NAME, GateParams, SelectionPolicy
 from lathe.ship.signing import SIGNATURE_FILE
 
 M = TypeVar("M", bound=BaseModel)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lathe.config import TargetParams
 from lathe.errors import DataError, LatheError
 from lathe.measure.reports import read_report
 from lathe.ship.contract import MEASURED_GATES, MODEL_FILE
+from lathe.ship.params import TargetParams
 
 THRESHOLD_SPLIT = "val"
 REPORT_SPLIT = "test"

@@ -22,8 +22,22 @@ import os
 import re
 from pathlib import Path
 
-from lathe.config import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY  # noqa: F401  (re-exported: the key paths live together)
 from lathe.errors import LatheError
+
+# Where `lathe keys init` puts the signing pair, relative to the repository (git-ignored); the
+# package stage's default key. One home: lathe.ship.signing imports it from here (config imports
+# nothing of lathe but errors, so every stage does not depend on the signing code).
+DEFAULT_PRIVATE_KEY = Path(".lathe/keys/signing-key.pem")
+
+
+ENV_SIGNING_KEY = "LATHE_SIGNING_KEY"  # a private key file for the package stage (overrides package.private_key)
+
+
+def signing_key_path(private_key: str | Path, root: Path) -> Path:
+    """The package stage's signing key: env LATHE_SIGNING_KEY, else `private_key` (relative to `root`, the repo)."""
+    key = Path(os.environ.get(ENV_SIGNING_KEY) or private_key)
+    return key if key.is_absolute() else Path(root) / key
+
 
 SIGNATURE_FILE = "signature"  # inside the package folder, covering every other file
 DEFAULT_PUBLIC_KEY = Path(".lathe/keys/signing-key.pub")

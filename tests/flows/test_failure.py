@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.states import Failed
 
 from flows.pipeline import (  # imported before prefect: applies the offline env
     DATA_ERROR_EXIT,
@@ -20,10 +23,6 @@ from flows.pipeline import (  # imported before prefect: applies the offline env
     run_pipeline,
 )
 from tests.flows.test_pipeline_flow import artifacts, make_repo
-
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.states import Failed
 
 SUMMARY = "| expectation | column | result |\n|---|---|---|\n| expect_column_values_to_be_in_set | label | FAILED: 7 rows with label 9 |\n"
 

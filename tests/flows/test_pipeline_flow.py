@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.settings import PREFECT_API_URL
 
 from flows.env import subprocess_env
 from flows.pipeline import (  # imported before prefect: applies the offline env
@@ -26,10 +29,6 @@ from flows.pipeline import (  # imported before prefect: applies the offline env
     plan_stages,
     run_pipeline,
 )
-
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-from prefect.settings import PREFECT_API_URL
 
 FAIL_B = "python -c \"import sys; print('[b] FAILED: bad file x.png', file=sys.stderr); sys.exit(1)\""
 METRICS = {"accuracy": 0.75, "size": {"kb": 12}}

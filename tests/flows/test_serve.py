@@ -14,17 +14,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 from flows.env import subprocess_env
 from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: applies the offline env
 from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT
 from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
 from tests.tiny import stop_process
-
-from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -95,8 +94,9 @@ def test_installed_serve_from_a_subfolder_run_status_pool_deploy_and_ctrl_c_stop
     import signal
     import socket
 
-    from flows.serve import api_healthy
     from prefect.settings import temporary_settings
+
+    from flows.serve import api_healthy
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

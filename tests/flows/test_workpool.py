@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 
 from flows.env import subprocess_env
 from flows.workpool import deployment_names, ensure_work_pool  # imported before prefect: offline env
-
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 
 PROJECT = Path(__file__).resolve().parents[2]
 

@@ -50,9 +50,9 @@ def test_the_tiny_config_and_data_pass_with_the_exact_splits(repo):
 def test_the_predicted_splits_are_the_ones_ingest_makes(repo):
     from collections import Counter
 
-    from lathe.config import IngestParams
     from lathe.data.contract import DataParams
     from lathe.data.ingest import ingest
+    from lathe.data.params import IngestParams
 
     rows, _, _ = ingest(repo / "data/raw", IngestParams(**tiny_params()["ingest"]), DataParams(**tiny_params()["data"]))
     made = Counter(r.split for r in rows)

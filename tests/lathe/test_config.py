@@ -2,14 +2,16 @@ from pathlib import Path
 
 import pytest
 
-from lathe.config import IngestParams, TrainParams, ValidateParams, load_section, parse_section
+from lathe.config import load_section, parse_section
+from lathe.data.params import IngestParams, ValidateParams
 from lathe.errors import ConfigError
+from lathe.model.params import TrainParams
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_params_yaml_is_valid_for_every_section():
-    from lathe.config import EvaluateParams
+    from lathe.measure.params import EvaluateParams
 
     for name, model in [("ingest", IngestParams), ("validate", ValidateParams),
                         ("train_teacher", TrainParams), ("evaluate", EvaluateParams)]:

@@ -5,9 +5,9 @@ import pytest
 import yaml
 from safetensors.torch import save as save_tensors
 
-from lathe.config import TrainParams
 from lathe.io import write_bytes, write_json
 from lathe.model.arch import build_model
+from lathe.model.params import TrainParams
 from lathe.model.teacher import FILES, arch_document
 from stages import distill as stage
 from tests.tiny import TINY_PARAMS, make_prepared, tiny_params

@@ -3,8 +3,8 @@ import json
 import pytest
 import yaml
 
-from lathe.config import EvaluateParams
 from lathe.measure.evaluate import evaluate_model
+from lathe.measure.params import EvaluateParams
 from stages import quantize as stage
 from tests.lathe.test_evaluate import write_test_split
 from tests.lathe.test_quantize import write_model, write_prepared

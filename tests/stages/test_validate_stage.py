@@ -5,10 +5,10 @@ import sys
 import pytest
 import yaml
 
-from lathe.config import IngestParams
-from lathe.data.raw import generate_raw
 from lathe.data.contract import DataParams
 from lathe.data.ingest import ingest, read_manifest, write_prepared
+from lathe.data.params import IngestParams
+from lathe.data.raw import generate_raw
 from lathe.errors import DATA_ERROR_EXIT
 from stages import validate as stage
 from tests.tiny import ROOT, sh, tiny_params

@@ -72,7 +72,11 @@ def test_measured_values_are_shown_side_by_side_and_every_other_byte_compared(tm
     """Another machine measures other latencies: the package id stays, the rebuild passes and shows them."""
     from lathe.audit.rebuild import compare_archives, compare_packages
     from lathe.ship.contract import (
-        CARD_MEASURED_HEADER, manifest_text, package_id_of, stamp_model_bytes, unstamped_model_bytes,
+        CARD_MEASURED_HEADER,
+        manifest_text,
+        package_id_of,
+        stamp_model_bytes,
+        unstamped_model_bytes,
     )
 
     keys = make_keys(tmp_path / "keys")
@@ -114,8 +118,7 @@ def test_rebuild_picks_the_dvc_lock_the_manifest_records(tmp_path):
     """The package's commit often predates the dvc.lock it was built with: the rebuild matches the
     manifest's recorded stages against each dvc.lock candidate and names the first stage that differs."""
     from lathe.audit.rebuild import _tracked_outputs
-    from lathe.ship.lineage import lock_mismatch
-    from lathe.ship.lineage import _lock_entry, stage_chain
+    from lathe.ship.lineage import _lock_entry, lock_mismatch, stage_chain
 
     lock = {"schema": "2.0", "stages": {
         "ingest": {"cmd": "python -m stages.ingest data/raw data/prepared",

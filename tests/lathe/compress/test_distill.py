@@ -4,13 +4,15 @@ import pytest
 import torch
 from safetensors.torch import save as save_tensors
 
-from lathe.config import ArchSpec, DistillParams, TrainParams, parse_section
+from lathe.compress.distill import RECORD, control_student, distill_student, make_student, write_student_dir
+from lathe.compress.params import DistillParams
+from lathe.config import parse_section
 from lathe.data.contract import read_task
 from lathe.data.ingest import load_split
-from lathe.compress.distill import RECORD, control_student, distill_student, make_student, write_student_dir
 from lathe.errors import ConfigError, LatheError
 from lathe.io import write_bytes, write_json
 from lathe.model.arch import build_model
+from lathe.model.params import ArchSpec, TrainParams
 from lathe.model.teacher import FILES, arch_document, load_model, train_teacher
 from lathe.model.train import to_tensor
 from tests.tiny import TINY_PARAMS, make_prepared

@@ -5,12 +5,14 @@ import onnx
 import pytest
 import torch
 
-from lathe.config import ArchSpec, LowRankParams, parse_section
+from lathe.compress.lowrank import RECORD, choose_rank, factorize, lowrank, lowrank_teacher, plan_ranks, write_lowrank
+from lathe.compress.params import LowRankParams
+from lathe.config import parse_section
 from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
-from lathe.compress.lowrank import RECORD, choose_rank, factorize, lowrank, lowrank_teacher, plan_ranks, write_lowrank
 from lathe.model.arch import LowRankConv, build_model, count_macs, count_params
+from lathe.model.params import ArchSpec
 from lathe.model.teacher import FILES, load_model
 from lathe.model.train import to_tensor
 from tests.tiny import TINY_PARAMS, make_prepared, make_teacher

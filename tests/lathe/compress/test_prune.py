@@ -6,12 +6,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lathe.config import ArchSpec, PruneParams, parse_section
-from lathe.data.contract import Task
-from lathe.data.ingest import load_split
-from lathe.determinism import make_deterministic
-from lathe.errors import ConfigError, DataError, LatheError
-from lathe.model.arch import build_model, count_macs, count_params
+from lathe.compress.params import PruneParams
 from lathe.compress.prune import (
     RECORD,
     channel_groups,
@@ -22,6 +17,13 @@ from lathe.compress.prune import (
     search_counts,
     write_pruned,
 )
+from lathe.config import parse_section
+from lathe.data.contract import Task
+from lathe.data.ingest import load_split
+from lathe.determinism import make_deterministic
+from lathe.errors import ConfigError, DataError, LatheError
+from lathe.model.arch import build_model, count_macs, count_params
+from lathe.model.params import ArchSpec
 from lathe.model.teacher import FILES, load_model
 from lathe.model.train import to_tensor
 from tests.tiny import TINY_PARAMS, make_prepared, make_teacher

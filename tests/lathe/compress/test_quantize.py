@@ -12,18 +12,31 @@ import torch
 from onnx import TensorProto, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-from lathe.config import ArchSpec, QuantizeParams
-from lathe.errors import ConfigError, DataError, LatheError
-from lathe.measure.evaluate import count_onnx_params, load_session, model_files, predict, to_input
-from lathe.model.export import export_onnx
-from lathe.data.ingest import load_split
-from lathe.io import read_json, save_arrays, sha256_file
-from lathe.model.arch import build_model
+from lathe.compress.params import QuantizeParams
 from lathe.compress.quantize import (
-    CALIBRATION_BATCH, ORT_STATIC_DEFAULTS, ImageReader, calibration_ids_sha256, calibration_indices,
-    float_compute_nodes, node_type_counts, pre_process, quantize_dynamic_int8, quantize_model, quantize_static_defaults,
-    quantize_static_int8, reader_for, runtime_node_types, write_quantized,
+    CALIBRATION_BATCH,
+    ORT_STATIC_DEFAULTS,
+    ImageReader,
+    calibration_ids_sha256,
+    calibration_indices,
+    float_compute_nodes,
+    node_type_counts,
+    pre_process,
+    quantize_dynamic_int8,
+    quantize_model,
+    quantize_static_defaults,
+    quantize_static_int8,
+    reader_for,
+    runtime_node_types,
+    write_quantized,
 )
+from lathe.data.ingest import load_split
+from lathe.errors import ConfigError, DataError, LatheError
+from lathe.io import read_json, save_arrays, sha256_file
+from lathe.measure.evaluate import count_onnx_params, load_session, model_files, predict, to_input
+from lathe.model.arch import build_model
+from lathe.model.export import export_onnx
+from lathe.model.params import ArchSpec
 from tests.tiny import ROOT, TINY_PARAMS, write_tiny_task
 
 SIZE = 16

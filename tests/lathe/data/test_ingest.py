@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lathe.config import IngestParams
 from lathe.data.contract import DataParams, read_task
-from lathe.data.ingest import (MANIFEST_COLUMNS, grouped_split, ingest, load_split, read_manifest, stratified_split,
-                               write_prepared)
+from lathe.data.ingest import (
+    MANIFEST_COLUMNS,
+    grouped_split,
+    ingest,
+    load_split,
+    read_manifest,
+    stratified_split,
+    write_prepared,
+)
+from lathe.data.params import IngestParams
 from lathe.data.raw import ELPV_CLASSES, generate_raw
 from lathe.errors import DataError
 

@@ -13,15 +13,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lathe.config import IngestParams, ValidateParams
 from lathe.data.contract import DataParams
-from lathe.data.raw import generate_raw
-from lathe.errors import DataError, ValidationFailed
 from lathe.data.ingest import ingest, read_manifest, write_prepared
-from lathe.io import load_arrays, save_arrays
+from lathe.data.params import IngestParams, ValidateParams
+from lathe.data.raw import generate_raw
 from lathe.data.validate import (
-    MAX_OFFENDERS, RESULT_FILE, SUMMARY_FILE, raise_if_failed, validate_prepared, write_report,
+    MAX_OFFENDERS,
+    RESULT_FILE,
+    SUMMARY_FILE,
+    raise_if_failed,
+    validate_prepared,
+    write_report,
 )
+from lathe.errors import DataError, ValidationFailed
+from lathe.io import load_arrays, save_arrays
 from tests.tiny import TINY_PARAMS
 
 INGEST = IngestParams(**TINY_PARAMS["ingest"])

@@ -13,14 +13,24 @@ from onnxruntime.quantization import QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bench import run as bench_run
-from lathe.measure.bench import (
-    ROW_KEYS, BenchModel, acceptance_check, bench_markdown, bench_rows, build_baselines, calibration_subset,
-    describe_pruned_baseline, int8_matmul_model, int8_matmul_throughput, interleaved_latency, physical_floor,
-)
-from lathe.config import BenchParams
 from lathe.errors import LatheError
-from lathe.measure.evaluate import load_session
 from lathe.io import save_arrays
+from lathe.measure.bench import (
+    ROW_KEYS,
+    BenchModel,
+    acceptance_check,
+    bench_markdown,
+    bench_rows,
+    build_baselines,
+    calibration_subset,
+    describe_pruned_baseline,
+    int8_matmul_model,
+    int8_matmul_throughput,
+    interleaved_latency,
+    physical_floor,
+)
+from lathe.measure.evaluate import load_session
+from lathe.measure.params import BenchParams
 from tests.lathe.test_evaluate import SIZE, tiny_model, write_test_split
 from tests.tiny import tiny_params
 

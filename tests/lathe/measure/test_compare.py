@@ -2,11 +2,18 @@ import json
 
 import pytest
 
+from lathe.errors import LatheError
 from lathe.measure.compare import (
-    METRIC_KEYS, build_comparison, compare_markdown, fmt_bytes, fmt_times, load_rows, pareto_front, pareto_png,
+    METRIC_KEYS,
+    build_comparison,
+    compare_markdown,
+    fmt_bytes,
+    fmt_times,
+    load_rows,
+    pareto_front,
+    pareto_png,
     ratios_to,
 )
-from lathe.errors import LatheError
 from lathe.measure.metrics import HEADLINE_KEYS
 
 # Realistic shapes: the DESIGN calibration numbers (teacher 4.95 MB / 1.27 ms, INT8 student 173 KB / 0.17 ms).

@@ -15,9 +15,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from lathe.config import ArchSpec, EvaluateParams
 from lathe.data.contract import Task
 from lathe.errors import DataError, LatheError
+from lathe.io import save_arrays
 from lathe.measure.evaluate import (
     count_onnx_macs,
     count_onnx_params,
@@ -30,10 +30,11 @@ from lathe.measure.evaluate import (
     quality_metrics,
     softmax,
 )
-from lathe.model.export import INPUT_NAME, export_onnx
-from lathe.io import save_arrays
 from lathe.measure.metrics import TIMING_KEYS
+from lathe.measure.params import EvaluateParams
 from lathe.model.arch import build_model, count_params
+from lathe.model.export import INPUT_NAME, export_onnx
+from lathe.model.params import ArchSpec
 from tests.tiny import write_tiny_task
 
 SIZE = 16

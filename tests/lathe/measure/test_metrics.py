@@ -1,6 +1,13 @@
 import numpy as np
 
-from lathe.measure.metrics import accuracy, balanced_accuracy, binary_defect_metrics, confusion_matrix, macro_f1, per_class_recall
+from lathe.measure.metrics import (
+    accuracy,
+    balanced_accuracy,
+    binary_defect_metrics,
+    confusion_matrix,
+    macro_f1,
+    per_class_recall,
+)
 
 
 def test_metrics_on_a_hand_computed_case():

@@ -9,8 +9,15 @@ from lathe.errors import LatheError
 from lathe.measure.evaluate import evaluate_model
 from lathe.measure.metrics import HEADLINE_KEYS, TIMING_KEYS
 from lathe.measure.reports import (
-    CONFUSION_PNG, DETAIL_FILE, METRICS_FILE, PREDICTIONS_FILE, detail_record, predictions_csv, read_report,
-    split_metrics, write_reports,
+    CONFUSION_PNG,
+    DETAIL_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    detail_record,
+    predictions_csv,
+    read_report,
+    split_metrics,
+    write_reports,
 )
 from tests.lathe.test_evaluate import FAST, write_model_dir, write_test_split
 

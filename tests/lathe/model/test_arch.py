@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from lathe.config import ArchSpec, TrainParams, parse_section
+from lathe.config import parse_section
 from lathe.errors import ConfigError
 from lathe.measure.evaluate import count_onnx_macs
+from lathe.model.arch import LowRankConv, build_model, count_macs, count_params, final_feature_size, spec_macs, spec_of
 from lathe.model.export import export_onnx, max_abs_diff_vs_torch
-from lathe.model.arch import (LowRankConv, build_model, count_macs, count_params,
-                          final_feature_size, spec_macs, spec_of)
+from lathe.model.params import ArchSpec, TrainParams
 
 SPEC = ArchSpec(stem_channels=4, stem_stride=1, widths=[4, 8], blocks=[1, 1])
 

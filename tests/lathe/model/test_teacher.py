@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from lathe.config import TrainParams
-from lathe.errors import DataError
 from lathe.data.ingest import load_split
+from lathe.errors import DataError
+from lathe.model.params import TrainParams
 from lathe.model.teacher import FILES, check_trainable, load_model, train_teacher, write_model_dir
 from lathe.model.train import class_weights, to_tensor
 from tests.tiny import TINY_PARAMS, make_prepared

@@ -6,7 +6,6 @@ from torch.nn import functional as F
 
 from lathe.model.train import ensemble_teacher, frozen_teacher, kd_loss, memoized_teacher, soft_loss
 
-
 # kd_loss maths
 
 

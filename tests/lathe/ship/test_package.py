@@ -12,7 +12,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from lathe.config import GateParams, PackageParams, TargetParams, parse_targets
 from lathe.errors import ConfigError, DataError
 from lathe.ship.card import selftest_indices
 from lathe.ship.contract import model_stamp, npz_bytes, package_id_of, stamp_model_bytes, unstamped_model_bytes
@@ -28,6 +27,7 @@ from lathe.ship.gates import (
     selection_row,
 )
 from lathe.ship.lineage import dirty_paths, stage_chain
+from lathe.ship.params import GateParams, PackageParams, TargetParams, parse_targets
 
 
 def tiny_onnx(seed: int = 0, size: int = 4) -> bytes:

@@ -11,8 +11,16 @@ import pytest
 
 from lathe.errors import LatheError
 from lathe.ship.signing import (
-    SIGNATURE_FILE, KeyFileError, fingerprint, generate_keys, key_fingerprint, public_key_pem, read_signature,
-    sign_package, signature_key_hint, verify_signature,
+    SIGNATURE_FILE,
+    KeyFileError,
+    fingerprint,
+    generate_keys,
+    key_fingerprint,
+    public_key_pem,
+    read_signature,
+    sign_package,
+    signature_key_hint,
+    verify_signature,
 )
 
 
