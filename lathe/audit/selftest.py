@@ -30,7 +30,13 @@ import numpy as np
 from lathe.errors import LatheError
 from lathe.io import printable
 from lathe.ship.contract import (
-    MAX_FILE_BYTES, MAX_IR_VERSION, MAX_OPSET, MODEL_OPS, SELFTEST_ARRAYS, SELFTEST_FILE, SELFTEST_MAX_SAMPLES,
+    MAX_FILE_BYTES,
+    MAX_IR_VERSION,
+    MAX_OPSET,
+    MODEL_OPS,
+    SELFTEST_ARRAYS,
+    SELFTEST_FILE,
+    SELFTEST_MAX_SAMPLES,
     Preprocessing,
 )
 

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lathe.config import TARGET_NAME, GateParams, SelectionPolicy
 from lathe.data.contract import ResizePolicy
 from lathe.errors import LatheError
-from lathe.model.export import write_metadata
 from lathe.io import sha256_bytes
 from lathe.measure.metrics import TIMING_KEYS
+from lathe.model.export import write_metadata
 from lathe.ship.signing import SIGNATURE_FILE
 
 M = TypeVar("M", bound=BaseModel)
@@ -82,7 +82,7 @@ NOT_IDENTITY = ("package_id", "build")  # build: time, flow run id, machine
 
 
 def measurement_paths(manifest: dict) -> list[str]:
-    """Dotted key paths (lists as [i], as lathe.audit.rebuild.json_diff names them) of measured values."""
+    """Dotted key paths (lists as [i], as lathe.audit.rebuild_compare.json_diff names them) of measured values."""
     paths = [f"metrics.test.{k}" for k in TIMING_KEYS if k in ((manifest.get("metrics") or {}).get("test") or {})]
     for i, gate in enumerate(manifest.get("gates") or []):
         if isinstance(gate, dict) and gate.get("gate") in MEASURED_GATES:
