@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from safetensors.numpy import load_file, save
 
-CHUNK = 1 << 20  # 1 MiB reads when hashing
 SCRATCH_DIR = Path(".lathe") / "tmp"  # under the repo root; git-ignored, not a DVC out
 _SCRATCH_NAME = re.compile(r"^(?P<name>.+)-(?P<pid>\d+)$")
 # `.<name>.<pid>.<random>.tmp`: a temp file or folder beside <name>, written by process <pid>
@@ -194,12 +193,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
+    """Hex sha256 of a file, streamed (hashlib.file_digest)."""
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def save_arrays(dest: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

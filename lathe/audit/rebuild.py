@@ -1,6 +1,11 @@
-"""`lathe verify --rebuild`: reproduce a package at its recorded commit in a temporary git worktree
-from the DVC cache, and compare it with the one being verified. This module shells out to git and
-dvc (the one place in `lathe` besides the CLI that does: a rebuild is a `dvc repro` elsewhere)."""
+"""`lathe verify --rebuild`, the workspace: reproduce a package at its recorded commit in a temporary git
+worktree from the DVC cache - find the dvc.lock it was built from, restore its inputs, `dvc repro` its
+package stage - then report how the rebuild compares (lathe.audit.rebuild_report, rebuild_compare).
+
+This is the one place in `lathe/` allowed to shell out to git and dvc to make something: it adds and
+removes a git worktree and runs `dvc checkout`, `dvc pull` and `dvc repro` in it. Elsewhere they are
+only queried, read-only (git log/show/status/rev-parse; `dvc cache dir`, `dvc remote list`, `dvc status`).
+"""
 
 from __future__ import annotations
 
@@ -15,22 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lathe.audit.rebuild_report import report_rebuild
+from lathe.audit.report import VerifyReport
 from lathe.audit.trust import Trust
-from lathe.audit.verify import VerifyReport, _short, check_signature
 from lathe.determinism import REQUIRED_CPU_FLAGS, cpu_model, machine_can_honour_pins
-from lathe.io import sha256_bytes
-from lathe.ship.contract import (
-    CARD_FILE,
-    CARD_MEASURED_HEADER,
-    MANIFEST_FILE,
-    MODEL_FILE,
-    PREPROCESSING_FILE,
-    SELFTEST_FILE,
-    SIGNATURE_FILE,
-    identity_view,
-    measurement_paths,
-    unstamped_model_bytes,
-)
+from lathe.ship.build import ENV_FLOW_RUN
+from lathe.ship.contract import MANIFEST_FILE
 from lathe.ship.lineage import lock_mismatch
 from lathe.ship.signing import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY, signing_key_path
 
@@ -55,181 +50,15 @@ def _env(flow_run_id: str | None, signing_key: Path) -> dict[str, str]:
                 "ORT_DISABLE_TELEMETRY": "1", "GX_ANALYTICS_ENABLED": "false",
                 ENV_SIGNING_KEY: str(signing_key)})
     if flow_run_id:
-        env["LATHE_FLOW_RUN_ID"] = str(flow_run_id)
+        env[ENV_FLOW_RUN] = str(flow_run_id)
     else:
-        env.pop("LATHE_FLOW_RUN_ID", None)
+        env.pop(ENV_FLOW_RUN, None)
     return env
 
 
 def _tail(res: subprocess.CompletedProcess, n: int = 15) -> str:
     text = (res.stdout or "") + (res.stderr or "")
     return " | ".join(text.strip().splitlines()[-n:])
-
-
-def json_diff(a: Any, b: Any, path: str = "") -> list[str]:
-    """Key paths (dotted, list items as [i]) where two JSON values differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            p = f"{path}.{k}" if path else str(k)
-            if k not in a:
-                out.append(f"{p} (only in rebuilt)")
-            elif k not in b:
-                out.append(f"{p} (only in original)")
-            else:
-                out.extend(json_diff(a[k], b[k], p))
-        return out
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path or '<root>'} (length {len(a)} vs {len(b)})"]
-        out = []
-        for i, (x, y) in enumerate(zip(a, b)):
-            out.extend(json_diff(x, y, f"{path}[{i}]"))
-        return out
-    return [] if a == b and type(a) is type(b) else [path or "<root>"]
-
-
-@dataclass
-class Comparison:
-    """What differs between an original and a rebuilt package: `diffs` fail the rebuild; `measured`
-    (latency, the build machine) are shown side by side; `follows` are files whose bytes differ only
-    because of those (the model's stamp carries the manifest's hash)."""
-
-    diffs: list[str]
-    measured: list[str]
-    follows: set[str]
-
-
-def _measured_card_part(text: str) -> tuple[str, str]:
-    head, sep, tail = text.partition(CARD_MEASURED_HEADER)
-    return head, (sep + tail if sep else "")
-
-
-def _compare_manifests(a: bytes, b: bytes) -> tuple[list[str], list[str]]:
-    """(identity key paths that differ, 'path: original vs rebuilt' lines for measured ones)."""
-    try:
-        ma, mb = json.loads(a), json.loads(b)
-    except json.JSONDecodeError:
-        return ["formatting only"], []
-    measured = set(measurement_paths(ma)) | set(measurement_paths(mb))
-    diffs, shown = [], []
-    for path in json_diff(ma, mb):
-        if any(path == m or path.startswith(m + ".") or path.startswith(m + "[") for m in measured):
-            shown.append(path)
-        else:
-            diffs.append(path)
-    keys = [p.split(" (", 1)[0] for p in shown]  # json_diff marks a key on one side only with " (only in ...)"
-    side = [f"{p}: {_at(ma, p)} (original) vs {_at(mb, p)} (rebuilt)" for p in keys
-            if p != "package_id"]
-    return diffs, side
-
-
-def _at(obj: Any, path: str) -> str:
-    """The value at a json_diff path, compact (a dict as JSON)."""
-    import re
-
-    cur = obj
-    for key, idx in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
-        try:
-            cur = cur[int(idx)] if idx else cur[key]
-        except (KeyError, IndexError, TypeError):
-            return "(absent)"
-    return json.dumps(cur, sort_keys=True) if isinstance(cur, (dict, list)) else str(cur)
-
-
-def _other_choice(original: Path, rebuilt: Path) -> str:
-    """Why the rebuilt package holds another variant: said first, as it explains every other difference."""
-    ma, mb = (json.loads(p.read_bytes()) for p in (original, rebuilt))
-    policy = _at(ma, "target.selection")
-    why = " (policy fastest ranks by latency, and this rebuild measured it again)" if policy == "fastest" else ""
-    return f"the rebuild chose {_at(mb, 'variant')} where the package holds {_at(ma, 'variant')}{why}"
-
-
-def compare_packages(original: Path, rebuilt: Path) -> Comparison:
-    """Files (other than `signature`) that differ between two package folders; manifest.json by key
-    path. Measured values (lathe.ship.contract.measurement_paths, the model card's last section) are
-    listed apart; the model is compared without its stamp when the manifests differ only in those."""
-    names = sorted(({p.name for p in original.iterdir()} | {p.name for p in rebuilt.iterdir()}) - {SIGNATURE_FILE})
-    result = Comparison([], [], set())
-    differing: dict[str, tuple[bytes, bytes]] = {}
-    for name in names:
-        a, b = original / name, rebuilt / name
-        if not a.exists():
-            result.diffs.append(f"{name}: only in the rebuilt package")
-        elif not b.exists():
-            result.diffs.append(f"{name}: missing from the rebuilt package")
-        elif a.read_bytes() != b.read_bytes():
-            differing[name] = (a.read_bytes(), b.read_bytes())
-    if MANIFEST_FILE in differing:
-        keys, side = _compare_manifests(*differing.pop(MANIFEST_FILE))
-        result.measured += side
-        if "variant" in keys:
-            result.diffs.append(_other_choice(original / MANIFEST_FILE, rebuilt / MANIFEST_FILE))
-        if keys:
-            result.diffs.append(f"{MANIFEST_FILE}: differs at {', '.join(keys)}")
-        else:
-            result.follows.add(MANIFEST_FILE)
-    if CARD_FILE in differing:
-        (ha, ta), (hb, tb) = (_measured_card_part(x.decode("utf-8", "replace")) for x in differing.pop(CARD_FILE))
-        if ha != hb:
-            result.diffs.append(f"{CARD_FILE}: differs before its measured section")
-        else:
-            result.follows.add(CARD_FILE)
-            result.measured.append(f"{CARD_FILE} measured section: original {_oneline(ta)!r} vs rebuilt {_oneline(tb)!r}")
-    if MODEL_FILE in differing:
-        a, b = differing.pop(MODEL_FILE)
-        if unstamped_model_bytes(a) == unstamped_model_bytes(b) and MANIFEST_FILE in result.follows:
-            result.follows.add(MODEL_FILE)  # same model; the stamp holds the (measurement-only) different manifest hash
-        else:
-            result.diffs.append(f"{MODEL_FILE}: sha256 {_short(sha256_bytes(a))}… vs rebuilt {_short(sha256_bytes(b))}…")
-    for name, (a, b) in sorted(differing.items()):
-        result.diffs.append(f"{name}: sha256 {_short(sha256_bytes(a))}… vs rebuilt {_short(sha256_bytes(b))}…")
-    return result
-
-
-def equivalence(original: Path, rebuilt: Path) -> str | None:
-    """For a rebuild that could not be byte-identical (lathe.determinism.machine_can_honour_pins): how
-    the two packages agree - self-test logits within the package's atol and the same test metrics at
-    the same threshold - or None when they do not."""
-    import numpy as np
-
-    try:
-        arrays = []
-        for pkg in (original, rebuilt):
-            with np.load(pkg / SELFTEST_FILE, allow_pickle=False) as z:
-                arrays.append((z["images"], z["logits"]))
-        atol = float(json.loads((original / PREPROCESSING_FILE).read_text())["selftest"]["atol"])
-        ma, mb = (identity_view(json.loads((p / MANIFEST_FILE).read_text())) for p in (original, rebuilt))
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
-    (ia, la), (ib, lb) = arrays
-    if ia.shape != ib.shape or not np.array_equal(ia, ib) or la.shape != lb.shape:
-        return None
-    worst = float(np.abs(la.astype(np.float64) - lb.astype(np.float64)).max()) if la.size else 0.0
-    if worst > atol or ma.get("metrics") != mb.get("metrics"):
-        return None
-    return f"self-test logits within {worst:.2g} <= atol {atol:g}, test metrics and threshold equal"
-
-
-def _oneline(text: str, limit: int = 400) -> str:
-    return " ".join(line.strip("- ") for line in text.splitlines()[1:] if line.strip())[:limit]
-
-
-def compare_archives(original: Path, rebuilt: Path, follows: set[str] = frozenset()) -> list[str]:
-    """Members (other than */signature and the files in `follows`, already compared as measurements)
-    that differ between two archives: names, headers or bytes."""
-    import tarfile
-
-    def members(path: Path) -> dict[str, tuple]:
-        with tarfile.open(path, "r:gz") as tar:
-            return {m.name: (m.mode, m.uid, m.gid, m.uname, m.gname, m.mtime, m.type,
-                             sha256_bytes(tar.extractfile(m).read()) if m.isreg() else None)
-                    for m in tar.getmembers() if m.name.rpartition("/")[2] not in {SIGNATURE_FILE, *follows}}
-
-    a, b = members(original), members(rebuilt)
-    return [f"archive member {n}: " + ("only in rebuilt" if n not in a else "missing from rebuilt" if n not in b
-                                       else "differs (header or content)")
-            for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
 
 
 # The package's commit need not hold the dvc.lock (or the uncached metrics) the package was built
@@ -250,11 +79,8 @@ class _LockSource:
 
 
 def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _read_path(root: Path):
@@ -515,33 +341,11 @@ def rebuild_and_compare(pkg: Path, manifest: dict, repo: Path, trust: Trust, rep
         if not rebuilt.is_dir():
             report.add("rebuild", "FAIL", f"`dvc repro {stage}` did not produce models/packages/{target}/")
             return
-        comparison = compare_packages(pkg, rebuilt)
-        diffs = list(comparison.diffs)
-        rebuilt_archive = rebuilt.parent / f"{target}.tar.gz"
-        if archive is not None and rebuilt_archive.is_file():
-            diffs += compare_archives(archive, rebuilt_archive, comparison.follows)
         ran = _stages_run(res.stdout)
         scope = (f"every stage from raw data ({len(ran)} run: {', '.join(ran)})" if full
                  else f"only {stage}, from the upstream outputs restored from the DVC cache")
-        equivalent = None if pinned or not diffs else equivalence(pkg, rebuilt)
-        if equivalent:
-            report.add("rebuild", "PASS", f"EQUIVALENT, NOT IDENTICAL: rebuilt at {commit[:12]} ({scope}) on a "
-                                          f"machine without the pinned kernels; {equivalent}; differs: " + "; ".join(diffs))
-        elif diffs:
-            report.add("rebuild", "FAIL", f"rebuilt at {commit[:12]} ({scope}); differs: " + "; ".join(diffs))
-        else:
-            names = sorted(p.name for p in rebuilt.iterdir() if p.name != SIGNATURE_FILE)
-            exact = [n for n in names if n not in comparison.follows]
-            also = " and the archive's members" if archive is not None and rebuilt_archive.is_file() else ""
-            follows = (f"; {', '.join(sorted(comparison.follows))} identical but for measured values"
-                       if comparison.follows else "")
-            report.add("rebuild", "PASS", f"rebuilt at {commit[:12]} ({scope}): {len(exact)} of {len(names)} files "
-                                        f"byte-identical ({', '.join(exact)}){also}{follows}; signature excluded: "
-                                        f"ECDSA is randomised")
-        if comparison.measured:
-            report.add("measured", "INFO", "not identity, shown side by side (build machine vs here): "
-                                           + "; ".join(comparison.measured))
-        check_signature(rebuilt, trust, report, name="rebuilt signature")
+        rebuilt_archive = rebuilt.parent / f"{target}.tar.gz"
+        report_rebuild(pkg, archive, rebuilt, rebuilt_archive, commit, scope, pinned, trust, report)
     except subprocess.TimeoutExpired as exc:
         report.add("rebuild", "FAIL", f"timed out: {exc}")
     finally:

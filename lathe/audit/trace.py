@@ -26,15 +26,10 @@ from typing import Any
 
 import yaml
 
+from lathe.audit.integrity import check_archive_sidecar, model_stamp_of, read_package_file
+from lathe.audit.report import VerifyReport
 from lathe.audit.trust import Trust, git_toplevel
-from lathe.audit.verify import (
-    ARCHIVE_SUFFIX,
-    VerifyReport,
-    check_archive_sidecar,
-    model_stamp_of,
-    offline_checks,
-    read_package_file,
-)
+from lathe.audit.verify import ARCHIVE_SUFFIX, offline_checks
 from lathe.errors import LatheError
 from lathe.io import load_yaml, printable, sha256_file
 from lathe.ship.contract import MANIFEST_FILE, MANIFEST_SHA_KEY, MAX_FILE_BYTES, MODEL_FILE, PACKAGE_ID_KEY

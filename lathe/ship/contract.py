@@ -82,7 +82,7 @@ NOT_IDENTITY = ("package_id", "build")  # build: time, flow run id, machine
 
 
 def measurement_paths(manifest: dict) -> list[str]:
-    """Dotted key paths (lists as [i], as lathe.audit.rebuild.json_diff names them) of measured values."""
+    """Dotted key paths (lists as [i], as lathe.audit.rebuild_compare.json_diff names them) of measured values."""
     paths = [f"metrics.test.{k}" for k in TIMING_KEYS if k in ((manifest.get("metrics") or {}).get("test") or {})]
     for i, gate in enumerate(manifest.get("gates") or []):
         if isinstance(gate, dict) and gate.get("gate") in MEASURED_GATES:

@@ -98,7 +98,7 @@ def check_gates(gates_cfg, metrics: dict, threshold: Threshold) -> list[dict]:
     return out
 
 
-# Each selection policy (lathe.config.SelectionPolicy) ranks the candidates passing every gate by these
+# Each selection policy (lathe.ship.params.SelectionPolicy) ranks the candidates passing every gate by these
 # keys, best first: (manifest.selection row field, "asc" | "desc"). Ties fall to the next key and
 # finally to the variant name, so a choice is deterministic. Only `fastest` reads a measurement
 # (latency on the build machine); the other two rank by machine-independent figures alone.

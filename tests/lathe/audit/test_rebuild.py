@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from lathe.audit.rebuild import json_diff
+from lathe.audit.rebuild_compare import json_diff
 from lathe.io import write_json
 from lathe.ship.archive import write_archive
 from lathe.ship.signing import sign_package
@@ -22,7 +22,7 @@ def test_json_diff_key_paths():
 def test_compare_packages_lists_files_and_manifest_keys(tmp_path):
     keys = make_keys(tmp_path / "keys")
     golden = build_package(tmp_path / "golden", keys["priv"])
-    from lathe.audit.rebuild import compare_archives, compare_packages
+    from lathe.audit.rebuild_compare import compare_archives, compare_packages
 
     a, b = tmp_path / "a" / "edge", tmp_path / "b" / "edge"
     shutil.copytree(golden, a)
@@ -49,7 +49,7 @@ def test_compare_packages_lists_files_and_manifest_keys(tmp_path):
 
 def test_a_rebuild_choosing_another_variant_says_why_when_the_policy_ranks_by_latency(tmp_path):
     """Policy fastest: `verify --rebuild --full` measures latency again and may rank another variant first."""
-    from lathe.audit.rebuild import compare_packages
+    from lathe.audit.rebuild_compare import compare_packages
 
     keys = make_keys(tmp_path / "keys")
     a = build_package(tmp_path / "a", keys["priv"])
@@ -70,7 +70,7 @@ def test_a_rebuild_choosing_another_variant_says_why_when_the_policy_ranks_by_la
 
 def test_measured_values_are_shown_side_by_side_and_every_other_byte_compared(tmp_path):
     """Another machine measures other latencies: the package id stays, the rebuild passes and shows them."""
-    from lathe.audit.rebuild import compare_archives, compare_packages
+    from lathe.audit.rebuild_compare import compare_archives, compare_packages
     from lathe.ship.contract import (
         CARD_MEASURED_HEADER,
         manifest_text,
@@ -147,7 +147,7 @@ def test_rebuild_picks_the_dvc_lock_the_manifest_records(tmp_path):
 def test_equivalence_on_a_machine_without_the_pins_needs_selftest_within_atol_and_equal_metrics(tmp_path):
     import numpy as np
 
-    from lathe.audit.rebuild import equivalence
+    from lathe.audit.rebuild_compare import equivalence
     from lathe.ship.contract import npz_bytes
 
     keys = make_keys(tmp_path / "keys")

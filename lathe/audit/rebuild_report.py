@@ -1,0 +1,41 @@
+"""Rebuild archaeology, the verdict: the `rebuild`, `measured` and `rebuilt signature` lines of a verify
+report, from the comparison of a package with its rebuild (lathe.audit.rebuild_compare)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lathe.audit.rebuild_compare import compare_archives, compare_packages, equivalence
+from lathe.audit.report import VerifyReport
+from lathe.audit.signature import check_signature
+from lathe.audit.trust import Trust
+from lathe.ship.contract import SIGNATURE_FILE
+
+
+def report_rebuild(pkg: Path, archive: Path | None, rebuilt: Path, rebuilt_archive: Path, commit: str, scope: str,
+                   pinned: bool, trust: Trust, report: VerifyReport) -> None:
+    """Compare the rebuilt package (and archive, when both exist) with the original and report the verdict:
+    identical, equivalent (on a machine that cannot run the pinned kernels) or different."""
+    comparison = compare_packages(pkg, rebuilt)
+    diffs = list(comparison.diffs)
+    if archive is not None and rebuilt_archive.is_file():
+        diffs += compare_archives(archive, rebuilt_archive, comparison.follows)
+    equivalent = None if pinned or not diffs else equivalence(pkg, rebuilt)
+    if equivalent:
+        report.add("rebuild", "PASS", f"EQUIVALENT, NOT IDENTICAL: rebuilt at {commit[:12]} ({scope}) on a "
+                                      f"machine without the pinned kernels; {equivalent}; differs: " + "; ".join(diffs))
+    elif diffs:
+        report.add("rebuild", "FAIL", f"rebuilt at {commit[:12]} ({scope}); differs: " + "; ".join(diffs))
+    else:
+        names = sorted(p.name for p in rebuilt.iterdir() if p.name != SIGNATURE_FILE)
+        exact = [n for n in names if n not in comparison.follows]
+        also = " and the archive's members" if archive is not None and rebuilt_archive.is_file() else ""
+        follows = (f"; {', '.join(sorted(comparison.follows))} identical but for measured values"
+                   if comparison.follows else "")
+        report.add("rebuild", "PASS", f"rebuilt at {commit[:12]} ({scope}): {len(exact)} of {len(names)} files "
+                                    f"byte-identical ({', '.join(exact)}){also}{follows}; signature excluded: "
+                                    f"ECDSA is randomised")
+    if comparison.measured:
+        report.add("measured", "INFO", "not identity, shown side by side (build machine vs here): "
+                                       + "; ".join(comparison.measured))
+    check_signature(rebuilt, trust, report, name="rebuilt signature")
