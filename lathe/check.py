@@ -239,15 +239,20 @@ class _Checker:
                           f"{gate:g} is above defective_recall_target {aim:g}: the threshold aims at the target "
                           "on val, so this gate passes only if test recall comes out higher")
 
+    def data_params(self) -> DataParams | None:
+        """The `data` section as far as it validated, or None (its own problems are reported already)."""
+        parsed = self.cfg.get("data")
+        return parsed.model if parsed is not None and isinstance(parsed.model, DataParams) else None
+
     def architectures_fit_the_data(self) -> None:
         """Input channels and class count come from `data`; an explicit value in an arch must agree."""
-        data = self.cfg.get("data")
-        if data is None or data.model is None:
+        data = self.data_params()
+        if data is None:
             return
         scratch = self.value("distill", "init") == "scratch"  # init: pruned takes the pruned teacher's arch
         for section, key in (("train_teacher", "arch"), *((("distill", "student"),) if scratch else ())):
             spec = self.value(section, key)
-            for field_name, said, value, origin in (arch_mismatches(spec, data.model.channels, len(data.model.classes))
+            for field_name, said, value, origin in (arch_mismatches(spec, data.channels, len(data.classes))
                                                     if spec is not None else []):
                 self.problem(f"{section}.{key}.{field_name}", f"{said}, but the data has {value} ({origin}); "
                              "drop it: it comes from the data")
@@ -296,16 +301,16 @@ class _Checker:
         if not raw.is_dir():
             self.report.problems.append(Problem(shown, "raw-data folder not found (`dvc pull`, or `make data`)"))
             return
-        data = self.cfg.get("data")
-        if data is None or data.model is None:  # the data section's own problems are reported already
+        data = self.data_params()
+        if data is None:
             return
         try:
-            scan = scan_labels(raw, data.model)
+            scan = scan_labels(raw, data)
         except DataError as exc:  # no labels file, not UTF-8, a missing column: nothing more to read
             self.report.problems.append(_relative_problem(str(exc), raw, shown))
             return
         found = scan.problems + file_problems(raw, scan.rows, self.value("validate", "source_min_side") or 1,
-                                              data.model.max_pixels)
+                                              data.max_pixels)
         self.report.problems += [_relative_problem(p, raw, shown) for p in found]
         rows = [s for _, s in scan.rows]
         if not rows:
@@ -316,9 +321,9 @@ class _Checker:
         fractions = [self.value("ingest", k) for k in ("val_fraction", "test_fraction", "seed")]
         if None in fractions:
             return
-        labels = [data.model.classes.index(s.label) for s in rows]
+        labels = [data.classes.index(s.label) for s in rows]
         try:
-            splits = split_samples(labels, [s.meta for s in rows], data.model, *fractions)
+            splits = split_samples(labels, [s.meta for s in rows], data, *fractions)
         except DataError as exc:  # a group column that cannot fill three splits
             self.problem("data.group", str(exc).split(": ", 1)[-1])
             return

@@ -102,7 +102,7 @@ def machine_can_honour_pins(flags: set[str] | None = None) -> bool:
     return platform.machine() in ("x86_64", "AMD64") and all(f in flags for f in REQUIRED_CPU_FLAGS)
 
 
-def make_deterministic(seed: int, threads: int) -> "torch.Generator":
+def make_deterministic(seed: int, threads: int) -> torch.Generator:
     """Seed every RNG, force deterministic kernels and `threads` intra-op threads.
 
     Returns a torch.Generator seeded from `seed` for explicit use (shuffles, augmentation).

@@ -14,9 +14,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save
@@ -46,7 +47,9 @@ def temp_prefix(dest: Path) -> str:
 def _dead_temp(path: Path, name: str | None = None) -> bool:
     """Whether `path` is a temp file/folder of ours (for `name`, if given) whose writer is dead."""
     match = _TEMP_NAME.match(path.name)
-    return bool(match) and (name is None or match.group("name") == name) and not pid_alive(int(match.group("pid")))
+    if match is None:
+        return False
+    return (name is None or match.group("name") == name) and not pid_alive(int(match.group("pid")))
 
 
 def _remove(path: Path) -> None:

@@ -9,6 +9,6 @@ from lathe.determinism import pin_numerics
 
 pin_numerics()
 
-from stages.common import configure_warnings  # after the pins: it imports lathe.config and lathe.io
+from stages.common import configure_warnings  # noqa: E402  (after the pins: it imports lathe.config and lathe.io)
 
 configure_warnings()

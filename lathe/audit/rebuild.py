@@ -323,10 +323,10 @@ def rebuild_and_compare(pkg: Path, manifest: dict, repo: Path, trust: Trust, rep
         stage = f"package@{target}"
         if full:
             tracked = sorted(_tracked_outputs(wt, {}))  # .dvc-tracked data (raw); every stage reruns
-            res = _run([dvc, "checkout", *tracked], wt, env) if tracked else None
-            if res is not None and res.returncode != 0:
+            checkout = _run([dvc, "checkout", *tracked], wt, env) if tracked else None
+            if checkout is not None and checkout.returncode != 0:
                 report.add("rebuild data", "FAIL", f"dvc checkout {' '.join(tracked)} at {commit[:12]} failed (not in "
-                                                  f"the DVC cache {cache}? run `dvc pull` in {repo}): {_tail(res, 8)}")
+                                                  f"the DVC cache {cache}? run `dvc pull` in {repo}): {_tail(checkout, 8)}")
                 return
             cmd = [dvc, "repro", "--force", stage]
         else:

@@ -5,6 +5,7 @@ whether a rebuild that cannot be byte-identical is equivalent. Reads two folders
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,13 +137,13 @@ def compare_packages(original: Path, rebuilt: Path) -> Comparison:
             result.follows.add(CARD_FILE)
             result.measured.append(f"{CARD_FILE} measured section: original {_oneline(ta)!r} vs rebuilt {_oneline(tb)!r}")
     if MODEL_FILE in differing:
-        a, b = differing.pop(MODEL_FILE)
-        if unstamped_model_bytes(a) == unstamped_model_bytes(b) and MANIFEST_FILE in result.follows:
+        ma, mb = differing.pop(MODEL_FILE)
+        if unstamped_model_bytes(ma) == unstamped_model_bytes(mb) and MANIFEST_FILE in result.follows:
             result.follows.add(MODEL_FILE)  # same model; the stamp holds the (measurement-only) different manifest hash
         else:
-            result.diffs.append(f"{MODEL_FILE}: sha256 {_short(sha256_bytes(a))}… vs rebuilt {_short(sha256_bytes(b))}…")
-    for name, (a, b) in sorted(differing.items()):
-        result.diffs.append(f"{name}: sha256 {_short(sha256_bytes(a))}… vs rebuilt {_short(sha256_bytes(b))}…")
+            result.diffs.append(f"{MODEL_FILE}: sha256 {_short(sha256_bytes(ma))}… vs rebuilt {_short(sha256_bytes(mb))}…")
+    for name, (da, db) in sorted(differing.items()):
+        result.diffs.append(f"{name}: sha256 {_short(sha256_bytes(da))}… vs rebuilt {_short(sha256_bytes(db))}…")
     return result
 
 
@@ -174,15 +175,20 @@ def _oneline(text: str, limit: int = 400) -> str:
     return " ".join(line.strip("- ") for line in text.splitlines()[1:] if line.strip())[:limit]
 
 
-def compare_archives(original: Path, rebuilt: Path, follows: set[str] = frozenset()) -> list[str]:
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular member's bytes (extractfile returns None only for non-files, which callers skip)."""
+    handle = tar.extractfile(member)
+    return handle.read() if handle is not None else b""
+
+
+def compare_archives(original: Path, rebuilt: Path, follows: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Members (other than */signature and the files in `follows`, already compared as measurements)
     that differ between two archives: names, headers or bytes."""
-    import tarfile
 
     def members(path: Path) -> dict[str, tuple]:
         with tarfile.open(path, "r:gz") as tar:
             return {m.name: (m.mode, m.uid, m.gid, m.uname, m.gname, m.mtime, m.type,
-                             sha256_bytes(tar.extractfile(m).read()) if m.isreg() else None)
+                             sha256_bytes(_member_bytes(tar, m)) if m.isreg() else None)
                     for m in tar.getmembers() if m.name.rpartition("/")[2] not in {SIGNATURE_FILE, *follows}}
 
     a, b = members(original), members(rebuilt)

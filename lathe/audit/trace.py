@@ -144,7 +144,7 @@ def locate(subject: str, repo: Path | None, tmp: Path) -> Located:
     if path.is_file():
         return _locate_model(path, root, repo, tmp)
     if HEX64.match(subject):
-        want, skipped = subject.lower(), []
+        want, skipped = subject.lower(), list[str]()
         found = _search_working(want, root, tmp, skipped) or (
             _search_history(want, repo, tmp, skipped) if repo is not None else None)
         if found is None:
@@ -166,8 +166,9 @@ def _locate_model(path: Path, root: Path, repo: Path | None, tmp: Path) -> Locat
     if not stamp:
         raise LatheError(f"{printable(str(path))}: the model carries no {PACKAGE_ID_KEY} / {MANIFEST_SHA_KEY} "
                          "metadata; it did not come out of a lathe package")
-    want, skipped = stamp.get(MANIFEST_SHA_KEY, ""), []
+    want, skipped = stamp.get(MANIFEST_SHA_KEY, ""), list[str]()
     beside = path.parent
+    found: Located | None
     if (beside / MANIFEST_FILE).is_file() and _sha(beside / MANIFEST_FILE, skipped) == want:
         found = Located(beside, [beside.name], "model stamp: the manifest beside it", printable(str(path)))
     else:
@@ -257,10 +258,10 @@ def cross_check(manifest: dict, repo: Path) -> dict[str, Any]:
         unknown = True
         work = repo / "dvc.lock"
         try:
-            lock = load_yaml(work.read_text()) if work.is_file() else None
+            work_lock = load_yaml(work.read_text()) if work.is_file() else None
         except (yaml.YAMLError, OSError, UnicodeDecodeError):
-            lock = None
-        in_work = isinstance(lock, dict) and lock_mismatch(lock, stages) is None
+            work_lock = None
+        in_work = isinstance(work_lock, dict) and lock_mismatch(work_lock, stages) is None
         findings.append("no committed dvc.lock holds the model's chain" + (
             "; the working dvc.lock does: commit it (`git add dvc.lock && git commit`)" if in_work else ""))
     out["status"] = "MISMATCH" if mismatch else "UNKNOWN" if unknown else "OK"

@@ -138,10 +138,10 @@ def resolve_trust(subject: Path | None = None, public_key: Path | None = None, k
             trust.problems.append(f"keyring {folder} is not a folder")
         trust.keys = keyring_keys(folder, subject, trust.problems)
         return trust
-    for folder in (repo_keyring(repo), user_keyring()):
-        if folder is not None and folder.is_dir():
-            trust.source = f"keyring {folder}"
-            trust.keys = keyring_keys(folder, subject, trust.problems)
+    for found in (repo_keyring(repo), user_keyring()):
+        if found is not None and found.is_dir():
+            trust.source = f"keyring {found}"
+            trust.keys = keyring_keys(found, subject, trust.problems)
             return trust
     looked = [str(f) for f in (repo_keyring(repo), user_keyring()) if f is not None]
     trust.problems.append(f"no trusted key: pass --public-key, set ${ENV_PUBLIC_KEY}, or add keys with "

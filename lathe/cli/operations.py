@@ -61,7 +61,7 @@ def run_cmd(
     except StageFailed as exc:
         console.print(f"error: pipeline {exc} ({exc.kind} failure; the Prefect artifact 'lathe-failure' has the "
                       "report)", markup=False)
-        raise typer.Exit(DATA_ERROR_EXIT if exc.kind == "data" else 1)
+        raise typer.Exit(DATA_ERROR_EXIT if exc.kind == "data" else 1) from None
     except (PipelineBusy, DvcException) as exc:
         raise LatheError(f"pipeline: {exc}") from exc
     ran = [r["stage"] for r in result["stages"] if r["ran"]]

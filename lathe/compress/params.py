@@ -61,7 +61,7 @@ class QuantizeParams(Section):
     weight_type: Literal["qint8", "quint8"] = "qint8"
 
     @model_validator(mode="after")
-    def _supported_types(self) -> "QuantizeParams":
+    def _supported_types(self) -> QuantizeParams:
         if self.activation_type == "qint8" and self.weight_type == "quint8":
             raise ValueError("activation_type qint8 with weight_type quint8 is not supported by onnxruntime; "
                              "use weight_type qint8")

@@ -238,7 +238,8 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
     x_val = to_tensor(val["images"])
     teacher_val = score(predict_logits(model, x_val), val["labels"], task)
 
-    current, rounds, history = model, [], []
+    current, rounds = model, []
+    history: list[dict] = []
     counts = dict(initial)
     last = TrainResult(model=model)
     for k in range(1, cfg.steps + 1):

@@ -72,7 +72,8 @@ def scan_labels(raw_dir: Path, data: DataParams) -> LabelScan:
     if clash:
         return LabelScan([], problems + [f"{labels}: metadata column(s) {', '.join(clash)} clash with the columns "
                                          "ingest computes; rename them"], metadata)
-    rows, first_line = [], {}
+    rows: list[tuple[int, RawSample]] = []
+    first_line: dict[str, int] = {}
     for line_no, s in parsed:
         where = f"{labels}:{line_no} ({s.file})"
         bad = []
@@ -193,7 +194,7 @@ def grouped_split(strata: list[tuple], groups: list[str], val_fraction: float, t
         members[g].append(i)
     by_stratum: dict[tuple, list[str]] = defaultdict(list)
     for g, idx in members.items():
-        counts = defaultdict(int)
+        counts: defaultdict[tuple, int] = defaultdict(int)
         for i in idx:
             counts[strata[i]] += 1
         best = min(counts, key=lambda k: (-counts[k], repr(k)))

@@ -14,7 +14,7 @@ class IngestParams(Section):
     test_fraction: float = Field(0.25, gt=0, lt=0.5)
 
     @model_validator(mode="after")
-    def _train_split_left(self) -> "IngestParams":
+    def _train_split_left(self) -> IngestParams:
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError(
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:.2f} "
@@ -35,7 +35,7 @@ class ValidateParams(Section):
     source_min_side: int = Field(32, ge=1, description="smallest accepted source image side in px")
 
     @model_validator(mode="after")
-    def _bounds(self) -> "ValidateParams":
+    def _bounds(self) -> ValidateParams:
         if self.min_rows > self.max_rows:
             raise ValueError(f"min_rows ({self.min_rows}) is larger than max_rows ({self.max_rows})")
         if self.pixel_mean_min > self.pixel_mean_max:

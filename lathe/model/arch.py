@@ -49,7 +49,7 @@ def conv_out(size: int, stride: int, kernel: int = 3) -> int:
 def final_feature_size(spec: ArchSpec, image_size: int) -> int:
     """Side of the last feature map, for the full-window pooling."""
     size = conv_out(image_size, spec.stem_stride, spec.stem_kernel)
-    for i in range(1, len(spec.widths)):
+    for _ in spec.widths[1:]:  # every later stage halves the side once
         size = conv_out(size, 2)
     return size
 

@@ -48,7 +48,7 @@ class ArchSpec(Section):
         return shapes
 
     @model_validator(mode="after")
-    def _per_block_lists(self) -> "ArchSpec":
+    def _per_block_lists(self) -> ArchSpec:
         if len(self.widths) != len(self.blocks):
             return self  # _stages_match reports it
         n = sum(self.blocks)
@@ -69,7 +69,7 @@ class ArchSpec(Section):
         return self
 
     @model_validator(mode="after")
-    def _stages_match(self) -> "ArchSpec":
+    def _stages_match(self) -> ArchSpec:
         if len(self.widths) != len(self.blocks) or not self.widths:
             raise ValueError(
                 f"widths ({len(self.widths)} entries) and blocks ({len(self.blocks)} entries) "

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +230,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, params
         (pkg / CARD_FILE).write_text(card, encoding="utf-8")
         (pkg / SELFTEST_FILE).write_bytes(selftest)
         sign_package(pkg, key)
-        mtime = int(datetime.strptime(built_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp())
+        mtime = int(datetime.strptime(built_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
         staged_archive = work / archive.name
         digest = write_archive(pkg, staged_archive, mtime)
         _swap_dir(pkg, out_dir)

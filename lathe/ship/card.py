@@ -20,11 +20,11 @@ from lathe.ship.params import TargetParams
 
 def selftest_indices(labels: np.ndarray, sample_ids: np.ndarray, per_class: int) -> np.ndarray:
     """Up to `per_class` test images per class, lowest sample ids first; returned in sample-id order."""
-    chosen = []
+    picked: list[int] = []
     for k in sorted(set(np.asarray(labels).tolist())):
         idx = np.flatnonzero(labels == k)
-        chosen.extend(idx[np.argsort(sample_ids[idx], kind="stable")][:per_class].tolist())
-    chosen = np.asarray(chosen, dtype=np.int64)
+        picked.extend(idx[np.argsort(sample_ids[idx], kind="stable")][:per_class].tolist())
+    chosen = np.asarray(picked, dtype=np.int64)
     return chosen[np.argsort(sample_ids[chosen], kind="stable")]
 
 

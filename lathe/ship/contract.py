@@ -181,7 +181,7 @@ class InputSpec(_Record):
     layout: Literal["NCHW"]
 
     @model_validator(mode="after")
-    def _dims(self) -> "InputSpec":
+    def _dims(self) -> InputSpec:
         if not all(isinstance(d, int) and 1 <= d <= 4096 for d in self.shape[1:]):
             raise ValueError(f"channels, height and width must be integers in [1, 4096], got {self.shape[1:]}")
         return self
@@ -233,7 +233,7 @@ class Preprocessing(_Record):
     selftest: SelftestSpec
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Preprocessing":
+    def _consistent(self) -> Preprocessing:
         k = len(self.class_names)
         if self.output.shape[1] != k:
             raise ValueError(f"output has {self.output.shape[1]} classes but class_names lists {k}")
@@ -337,7 +337,7 @@ class Manifest(_Open):
     selection: list[SelectionRow] | None = Field(None, min_length=1, max_length=256)
 
     @model_validator(mode="after")
-    def _files(self) -> "Manifest":
+    def _files(self) -> Manifest:
         if sorted(self.files) != sorted(SIGNED_FILES):
             raise ValueError(f"files must list exactly {', '.join(SIGNED_FILES)}")
         if not all(re.fullmatch(HEX64, h) for h in self.files.values()):

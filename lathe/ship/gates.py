@@ -167,7 +167,7 @@ def choice_problems(policy: str, chosen: str, rows: list[dict], metrics_test: di
     if not row.get("passed"):
         problems.append(f"the chosen variant {chosen} did not pass every gate (failed {row.get('failed')})")
     for key in ("size_bytes", "accuracy"):
-        if key in (metrics_test or {}) and metrics_test[key] != row.get(key):
+        if metrics_test is not None and key in metrics_test and metrics_test[key] != row.get(key):
             problems.append(f"selection lists {chosen} with {key} {row.get(key)} but metrics.test says "
                             f"{str(metrics_test[key])[:40]}")
     passing = [r for r in rows if r.get("passed")]

@@ -7,7 +7,7 @@ import os
 import platform
 import re
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,7 +36,7 @@ def git_head(root: Path) -> tuple[str, str]:
     out = _git(root, "log", "-1", "--format=%H %ct", "HEAD").split()
     if len(out) != 2:
         raise LatheError(f"{root}: no git commit yet; commit the project before packaging")
-    when = datetime.fromtimestamp(int(out[1]), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    when = datetime.fromtimestamp(int(out[1]), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return out[0], when
 
 
@@ -76,7 +76,8 @@ def dvc_output_paths(root: Path) -> set[str]:
             if isinstance(v, dict):
                 ctx.update(v)
         for stage in (doc.get("stages") or {}).values():
-            body, items = stage, [({}, None)]
+            body = stage
+            items: list[tuple[dict, Any]] = [({}, None)]  # (key, item) context of each expansion
             if "foreach" in stage:
                 body = stage.get("do") or {}
                 fe = stage["foreach"]
@@ -113,7 +114,7 @@ def _under(path: str, roots: set[str]) -> bool:
 MEASUREMENT_REPORTS = ("reports/bench.md", "reports/bench.json", "reports/kill_test.json")
 
 
-def dirty_paths(root: Path, also_ignore: set[str] = frozenset()) -> list[str]:
+def dirty_paths(root: Path, also_ignore: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Uncommitted changes (untracked files included) outside DVC-managed outputs, dvc.lock and `also_ignore`.
 
     DVC rewrites its outputs, dvc.lock and the .gitignore files beside its outputs while `dvc repro`
@@ -167,7 +168,7 @@ def lock_mismatch(lock: dict, stages: dict) -> str | None:
     """Why dvc.lock `lock` does not hold the recorded stage entries `stages` (a manifest's), or None when it does."""
     from lathe.ship.contract import canonical_json
 
-    entries = lock.get("stages") if isinstance(lock.get("stages"), dict) else {}
+    entries: dict = lock["stages"] if isinstance(lock.get("stages"), dict) else {}
     for name, recorded in sorted(stages.items()):
         if name not in entries:
             return f"it has no stage {name}"

@@ -62,7 +62,7 @@ class PackageParams(Section):
     selftest_per_class: int = Field(2, ge=1, le=64, description="golden test-split images per class in selftest.npz")
 
     @model_validator(mode="after")
-    def _safe_variants(self) -> "PackageParams":
+    def _safe_variants(self) -> PackageParams:
         for v in self.variants:
             parts = v.split("/")
             if v.startswith("/") or any(p in ("", ".", "..") for p in parts):

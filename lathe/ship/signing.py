@@ -189,7 +189,7 @@ def read_signature(pkg_dir: Path) -> dict:
         raise SignatureError(f"{SIGNATURE_FILE}: not a signature bundle (not UTF-8 JSON: {exc})") from None
     if not isinstance(bundle, dict) or json.dumps(bundle, separators=(",", ":")) != text:
         raise SignatureError(f"{SIGNATURE_FILE}: not in the canonical form a signer writes (edited by hand?)")
-    envelope = bundle.get("dsseEnvelope") if isinstance(bundle.get("dsseEnvelope"), dict) else {}
+    envelope: dict = bundle["dsseEnvelope"] if isinstance(bundle.get("dsseEnvelope"), dict) else {}
     encoded = [envelope.get("payload")] + [s.get("sig") for s in envelope.get("signatures") or [] if isinstance(s, dict)]
     if not all(isinstance(v, str) and _canonical_base64(v) for v in encoded):
         raise SignatureError(f"{SIGNATURE_FILE}: payload or signature is not canonical base64 (edited by hand?)")

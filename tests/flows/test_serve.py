@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
@@ -68,7 +68,7 @@ def test_lathe_serve_runs_a_scheduled_deployment_to_completion(prefect_server: N
 
         # a run scheduled ahead: the served runner picks it up when it is due
         flow_run = run_deployment(f"lathe-pipeline/{PIPELINE_DEPLOYMENT}", timeout=150, poll_interval=2,
-                                  scheduled_time=datetime.now(timezone.utc) + timedelta(seconds=5))
+                                  scheduled_time=datetime.now(UTC) + timedelta(seconds=5))
 
         assert flow_run.state.is_completed(), f"{flow_run.state}\n{log.read_text()[-3000:]}"
         assert (repo / "c.txt").read_text() == "abc"

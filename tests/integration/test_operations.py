@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def add_image(ws: Path) -> str:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("ops")
-    cron, fire = cron_a_minute_ahead(datetime.now(timezone.utc))
+    cron, fire = cron_a_minute_ahead(datetime.now(UTC))
     params = tiny_params()
     params["ops"] = {"schedule": cron, "timezone": "UTC", "retries": 1, "retry_delay_seconds": 1,
                      "concurrency_limit": "lathe-test-ops", "trigger_interval_minutes": 1440,

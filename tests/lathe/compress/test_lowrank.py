@@ -8,6 +8,7 @@ import torch
 from lathe.compress.lowrank import RECORD, choose_rank, factorize, lowrank, lowrank_teacher, plan_ranks, write_lowrank
 from lathe.compress.params import LowRankParams
 from lathe.config import parse_section
+from lathe.data.contract import Task
 from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
@@ -18,7 +19,6 @@ from lathe.model.train import to_tensor
 from tests.tiny import TINY_PARAMS, make_prepared, make_teacher
 
 SPEC = ArchSpec(**TINY_PARAMS["train_teacher"]["arch"])
-from lathe.data.contract import Task
 
 TASK = Task(classes=["a", "b", "c", "d"], defective=["c", "d"], image_size=16)
 

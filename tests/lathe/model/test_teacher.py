@@ -104,5 +104,7 @@ def test_members_trained_in_parallel_processes_give_the_same_teacher_as_one_afte
         assert torch.equal(a, b), k
     assert s_result.members == p_result.members and s_result.history == p_result.history
     # every progress row of both members reached the stage, whatever order the two processes sent them in
-    key = lambda r: (r["member"], r["epoch"])
+    def key(r: dict) -> tuple:
+        return r["member"], r["epoch"]
+
     assert sorted(serial_rows, key=key) == sorted(parallel_rows, key=key)
