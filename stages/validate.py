@@ -10,7 +10,8 @@ import logging
 from collections.abc import Sequence
 
 from lathe.data.params import IngestParams, ValidateParams
-from lathe.data.validate import raise_if_failed, validate_prepared, write_report
+from lathe.data.validate import validate_prepared
+from lathe.data.validate_report import raise_if_failed, write_report
 from stages.common import parse_args, run, section
 
 log = logging.getLogger(__name__)

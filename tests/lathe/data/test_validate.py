@@ -17,12 +17,12 @@ from lathe.data.contract import DataParams
 from lathe.data.ingest import ingest, read_manifest, write_prepared
 from lathe.data.params import IngestParams, ValidateParams
 from lathe.data.raw import generate_raw
-from lathe.data.validate import (
+from lathe.data.validate import validate_prepared
+from lathe.data.validate_report import (
     MAX_OFFENDERS,
     RESULT_FILE,
     SUMMARY_FILE,
     raise_if_failed,
-    validate_prepared,
     write_report,
 )
 from lathe.errors import DataError, ValidationFailed
