@@ -110,7 +110,7 @@ def _offenders(table: Table, check: Check, index: list, values: list) -> list[Of
         sid = frame.at[idx, "sample_id"] if "sample_id" in frame else None
         out.append(Offender(
             where=str(frame.at[idx, "where"]), value=value,
-            sample_id=int(sid) if _is_number(sid) else None,
+            sample_id=int(sid) if sid is not None and _is_number(sid) else None,
             note=_duplicate_note(frame, unique_col, idx) if unique_col else "",
         ))
     return out

@@ -91,7 +91,7 @@ def manifest_table(df: pd.DataFrame, cfg: ValidateParams, task: Task) -> Table:
         if t.has(col):  # a missing column is reported once, by manifest_columns
             what = "no empty or non-numeric values" if col in NUMERIC_COLUMNS else "no empty values"
             t.add(f"{col}_not_null", f"{col}: {what}", "ExpectColumnValuesToNotBeNull", column=col)
-    in_set = [("label", list(task.classes)), ("label_index", list(range(task.num_classes))), ("split", list(SPLITS)),
+    in_set: list[tuple[str, list[object]]] = [("label", list(task.classes)), ("label_index", list(range(task.num_classes))), ("split", list(SPLITS)),
               ("src_bit_depth", [8, 16])]
     for col, allowed in in_set:
         if t.has(col):
