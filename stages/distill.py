@@ -15,8 +15,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lathe.compress.distill import control_student, distill_student, write_student_dir
+from lathe.compress.distill import control_student, distill_student
 from lathe.compress.params import DistillParams
+from lathe.compress.result import write_compressed
 from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.model.teacher import history_csv
@@ -58,8 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             result = distill_student(args.teacher_dir, args.prepared_dir, cfg, args.init_dir, progress)
         check = load_split(args.prepared_dir, "val")["images"][:16]
-        record = write_student_dir(args.out_dir, result, check)
-        write_text(args.history_csv, history_csv(result.result.history))
+        record = write_compressed(args.out_dir, result, check)
+        write_text(args.history_csv, history_csv(result.fit.history))
         log.info("%s: best epoch %d, val %s, %d params (teacher %s) -> %s", record["mode"], record["best_epoch"],
                  record["best_val"], record["student_params"], record["teacher_params"], args.out_dir)
 

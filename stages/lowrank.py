@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from lathe.compress.lowrank import lowrank_teacher, write_lowrank
+from lathe.compress.lowrank import lowrank_teacher
 from lathe.compress.params import LowRankParams
+from lathe.compress.result import write_compressed
 from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.model.teacher import history_csv
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         result = lowrank_teacher(args.teacher_dir, args.prepared_dir, cfg, progress)
         check = load_split(args.prepared_dir, "val")["images"][:16]
-        write_lowrank(args.out_dir, result, check)
+        write_compressed(args.out_dir, result, check)
         write_text(args.history_csv, history_csv(result.fit.history))
         rec = result.record
         log.info("%d layers factorised; params %d -> %d, MACs %d -> %d, val acc %.4f -> %.4f (%.4f before fine-tune) -> %s",

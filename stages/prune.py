@@ -8,7 +8,8 @@ import logging
 from collections.abc import Sequence
 
 from lathe.compress.params import PruneParams
-from lathe.compress.prune import prune_teacher, write_pruned
+from lathe.compress.prune import prune_teacher
+from lathe.compress.result import write_compressed
 from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.model.teacher import history_csv
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         result = prune_teacher(args.teacher_dir, args.prepared_dir, cfg, progress, on_round)
         check = load_split(args.prepared_dir, "val")["images"][:16]
-        write_pruned(args.out_dir, result, check)
+        write_compressed(args.out_dir, result, check)
         write_text(args.history_csv, history_csv(result.fit.history))
         rec = result.record
         log.info("MACs %d -> %d (%.1f%% removed), params %d -> %d, val acc %.4f -> %.4f -> %s", rec["teacher"]["macs"],

@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from lathe.compress.params import DistillParams
+from lathe.compress.result import Compressed
 from lathe.data.contract import Task, read_task
 from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
-from lathe.io import sha256_file, write_json
+from lathe.io import sha256_file
 from lathe.model.arch import build_model, count_params
 from lathe.model.params import ArchSpec
-from lathe.model.teacher import FILES, check_trainable, load_model, spec_for_task, write_model_dir
+from lathe.model.teacher import FILES, ONNX_CHECK, check_trainable, load_model, spec_for_task
 from lathe.model.train import (
     Progress,
     TrainResult,
@@ -122,17 +123,6 @@ def make_student(cfg: DistillParams, task: Task, init_dir: Path | None) -> Stude
     return Student(model, spec, source, sha256_file(Path(init_dir) / FILES.weights))
 
 
-@dataclass
-class StudentRun:
-    """A trained student (distilled or control) and the record that goes into distill.json."""
-
-    model: nn.Module
-    spec: ArchSpec
-    image_size: int
-    result: TrainResult
-    record: dict
-
-
 def _record(mode: str, cfg: DistillParams, student: Student, result: TrainResult) -> dict:
     """Fields shared by the distilled student's and the control's distill.json."""
     return {
@@ -141,11 +131,12 @@ def _record(mode: str, cfg: DistillParams, student: Student, result: TrainResult
         "init_weights_sha256": student.init_sha256, "student_params": count_params(student.model),
         "seed": cfg.seed, "epochs": cfg.epochs, "best_epoch": result.best_epoch,
         "best_val": {k: round(v, 6) for k, v in result.best_val.items()},
+        "onnx_check": dict(ONNX_CHECK),  # written only if the export passes (write_model_dir raises otherwise)
     }
 
 
 def distill_student(teacher_dir: Path, prepared_dir: Path, cfg: DistillParams, init_dir: Path | None = None,
-                    progress: Progress | None = None) -> StudentRun:
+                    progress: Progress | None = None) -> Compressed:
     """Load the teacher and the data, check the student against both, distill deterministically."""
     init_dir = init_dir_for(cfg, init_dir)
     # Loaded before seeding: rebuilding the teacher draws from the global RNG, and the control
@@ -171,11 +162,11 @@ def distill_student(teacher_dir: Path, prepared_dir: Path, cfg: DistillParams, i
         "teacher_val": {k: round(v, 6) for k, v in
                         score(predict_logits(teacher, to_tensor(val["images"])), val["labels"], task).items()},
     }
-    return StudentRun(student.model, student.spec, image_size, result, record)
+    return Compressed(student.model, student.spec, image_size, result, record, RECORD)
 
 
 def control_student(prepared_dir: Path, cfg: DistillParams, init_dir: Path | None = None,
-                    progress: Progress | None = None) -> StudentRun:
+                    progress: Progress | None = None) -> Compressed:
     """The control: the student `distill_student` would train, on the same budget, without a teacher."""
     init_dir = init_dir_for(cfg, init_dir)
     gen = make_deterministic(cfg.seed, cfg.threads)
@@ -188,12 +179,5 @@ def control_student(prepared_dir: Path, cfg: DistillParams, init_dir: Path | Non
         "teacher_params": None, "compression_ratio": None, "temperature": None, "alpha": None,
         "teacher_weights_sha256": None, "teacher_val": None,
     }
-    return StudentRun(student.model, student.spec, task.image_size, result, record)
+    return Compressed(student.model, student.spec, task.image_size, result, record, RECORD)
 
-
-def write_student_dir(out_dir: Path, run: StudentRun, check_images: np.ndarray) -> dict:
-    """write_model_dir (weights, arch, ONNX checked vs torch, train.json) plus distill.json; returns the record."""
-    summary = write_model_dir(out_dir, run.model, run.spec, run.image_size, run.result, check_images)
-    record = run.record | {"onnx_check": summary["onnx_check"]}
-    write_json(Path(out_dir) / RECORD, record)
-    return record

@@ -21,14 +21,12 @@ from torch import nn
 
 from lathe.compress.params import LowRankParams
 from lathe.compress.prune import load_data, load_source
+from lathe.compress.result import Compressed
 from lathe.data.contract import Task
 from lathe.determinism import make_deterministic
 from lathe.errors import LatheError
-from lathe.io import write_json
 from lathe.model.arch import ResNetLike, build_model, count_macs, count_params, factor_shape
-from lathe.model.params import ArchSpec
-from lathe.model.teacher import write_model_dir
-from lathe.model.train import Progress, TrainResult, fit, predict_logits, score, to_tensor
+from lathe.model.train import Progress, fit, predict_logits, score, to_tensor
 
 RECORD = "lowrank.json"  # what factorisation did, beside FILES.summary
 
@@ -115,23 +113,12 @@ def factorize(model: ResNetLike, ranks: dict[str, int]) -> ResNetLike:
     return new.eval()
 
 
-@dataclass
-class LowRankResult:
-    """A factorised, fine-tuned model and the record of how it was made."""
-
-    model: ResNetLike
-    spec: ArchSpec
-    image_size: int
-    fit: TrainResult
-    record: dict  # the content of lowrank.json
-
-
 def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in scores.items()}
 
 
 def lowrank(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: LowRankParams,
-            gen: torch.Generator, task: Task, progress: Progress | None = None) -> LowRankResult:
+            gen: torch.Generator, task: Task, progress: Progress | None = None) -> Compressed:
     """Factorise `model` (left untouched) by the energy rule, then fine-tune; returns the model and a record."""
     size, in_ch = model.image_size, model.spec.in_channels
     plans = plan_ranks(model, cfg)
@@ -163,20 +150,14 @@ def lowrank(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.n
         "finetune": cfg.finetune.model_dump(),
         "history": result.history,
     }
-    return LowRankResult(model=factored, spec=factored.spec, image_size=size, fit=result, record=record)
+    return Compressed(model=factored, spec=factored.spec, image_size=size, fit=result, record=record, record_file=RECORD)
 
 
 def lowrank_teacher(teacher_dir: Path, prepared_dir: Path, cfg: LowRankParams,
-                    progress: Progress | None = None) -> LowRankResult:
+                    progress: Progress | None = None) -> Compressed:
     """Deterministically factorise and fine-tune the teacher folder's model on the prepared splits."""
     gen = make_deterministic(cfg.finetune.seed, cfg.finetune.threads)
     teacher = load_source(teacher_dir)
     train, val, task = load_data(prepared_dir, teacher, teacher_dir)
     return lowrank(teacher, train, val, cfg, gen, task, progress)
 
-
-def write_lowrank(out_dir: Path, result: LowRankResult, check_images: np.ndarray) -> dict:
-    """Write the model folder (weights, arch with ranks, ONNX checked against torch, train.json) plus lowrank.json."""
-    summary = write_model_dir(out_dir, result.model, result.spec, result.image_size, result.fit, check_images)
-    write_json(Path(out_dir) / RECORD, result.record)
-    return summary

@@ -23,14 +23,14 @@ import torch_pruning as tp
 from torch import nn
 
 from lathe.compress.params import PruneParams
+from lathe.compress.result import Compressed
 from lathe.data.contract import TASK_FILE, Task, read_task
 from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.io import write_json
 from lathe.model.arch import ResNetLike, build_model, count_macs, count_params, spec_macs, spec_of
 from lathe.model.params import ArchSpec
-from lathe.model.teacher import FILES, check_trainable, load_model, write_model_dir
+from lathe.model.teacher import FILES, check_trainable, load_model
 from lathe.model.train import Progress, TrainResult, fit, predict_logits, score, to_tensor
 
 RECORD = "prune.json"  # what pruning did, beside FILES.summary
@@ -201,24 +201,13 @@ def prune_to_counts(model: ResNetLike, counts: dict[GroupKey, int], importance: 
     return rebuilt.eval()
 
 
-@dataclass
-class PruneResult:
-    """A pruned, fine-tuned model and the record of how it was made."""
-
-    model: ResNetLike
-    spec: ArchSpec
-    image_size: int
-    fit: TrainResult  # every round's fine-tune epochs; best_* are the last round's (the kept weights)
-    record: dict  # the content of prune.json
-
-
 def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in scores.items()}
 
 
 def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: PruneParams,
           gen: torch.Generator, task: Task, progress: Progress | None = None,
-          on_round: RoundHook | None = None) -> PruneResult:
+          on_round: RoundHook | None = None) -> Compressed:
     """Remove `cfg.ratio` of `model`'s MACs or channels in `cfg.steps` rounds, fine-tuning after each;
     returns the final model and a record of every round. `model`'s weights are not changed.
 
@@ -291,7 +280,7 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
         "history": history,
         "unstructured": "not offered: masked (zeroed) weights leave a dense ONNX file as large and as slow",
     }
-    return PruneResult(model=current, spec=spec, image_size=size, fit=result, record=record)
+    return Compressed(model=current, spec=spec, image_size=size, fit=result, record=record, record_file=RECORD)
 
 
 def load_source(model_dir: Path, role: str = "teacher") -> ResNetLike:
@@ -319,16 +308,10 @@ def load_data(prepared_dir: Path, model: ResNetLike,
 
 
 def prune_teacher(teacher_dir: Path, prepared_dir: Path, cfg: PruneParams, progress: Progress | None = None,
-                  on_round: RoundHook | None = None) -> PruneResult:
+                  on_round: RoundHook | None = None) -> Compressed:
     """Deterministically prune the teacher folder's model on the prepared train/val splits."""
     gen = make_deterministic(cfg.finetune.seed, cfg.finetune.threads)
     teacher = load_source(teacher_dir)
     train, val, task = load_data(prepared_dir, teacher, teacher_dir)
     return prune(teacher, train, val, cfg, gen, task, progress, on_round)
 
-
-def write_pruned(out_dir: Path, result: PruneResult, check_images: np.ndarray) -> dict:
-    """Write the model folder (weights, arch, ONNX checked against torch, train.json) plus prune.json."""
-    summary = write_model_dir(out_dir, result.model, result.spec, result.image_size, result.fit, check_images)
-    write_json(Path(out_dir) / RECORD, result.record)
-    return summary

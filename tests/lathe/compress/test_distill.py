@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save as save_tensors
 
-from lathe.compress.distill import RECORD, control_student, distill_student, make_student, write_student_dir
+from lathe.compress.distill import RECORD, control_student, distill_student, make_student
 from lathe.compress.params import DistillParams
+from lathe.compress.result import write_compressed
 from lathe.config import parse_section
 from lathe.data.contract import read_task
 from lathe.data.ingest import load_split
@@ -45,7 +46,7 @@ def first_student(inputs, tmp_path_factory):
     """One distilled student folder, shared by the end-to-end and determinism tests."""
     out = tmp_path_factory.mktemp("student") / "a"
     run = distill_student(inputs / "teacher", inputs / "prepared", tiny_cfg())
-    record = write_student_dir(out, run, load_split(inputs / "prepared", "val")["images"])
+    record = write_compressed(out, run, load_split(inputs / "prepared", "val")["images"])
     return out, run, record
 
 
@@ -63,7 +64,7 @@ def test_distill_writes_a_smaller_student_with_its_record(inputs, first_student)
     assert (record["temperature"], record["alpha"]) == (4.0, 0.7)
     assert 1 <= record["best_epoch"] <= 2 and set(record["best_val"]) == set(record["teacher_val"])
     assert record["onnx_check"] == {"max_abs_diff_limit": 1e-4, "passed": True}
-    assert run.spec == tiny_cfg().student and len(run.result.history) == 2
+    assert run.spec == tiny_cfg().student and len(run.fit.history) == 2
     x = to_tensor(load_split(inputs / "prepared", "val")["images"])
     with torch.no_grad():
         assert torch.equal(load_model(out)(x), run.model.eval()(x))
@@ -71,7 +72,7 @@ def test_distill_writes_a_smaller_student_with_its_record(inputs, first_student)
 
 def test_two_distills_give_byte_identical_onnx_and_weights(inputs, first_student, tmp_path):
     run = distill_student(inputs / "teacher", inputs / "prepared", tiny_cfg())
-    write_student_dir(tmp_path / "b", run, load_split(inputs / "prepared", "val")["images"])
+    write_compressed(tmp_path / "b", run, load_split(inputs / "prepared", "val")["images"])
     for name in (FILES.onnx, FILES.weights, RECORD):
         assert (tmp_path / "b" / name).read_bytes() == (first_student[0] / name).read_bytes()
 
@@ -79,7 +80,7 @@ def test_two_distills_give_byte_identical_onnx_and_weights(inputs, first_student
 def test_control_is_the_same_student_and_budget_without_the_teacher(inputs, first_student):
     control = control_student(inputs / "prepared", tiny_cfg())
     assert control.record["mode"] == "control" and control.record["teacher_params"] is None
-    assert control.record["student_params"] == 1328 and len(control.result.history) == 2
+    assert control.record["student_params"] == 1328 and len(control.fit.history) == 2
     # With alpha = 0 distillation reduces to the control: same init, batches, augmentation, dropout.
     plain = distill_student(inputs / "teacher", inputs / "prepared", tiny_cfg(alpha=0.0))
     a, b = control.model.state_dict(), plain.model.state_dict()

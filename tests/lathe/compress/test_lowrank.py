@@ -5,8 +5,9 @@ import onnx
 import pytest
 import torch
 
-from lathe.compress.lowrank import RECORD, choose_rank, factorize, lowrank, lowrank_teacher, plan_ranks, write_lowrank
+from lathe.compress.lowrank import RECORD, choose_rank, factorize, lowrank, lowrank_teacher, plan_ranks
 from lathe.compress.params import LowRankParams
+from lathe.compress.result import write_compressed
 from lathe.config import parse_section
 from lathe.data.contract import Task
 from lathe.data.ingest import load_split
@@ -77,7 +78,7 @@ def factorised_twice(teacher, tmp_path_factory):
     results = []
     for name in ("a", "b"):
         result = lowrank_teacher(teacher_dir, prepared, tiny_cfg())
-        write_lowrank(out / name, result, check)
+        write_compressed(out / name, result, check)
         results.append(result)
     return results, out
 

@@ -15,8 +15,8 @@ from lathe.compress.prune import (
     prune_teacher,
     prune_to_counts,
     search_counts,
-    write_pruned,
 )
+from lathe.compress.result import write_compressed
 from lathe.config import parse_section
 from lathe.data.contract import Task
 from lathe.data.ingest import load_split
@@ -121,7 +121,7 @@ def pruned_twice(teacher, tmp_path_factory):
     results = []
     for name in ("a", "b"):
         result = prune_teacher(teacher_dir, prepared, tiny_cfg())
-        write_pruned(out / name, result, check)
+        write_compressed(out / name, result, check)
         results.append(result)
     return results, out
 
