@@ -29,16 +29,15 @@ from lathe.config import load_params, parse_section
 from lathe.data.ingest import load_split
 from lathe.errors import LatheError
 from lathe.io import write_json, write_text
-from lathe.measure.bench import (
+from lathe.measure.bench import BenchModel, run_bench
+from lathe.measure.bench_baselines import (
     BASELINE_PRUNED,
-    BenchModel,
-    bench_markdown,
     build_baselines,
     calibration_subset,
     describe_pruned_baseline,
-    run_bench,
 )
-from lathe.measure.evaluate import MODEL_FILE
+from lathe.measure.bench_report import bench_markdown
+from lathe.measure.ort import MODEL_FILE
 from lathe.measure.params import BenchParams
 
 log = logging.getLogger("bench")

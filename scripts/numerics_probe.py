@@ -42,7 +42,7 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
     from lathe.config import load_section
     from lathe.data.contract import Task
     from lathe.determinism import make_deterministic, numerics_record
-    from lathe.measure.evaluate import load_session, predict
+    from lathe.measure.ort import load_session, predict
     from lathe.model.arch import build_model
     from lathe.model.export import export_onnx
     from lathe.model.params import TrainParams

@@ -51,7 +51,7 @@ def build_package(dest: Path, private_key: Path, seed: int = 0, target: str = "e
     `model` replaces the tiny classifier (a hostile one, say); `expected` then gives the self-test's
     expected logits (else onnxruntime computes them here).
     """
-    from lathe.measure.evaluate import load_session, predict
+    from lathe.measure.ort import load_session, predict
 
     pkg = dest / target
     pkg.mkdir(parents=True)

@@ -1,5 +1,8 @@
-"""INT8 quantization of an ONNX model with onnxruntime: static QDQ (the pipeline's), dynamic and
-"onnxruntime defaults" (the bench's baselines).
+"""The quantize step: static INT8 (QDQ) quantization of an ONNX model with onnxruntime, the pipeline's recipe.
+
+Calibration images and readers are in `lathe.compress.calibration`; what got quantized is inspected by
+`lathe.compress.quant_inspect`; the dynamic and "onnxruntime defaults" quantizers (the bench's
+baselines) are in `lathe.compress.quantize_baselines`.
 
 The static path (`quantize_static_int8`), all inside one temporary folder:
 
@@ -22,7 +25,7 @@ processes and PYTHONHASHSEED values (checked). onnxruntime 1.31 writes no temp p
 or timestamps into the model; it adds metadata `onnx.infer` / `onnx.quant.pre_process` (constant)
 and we add `lathe.compress.quantize.*` keys, sorted.
 
-Inputs are (N, S, S) uint8 images preprocessed with `lathe.measure.evaluate.to_input`, so calibration sees
+Inputs are (N, S, S) uint8 images preprocessed with `lathe.measure.ort.to_input`, so calibration sees
 exactly what evaluation and deployment feed the model. Nothing here imports torch.
 """
 
@@ -31,41 +34,34 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from lathe.compress.calibration import (
+    CALIBRATION_BATCH,
+    CALIBRATION_SPLIT,
+    ImageReader,
+    _Single,
+    calibration_ids_sha256,
+    calibration_indices,
+    reader_for,
+)
 from lathe.compress.params import QuantizeParams
+from lathe.compress.quant_inspect import compare_with_float, float_compute_nodes, node_type_counts
 from lathe.data.ingest import image_geometry, load_split
 from lathe.determinism import numerics_record
-from lathe.errors import ConfigError, DataError, LatheError
+from lathe.errors import DataError, LatheError
 from lathe.io import sha256_bytes, sha256_file, write_bytes, write_json
-from lathe.measure.evaluate import (
-    MODEL_FILE,
-    check_input,
-    input_spec,
-    load_proto,
-    load_session,
-    model_files,
-    predict,
-    to_input,
-)
+from lathe.measure.ort import MODEL_FILE, check_input, input_spec, load_proto, load_session, model_files
 from lathe.model.export import set_metadata
 
 # 7-bit weights: CPUs without VNNI (AVX2) multiply uint8 x int8 pairs with a saturating 16-bit add
@@ -74,12 +70,8 @@ from lathe.model.export import set_metadata
 # 704 of 1024 logits apart without it).
 REDUCE_RANGE = True
 RANGE_BITS = 12  # calibration ranges snapped outward to 12 significant bits (snap_outward)
-CALIBRATION_SPLIT = "train"
 CHECK_SPLIT = "val"  # held-out images on which the quantized model is compared with the float one
 RECORD_FILE = "quantize.json"
-# Images per calibrator.collect_data call: bounds memory (the calibrator keeps every intermediate
-# tensor of a call) and fixes how histograms are merged, so it is part of the result. (1,1,S,S)..(32,1,S,S).
-CALIBRATION_BATCH = 32
 ENTROPY_QUANTIZED_BINS = 128  # onnxruntime's own default for the simulated quantized histogram
 QUANT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
 CALIBRATION_METHODS = {
@@ -88,14 +80,6 @@ CALIBRATION_METHODS = {
 }
 # The op types quantize_static quantizes when not told otherwise (sorted: the library builds them from a set).
 QUANTIZABLE_OPS = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-# Layers whose arithmetic should run in int8 once quantized; reported when they stay float.
-COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-# What `quantize_static` uses when called with only (model, output, reader) in onnxruntime 1.31.
-ORT_STATIC_DEFAULTS = {
-    "quant_format": "QDQ", "activation_type": "qint8", "weight_type": "qint8", "per_channel": False,
-    "reduce_range": False, "calibrate_method": "minmax", "quant_pre_process": False,
-}
 
 
 @dataclass(frozen=True)
@@ -104,77 +88,6 @@ class QuantizeResult:
 
     model_bytes: bytes
     record: dict
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration data
-
-
-def calibration_indices(n_train: int, size: int, seed: int) -> np.ndarray:
-    """`size` distinct positions in a split of `n_train` samples, drawn with `seed`, sorted (int64)."""
-    if size > n_train:
-        raise ConfigError(f"quantize.calibration_size = {size} is larger than the {CALIBRATION_SPLIT} split "
-                          f"({n_train} samples); lower it to at most {n_train}")
-    if size < 1:
-        raise ConfigError(f"quantize.calibration_size = {size}; need at least 1 sample")
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_train, size=size, replace=False)).astype(np.int64)
-
-
-def calibration_ids_sha256(sample_ids: Sequence[int] | np.ndarray) -> str:
-    """sha256 of the canonical id list: the ids sorted ascending, unique, each in decimal followed by
-    "\\n", UTF-8. Reproducible in a shell: `jq -r '.calibration.sample_ids[]' quantize.json | sha256sum`."""
-    ids = sorted({int(i) for i in np.asarray(sample_ids).ravel().tolist()})
-    return sha256_bytes("".join(f"{i}\n" for i in ids).encode("utf-8"))
-
-
-class ImageReader(CalibrationDataReader):
-    """Feeds (n, 1, S, S) float32 batches of the given (N, S, S) uint8 images, in order.
-
-    `batch` is the model's fixed batch size if it has one; N must then be a multiple of it
-    (padding would calibrate on blank images).
-    """
-
-    def __init__(self, input_name: str, images_uint8: np.ndarray, batch: int = CALIBRATION_BATCH) -> None:
-        if len(images_uint8) == 0:
-            raise DataError("no calibration images")
-        self.input_name, self.images, self.batch = input_name, images_uint8, batch
-        self._it: Iterator[dict[str, np.ndarray]] = iter(())
-        self.rewind()
-
-    def __len__(self) -> int:
-        return -(-len(self.images) // self.batch)
-
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, len(self.images), self.batch):
-            yield {self.input_name: to_input(self.images[start : start + self.batch])}
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = self.batches()
-
-
-class _Single(CalibrationDataReader):
-    """A reader over one feed (one collect_data call per batch)."""
-
-    def __init__(self, feed: dict[str, np.ndarray]) -> None:
-        self.feed: dict[str, np.ndarray] | None = feed
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        feed, self.feed = self.feed, None
-        return feed
-
-
-def reader_for(model_path: Path, images_uint8: np.ndarray) -> ImageReader:
-    """An ImageReader with the model's input name and batch (fixed batch honoured, else CALIBRATION_BATCH)."""
-    name, shape = input_spec(load_session(model_path, threads=1))
-    fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
-    if fixed and len(images_uint8) % fixed:
-        raise ConfigError(f"{model_path} has a fixed batch of {fixed} but {len(images_uint8)} calibration images "
-                          f"were given; use a quantize.calibration_size that is a multiple of {fixed}")
-    return ImageReader(name, images_uint8, fixed or CALIBRATION_BATCH)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,103 +224,6 @@ def quantize_static_int8(model_path: Path, images: np.ndarray, cfg: QuantizePara
         return _finish(out, metadata)
 
 
-def quantize_static_defaults(model_path: Path, images: np.ndarray, workdir: Path | None = None) -> bytes:
-    """What a user calling `quantize_static(model, out, reader)` gets: no pre-processing, and
-    onnxruntime 1.31's defaults (ORT_STATIC_DEFAULTS: QDQ, int8 activations and weights, per-tensor,
-    no reduce_range, MinMax over every quantizable op). Calibrated on `images` like the pipeline."""
-    model_path = Path(model_path)
-    check_source(model_path)
-    reader = reader_for(model_path, images)
-    with tempfile.TemporaryDirectory(prefix="lathe-quantize-", dir=workdir) as tmp:
-        out = Path(tmp) / "model.onnx"
-        try:
-            with _quiet():
-                quantize_static(str(model_path), str(out), reader)
-        except Exception as exc:
-            raise LatheError(f"{model_path}: onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
-        return _finish(out, None)
-
-
-def quantize_dynamic_int8(model_path: Path, workdir: Path | None = None, per_channel: bool = False,
-                          weight_type: str = "qint8", preprocess: bool = True) -> bytes:
-    """Dynamic INT8 model bytes: weights quantized offline, activations at run time (no calibration).
-
-    onnxruntime's dynamic defaults otherwise (all ops of its integer-ops registry, per-tensor int8
-    weights, no reduce_range). Measured on CNNs here it runs several times slower than FP32
-    (ConvInteger + float rescaling); it is offered for comparison only. `preprocess` runs
-    quant_pre_process first.
-    """
-    model_path = Path(model_path)
-    check_source(model_path)
-    if weight_type not in QUANT_TYPES:
-        raise ConfigError(f"weight_type {weight_type!r}: expected one of {sorted(QUANT_TYPES)}")
-    with tempfile.TemporaryDirectory(prefix="lathe-quantize-", dir=workdir) as tmp:
-        src, out = model_path, Path(tmp) / "model.onnx"
-        if preprocess:
-            src = Path(tmp) / "pre.onnx"
-            pre_process(model_path, src)
-        try:
-            with _quiet():
-                quantize_dynamic(str(src), str(out), per_channel=per_channel, weight_type=QUANT_TYPES[weight_type])
-        except Exception as exc:
-            raise LatheError(f"{model_path}: onnxruntime quantize_dynamic failed: {type(exc).__name__}: {exc}") from exc
-        return _finish(out, None)
-
-
-# ---------------------------------------------------------------------------------------------
-# What got quantized
-
-
-def node_type_counts(proto: onnx.ModelProto) -> dict[str, int]:
-    """op_type -> number of nodes in the main graph, sorted by op_type (domain-qualified if not ONNX)."""
-    counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in proto.graph.node)
-    return dict(sorted(counts.items()))
-
-
-def float_compute_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Names of Conv/Gemm/MatMul nodes left in float: data input or weight not fed by DequantizeLinear."""
-    producer = {out: n.op_type for n in proto.graph.node for out in n.output}
-    left = []
-    for n in proto.graph.node:
-        if n.op_type in COMPUTE_OPS and any(producer.get(x) != "DequantizeLinear" for x in n.input[:2]):
-            left.append(n.name or f"{n.op_type}({n.output[0]})")
-    return sorted(left)
-
-
-def runtime_node_types(model_bytes: bytes, threads: int = 1) -> dict[str, int]:
-    """op_type counts of the graph onnxruntime actually runs on this machine (ORT_ENABLE_ALL).
-
-    Shows which QDQ groups were fused into QLinearConv & co. and which stayed as float ops between
-    DequantizeLinear/QuantizeLinear. Depends on the CPU (e.g. VNNI) and onnxruntime version: a
-    diagnostic, not part of any recorded artifact.
-    """
-    with tempfile.TemporaryDirectory(prefix="lathe-quantize-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        opts.log_severity_level = 3
-        ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
-        return node_type_counts(onnx.load(opts.optimized_model_filepath))
-
-
-def compare_with_float(quantized_path: Path, float_path: Path, images: np.ndarray) -> dict[str, float | int]:
-    """Run both models on (N, S, S) uint8 images: argmax agreement and max |logit difference|.
-
-    Raises if the quantized model's outputs are not all finite.
-    """
-    q = predict(load_session(quantized_path, threads=1), images)
-    f = predict(load_session(float_path, threads=1), images)
-    if not np.isfinite(q).all():
-        raise LatheError(f"{quantized_path}: the quantized model outputs non-finite logits")
-    return {
-        "n": int(len(images)),
-        "argmax_agreement": round(float((q.argmax(1) == f.argmax(1)).mean()), 6),
-        # 4 decimals: the float model's logits differ in the last bit between AVX-512 and AVX2 kernels
-        "max_abs_logit_diff": round(float(np.abs(q - f).max()), 4),
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole step
 
@@ -452,6 +268,7 @@ def quantize_model(model_dir: Path, prepared_dir: Path, cfg: QuantizeParams) -> 
             "split": CALIBRATION_SPLIT, "seed": cfg.seed, "size": cfg.calibration_size,
             "n_split": int(len(train["images"])), "sample_ids": ids, "sample_ids_sha256": ids_sha,
             "method": cfg.method, "options": calibrator_options(cfg), "batch": batch,
+            # part of quantize.json's bytes: names to_input's module as first written (it is now lathe.measure.ort)
             "preprocessing": "uint8 / 255 -> (N, C, S, S) float32 (lathe.measure.evaluate.to_input)",
         },
         "quantization": {

@@ -194,7 +194,7 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def count_macs(model: nn.Module, image_size: int, in_channels: int = 1) -> int:
     """Multiply-accumulates for one (1, C, S, S) image: convs out_elems * Cin/groups * kH * kW,
-    linears out * in; pooling, adds and activations are not counted (as lathe.measure.evaluate counts ONNX).
+    linears out * in; pooling, adds and activations are not counted (as lathe.measure.ort counts ONNX).
 
     Runs one forward pass in eval mode on the model's device (works on the meta device) and
     restores the training flag.

@@ -30,7 +30,7 @@ class Threshold:
 
 def p_defective(logits: np.ndarray, defective: Sequence[int]) -> np.ndarray:
     """(N, K) logits -> (N,) float64 softmax mass on the defective class indices."""
-    from lathe.measure.evaluate import softmax
+    from lathe.measure.ort import softmax
 
     return softmax(logits)[:, list(defective)].sum(axis=1)
 
@@ -219,7 +219,7 @@ def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits
 
     Returns the candidate and its logits per split.
     """
-    from lathe.measure.evaluate import load_session, model_files, predict
+    from lathe.measure.ort import load_session, model_files, predict
 
     model_path = models_dir / variant / MODEL_FILE
     files = model_files(model_path)

@@ -7,7 +7,7 @@ import yaml
 from lathe.measure.metrics import HEADLINE_KEYS
 from lathe.measure.reports import read_report
 from stages import evaluate as stage
-from tests.lathe.test_evaluate import write_model_dir, write_test_split
+from tests.lathe.measure.test_evaluate import write_model_dir, write_test_split
 from tests.tiny import tiny_params
 
 

@@ -6,8 +6,8 @@ import yaml
 from lathe.measure.evaluate import evaluate_model
 from lathe.measure.params import EvaluateParams
 from stages import quantize as stage
-from tests.lathe.test_evaluate import write_test_split
-from tests.lathe.test_quantize import write_model, write_prepared
+from tests.lathe.compress.test_quantize import write_model, write_prepared
+from tests.lathe.measure.test_evaluate import write_test_split
 from tests.tiny import tiny_params
 
 

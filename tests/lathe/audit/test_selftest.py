@@ -225,7 +225,7 @@ def test_the_child_runs_isolated_from_the_working_directory(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     (tmp_path / "case").mkdir()
     model, st = write_case(tmp_path / "case", tiny_model(0))
-    from lathe.measure.evaluate import load_session, predict
+    from lathe.measure.ort import load_session, predict
 
     expected = predict(load_session(model, 1), np.zeros((2, SIZE, SIZE), np.uint8))
     st.write_bytes(npz_bytes({"images": np.zeros((2, SIZE, SIZE), np.uint8), "logits": expected}))

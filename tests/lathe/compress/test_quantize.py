@@ -12,28 +12,21 @@ import torch
 from onnx import TensorProto, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-from lathe.compress.params import QuantizeParams
-from lathe.compress.quantize import (
+from lathe.compress.calibration import (
     CALIBRATION_BATCH,
-    ORT_STATIC_DEFAULTS,
     ImageReader,
     calibration_ids_sha256,
     calibration_indices,
-    float_compute_nodes,
-    node_type_counts,
-    pre_process,
-    quantize_dynamic_int8,
-    quantize_model,
-    quantize_static_defaults,
-    quantize_static_int8,
     reader_for,
-    runtime_node_types,
-    write_quantized,
 )
+from lathe.compress.params import QuantizeParams
+from lathe.compress.quant_inspect import float_compute_nodes, node_type_counts, runtime_node_types
+from lathe.compress.quantize import pre_process, quantize_model, quantize_static_int8, write_quantized
+from lathe.compress.quantize_baselines import ORT_STATIC_DEFAULTS, quantize_dynamic_int8, quantize_static_defaults
 from lathe.data.ingest import load_split
 from lathe.errors import ConfigError, DataError, LatheError
 from lathe.io import read_json, save_arrays, sha256_file
-from lathe.measure.evaluate import count_onnx_params, load_session, model_files, predict, to_input
+from lathe.measure.ort import count_onnx_params, load_session, model_files, predict, to_input
 from lathe.model.arch import build_model
 from lathe.model.export import export_onnx
 from lathe.model.params import ArchSpec
@@ -160,7 +153,7 @@ def test_static_int8_is_byte_identical_across_runs_and_processes(tmp_path):
     # A fresh interpreter with another hash seed: no set/dict-order or temp-name leaks into the bytes.
     npy = tmp_path / "images.npy"
     np.save(npy, images)
-    code = ("import sys, numpy as np; from pathlib import Path; from lathe.config import QuantizeParams; "
+    code = ("import sys, numpy as np; from pathlib import Path; from lathe.compress.params import QuantizeParams; "
             "from lathe.compress.quantize import quantize_static_int8; "
             f"sys.stdout.buffer.write(quantize_static_int8(Path({str(src)!r}), np.load({str(npy)!r}), "
             f"QuantizeParams.model_validate({TINY.model_dump()!r})))")

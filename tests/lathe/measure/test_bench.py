@@ -15,23 +15,18 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from bench import run as bench_run
 from lathe.errors import LatheError
 from lathe.io import save_arrays
-from lathe.measure.bench import (
-    ROW_KEYS,
-    BenchModel,
-    acceptance_check,
-    bench_markdown,
-    bench_rows,
-    build_baselines,
-    calibration_subset,
-    describe_pruned_baseline,
+from lathe.measure.bench import ROW_KEYS, BenchModel, acceptance_check, bench_rows
+from lathe.measure.bench_baselines import build_baselines, calibration_subset, describe_pruned_baseline
+from lathe.measure.bench_report import bench_markdown
+from lathe.measure.bench_timing import (
     int8_matmul_model,
     int8_matmul_throughput,
     interleaved_latency,
     physical_floor,
 )
-from lathe.measure.evaluate import load_session
+from lathe.measure.ort import load_session
 from lathe.measure.params import BenchParams
-from tests.lathe.test_evaluate import SIZE, tiny_model, write_test_split
+from tests.lathe.measure.test_evaluate import SIZE, tiny_model, write_test_split
 from tests.tiny import tiny_params
 
 CFG = BenchParams()  # targets: >= 25x size, >= 5x p50, <= 1 pt accuracy and recall drop
@@ -162,11 +157,11 @@ def test_calibration_subset_is_seeded_and_capped():
 
 
 def test_calibration_subset_is_the_quantize_stages_and_survives_without_it(monkeypatch):
-    from lathe.compress.quantize import calibration_indices
+    from lathe.compress.calibration import calibration_indices
 
     images = np.arange(50 * 4, dtype=np.uint8).reshape(50, 2, 2)
     np.testing.assert_array_equal(calibration_subset(images, 8, 3), images[calibration_indices(50, 8, 3)])
-    monkeypatch.setitem(sys.modules, "lathe.compress.quantize", None)  # as if the module did not exist: ImportError
+    monkeypatch.setitem(sys.modules, "lathe.compress.calibration", None)  # as if the module did not exist: ImportError
     np.testing.assert_array_equal(calibration_subset(images, 8, 3), images[calibration_indices(50, 8, 3)])
 
 
@@ -175,7 +170,7 @@ def test_baselines_build_with_lathe_quantize_or_plain_onnxruntime(tmp_path, monk
     calibration = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8)
     for label in ("lathe_quantize", "fallback"):
         if label == "fallback":
-            monkeypatch.setitem(sys.modules, "lathe.compress.quantize", None)
+            monkeypatch.setitem(sys.modules, "lathe.compress.quantize_baselines", None)
         models = build_baselines(tmp_path / "teacher.onnx", tmp_path / label, calibration)
         assert [(m.name, m.role) for m in models] == [("ort_dynamic_int8", "baseline"),
                                                       ("ort_static_int8_defaults", "baseline")]

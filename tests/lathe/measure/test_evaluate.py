@@ -18,19 +18,18 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from lathe.data.contract import Task
 from lathe.errors import DataError, LatheError
 from lathe.io import save_arrays
-from lathe.measure.evaluate import (
+from lathe.measure.evaluate import evaluate_model, quality_metrics
+from lathe.measure.metrics import TIMING_KEYS
+from lathe.measure.ort import (
     count_onnx_macs,
     count_onnx_params,
-    evaluate_model,
     load_session,
     measure_latency,
     measure_throughput,
     model_files,
     predict,
-    quality_metrics,
     softmax,
 )
-from lathe.measure.metrics import TIMING_KEYS
 from lathe.measure.params import EvaluateParams
 from lathe.model.arch import build_model, count_params
 from lathe.model.export import INPUT_NAME, export_onnx

@@ -19,7 +19,7 @@ from lathe.measure.reports import (
     split_metrics,
     write_reports,
 )
-from tests.lathe.test_evaluate import FAST, write_model_dir, write_test_split
+from tests.lathe.measure.test_evaluate import FAST, write_model_dir, write_test_split
 
 PNG = b"\x89PNG\r\n\x1a\n not drawn here"
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from lathe.config import parse_section
 from lathe.errors import ConfigError
-from lathe.measure.evaluate import count_onnx_macs
+from lathe.measure.ort import count_onnx_macs
 from lathe.model.arch import LowRankConv, build_model, count_macs, count_params, final_feature_size, spec_macs, spec_of
 from lathe.model.export import export_onnx, max_abs_diff_vs_torch
 from lathe.model.params import ArchSpec, TrainParams

@@ -1,0 +1,83 @@
+"""bench.md: the side-by-side table, the physical floor and the acceptance verdict of a `make bench` report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lathe.measure.bench_timing import MATMUL_OP, bench_timing_method
+from lathe.measure.compare import fmt_bytes, fmt_count, fmt_ms, fmt_pct
+
+
+def _floor_note(f: Mapping[str, Any]) -> str:
+    return (f"{MATMUL_OP}, shapes {', '.join('x'.join(map(str, s)) for s in f['matmul_shapes'])} (MxKxN), "
+            f"median of {f['matmul_repeats']} calls each, fastest shape, {f['threads']} thread(s)")
+
+
+def bench_markdown(report: Mapping[str, Any]) -> str:
+    """bench.md: the side-by-side table, the physical floor, and PASS/FAIL per acceptance criterion."""
+    rows, floor, acc, setup = report["rows"], report["floor"], report["acceptance"], report["setup"]
+    teacher = next((r for r in rows if r["role"] == "teacher"), None)
+    machine = setup["machine"]
+    lines = [
+        "# Benchmark: pipeline INT8 vs the FP32 teacher and do-it-yourself baselines",
+        "",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['platform']}; "
+        f"onnxruntime {machine['onnxruntime']}, CPU provider, {setup['threads']} intra-op thread(s), batch 1.",
+        f"Latency: {bench_timing_method(setup['threads'], setup['runs'], setup['warmup'])}. These are this "
+        "benchmark's own figures: reports/compare.md and the model cards quote the evaluate stage's (each model "
+        "timed alone, in its own stage run, with the evaluate params), so the two differ on the same machine.",
+        f"Quality: the test split of `{setup['prepared_dir']}`, {setup['test_samples']} images of "
+        f"{setup['image_size']}x{setup['image_size']} px; defective = {', '.join(setup['defective_classes'])}. "
+        "1 KB = 1000 B.",
+        "",
+        "| model | role | size | vs teacher | accuracy | defective recall | p50 | p95 | speedup (p50) | params "
+        "| MACs | floor size | floor p50 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        f = floor["models"][r["name"]]
+        if teacher is None or r is teacher:
+            size_vs, speed = "-", "-"
+        else:
+            size_vs = f"{teacher['size_bytes'] / r['size_bytes']:.1f}x smaller" if r["size_bytes"] else "n/a"
+            speed = f"{teacher['latency_p50_ms'] / r['latency_p50_ms']:.2f}x" if r["latency_p50_ms"] else "n/a"
+        lines.append(
+            f"| {r['name']} | {r['role']} | {fmt_bytes(r['size_bytes'])} | {size_vs} | {fmt_pct(r['accuracy'])} "
+            f"| {fmt_pct(r['defective_recall'])} | {fmt_ms(r['latency_p50_ms'])} | {fmt_ms(r['latency_p95_ms'])} "
+            f"| {speed} | {fmt_count(r['params'])} | {fmt_count(r['macs'])} | {fmt_bytes(f['int8_param_bytes'])} "
+            f"| {fmt_ms(f['latency_ms'])} |"
+        )
+    lines += [
+        "",
+        "## Physical floor",
+        "",
+        f"Measured int8 matrix-multiply throughput: **{floor['int8_macs_per_s'] / 1e9:.1f} GMAC/s** "
+        f"({_floor_note(floor)}).",
+        "Floor size = parameters at one byte each; floor p50 = MACs at that rate. Both ignore scales, graph, "
+        "activations, memory traffic and non-matmul ops: lower bounds, not targets.",
+        "",
+    ]
+    if acc["variant"] is None:
+        lines += ["## Acceptance", "", f"**FAIL**: {acc['criteria'][0]['detail']}", ""]
+    else:
+        lines += [
+            f"## Acceptance: {acc['variant']} vs {acc['teacher']}",
+            "",
+            "Best pipeline INT8 variant (most criteria passed, then accuracy, then p50): "
+            + ", ".join(f"{n} {k}/5" for n, k in acc["candidates"].items()) + ".",
+            "",
+            "| criterion | measured | target | result |",
+            "|---|---:|---|---|",
+        ]
+        units = {"size_ratio": "x", "latency_ratio": "x", "accuracy_drop_pt": " pt", "defective_recall_drop_pt": " pt"}
+        for c in acc["criteria"]:
+            measured = c["detail"] if c["value"] is None else f"{c['value']:.2f}{units.get(c['name'], '')}"
+            lines.append(f"| {c['name']} | {measured} | {c['target']} | {'PASS' if c['passed'] else 'FAIL'} |")
+        lines += ["", f"Overall: **{'PASS' if acc['passed'] else 'FAIL'}**", ""]
+    lines += ["## How each model was made", ""]
+    lines += [f"- **{name}**: {origin}" for name, origin in setup["origins"].items()]
+    if setup["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in setup["notes"]]
+    lines.append("")
+    return "\n".join(lines)
