@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.artifacts import FAILURE_ARTIFACT_KEY
 from flows.env import subprocess_env
+from flows.pipeline import run_pipeline  # imported before prefect: applies the offline env
 from flows.recovery import (
     LAST_GOOD,
     LockfileBroken,
@@ -19,7 +21,6 @@ from flows.recovery import (
     recover_workspace,
     remove_dvc_temps,
 )
-from flows.pipeline import FAILURE_ARTIFACT_KEY, run_pipeline  # imported before prefect: applies the offline env
 from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
 from tests.lathe.test_io import killed_stage_scratch
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from flows.artifacts import METRICS_ARTIFACT_KEY
 from flows.env import subprocess_env
-from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: applies the offline env
 from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT
 from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
 from tests.tiny import stop_process
