@@ -42,7 +42,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from flows.pipeline import flatten  # noqa: E402
+from flows.artifacts import flatten  # noqa: E402
 from lathe.measure.compare import pareto_front  # noqa: E402
 from lathe.ship.signing import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY
 

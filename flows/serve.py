@@ -174,7 +174,7 @@ def serve(repo: Path | None = None, api_url: str | None = None, database_url: st
         from prefect import serve as prefect_serve
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        from flows.pipeline import ensure_concurrency_limit
+        from flows.concurrency import ensure_concurrency_limit
 
         with temporary_settings(updates={PREFECT_API_URL: url}), contextlib.chdir(PROJECT_ROOT):
             ensure_concurrency_limit(ops.concurrency_limit)

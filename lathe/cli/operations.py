@@ -54,7 +54,9 @@ def run_cmd(
         os.environ["LATHE_VERBOSE"] = "1"
     from dvc.exceptions import DvcException
 
-    from flows.pipeline import PipelineBusy, StageFailed, run_pipeline
+    from flows.concurrency import PipelineBusy
+    from flows.failures import StageFailed
+    from flows.pipeline import run_pipeline
 
     try:
         result = run_pipeline(repo=root, stages=stage or None, retries=retries)

@@ -1,4 +1,4 @@
-"""Failure semantics of flows/pipeline.py: transient failures are retried (visible in the task run's
+"""Failure semantics of flows/pipeline.py and flows/failures.py: transient failures are retried (visible in the task run's
 state history), data failures are not and end the run Failed with the failed expectations."""
 
 from __future__ import annotations
@@ -13,15 +13,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import Failed
 
-from flows.pipeline import (  # imported before prefect: applies the offline env
-    DATA_ERROR_EXIT,
-    FAILURE_ARTIFACT_KEY,
-    StageFailed,
-    classify_failure,
-    load_ops,
-    retry_transient,
-    run_pipeline,
-)
+from flows.artifacts import FAILURE_ARTIFACT_KEY
+from flows.failures import StageFailed, classify_failure, retry_transient
+from flows.pipeline import load_ops, run_pipeline  # imported before prefect: applies the offline env
+from lathe.errors import DATA_ERROR_EXIT
 from tests.flows.test_pipeline_flow import artifacts, make_repo
 
 SUMMARY = "| expectation | column | result |\n|---|---|---|\n| expect_column_values_to_be_in_set | label | FAILED: 7 rows with label 9 |\n"

@@ -19,16 +19,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.settings import PREFECT_API_URL
 
+from flows.artifacts import FAILURE_ARTIFACT_KEY, METRICS_ARTIFACT_KEY, metrics_markdown, metrics_report
 from flows.env import subprocess_env
-from flows.pipeline import (  # imported before prefect: applies the offline env
-    FAILURE_ARTIFACT_KEY,
-    METRICS_ARTIFACT_KEY,
-    StageFailed,
-    metrics_markdown,
-    metrics_report,
-    plan_stages,
-    run_pipeline,
-)
+from flows.failures import StageFailed
+from flows.pipeline import plan_stages, run_pipeline  # imported before prefect: applies the offline env
 
 FAIL_B = "python -c \"import sys; print('[b] FAILED: bad file x.png', file=sys.stderr); sys.exit(1)\""
 METRICS = {"accuracy": 0.75, "size": {"kb": 12}}
@@ -324,7 +318,7 @@ def test_runs_creating_the_concurrency_limit_at_once_all_succeed(prefect_server:
     """Prefect's upsert is read-then-create; racing creators must not fail a run (CI saw a 409 once)."""
     import threading
 
-    from flows.pipeline import ensure_concurrency_limit
+    from flows.concurrency import ensure_concurrency_limit
 
     for attempt in range(5):  # fresh names: each round races on a limit that does not exist yet
         name = f"lathe-test-race-{attempt}"
@@ -350,7 +344,7 @@ def test_runs_creating_the_concurrency_limit_at_once_all_succeed(prefect_server:
 def test_a_second_run_is_refused_after_the_timeout(prefect_server: None, tmp_path: Path) -> None:
     import time
 
-    from flows.pipeline import PipelineBusy
+    from flows.concurrency import PipelineBusy
 
     timeline = tmp_path / "timeline.log"
     repo = slow_repo(tmp_path / "repo", timeline, 4.0, concurrency_limit="lathe-test-refuse",

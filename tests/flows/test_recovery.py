@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.artifacts import FAILURE_ARTIFACT_KEY
 from flows.env import subprocess_env
-from flows.pipeline import FAILURE_ARTIFACT_KEY, run_pipeline  # imported before prefect: applies the offline env
+from flows.pipeline import run_pipeline  # imported before prefect: applies the offline env
 from flows.recovery import (
     LAST_GOOD,
     LockfileBroken,

@@ -19,8 +19,8 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
+from flows.artifacts import METRICS_ARTIFACT_KEY
 from flows.env import subprocess_env
-from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: applies the offline env
 from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT
 from tests.flows.test_pipeline_flow import artifacts, make_repo, toy_stages
 from tests.tiny import stop_process

@@ -39,8 +39,8 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.artifacts import METRICS_ARTIFACT_KEY
 from flows.env import subprocess_env
-from flows.pipeline import METRICS_ARTIFACT_KEY  # imported before prefect: applies the offline env
 from flows.serve import PIPELINE_DEPLOYMENT, TRIGGER_DEPLOYMENT, api_healthy
 from flows.trigger import TRIGGER_ARTIFACT_KEY
 from flows.workpool import deployment_names
