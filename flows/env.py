@@ -10,15 +10,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-# No tool phones home; the ephemeral Prefect server takes 10-20 s to start on this machine.
-OFFLINE_ENV: Mapping[str, str] = {
-    "DVC_NO_ANALYTICS": "1",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "ORT_DISABLE_TELEMETRY": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}
+from lathe.offline import OFFLINE_ENV
+
+# No tool phones home (lathe.offline); the ephemeral Prefect server takes 10-20 s to start on this machine.
+FLOW_ENV: Mapping[str, str] = {**OFFLINE_ENV, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def apply_offline_env(prefect_home: Path | None = None) -> None:
@@ -26,7 +21,7 @@ def apply_offline_env(prefect_home: Path | None = None) -> None:
 
     `prefect_home`, when given, becomes the default PREFECT_HOME (Prefect state inside the project).
     """
-    for key, value in OFFLINE_ENV.items():
+    for key, value in FLOW_ENV.items():
         os.environ.setdefault(key, value)
     if prefect_home is not None:
         os.environ.setdefault("PREFECT_HOME", str(prefect_home))
@@ -34,6 +29,6 @@ def apply_offline_env(prefect_home: Path | None = None) -> None:
 
 def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """os.environ plus the offline defaults (existing values win), plus `extra` (which wins)."""
-    env = {**OFFLINE_ENV, **os.environ}
+    env = {**FLOW_ENV, **os.environ}
     env.update(extra or {})
     return env

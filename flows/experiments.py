@@ -44,7 +44,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.artifacts import flatten  # noqa: E402
 from lathe.measure.compare import pareto_front  # noqa: E402
-from lathe.ship.signing import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY
+from lathe.ship.signing import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY  # noqa: E402
 
 ARTIFACT_KEY = "lathe-experiments"
 REPORT_MD = Path("reports/experiments.md")
@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.experiments", description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=None)
     parser.add_argument("--set", dest="sets", type=parse_set, action="append", default=None,
-                        help="a grid axis KEY=V1,V2 (repeatable; default: %s)" % json.dumps(DEFAULT_GRID))
+                        help=f"a grid axis KEY=V1,V2 (repeatable; default: {json.dumps(DEFAULT_GRID)})")
     parser.add_argument("--target", dest="targets", action="append", default=None,
                         help="stage each experiment reproduces (repeatable; default compare; 'all' = whole pipeline)")
     parser.add_argument("--jobs", type=int, default=1)

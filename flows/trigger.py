@@ -23,13 +23,13 @@ from flows.env import apply_offline_env
 
 apply_offline_env(prefect_home=Path.cwd() / ".prefect" if __name__ == "__main__" else None)
 
-from flows.artifacts import read_packages  # noqa: E402
-from flows.failures import LOCK_HELD  # noqa: E402
-from flows.pipeline import run_pipeline  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
+from flows.artifacts import read_packages  # noqa: E402
+from flows.failures import LOCK_HELD  # noqa: E402
+from flows.pipeline import run_pipeline  # noqa: E402
 
 TRIGGER_ARTIFACT_KEY = "lathe-trigger"
 RAW_DVC = "data/raw.dvc"

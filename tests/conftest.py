@@ -6,6 +6,12 @@ from typing import Any
 
 import pytest
 
+from flows.env import apply_offline_env
+
+# Before any test module imports prefect (which reads its settings once) or runs a tool: offline, no
+# telemetry, also when pytest is run directly rather than through `make test`.
+apply_offline_env()
+
 
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

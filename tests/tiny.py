@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from lathe.offline import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -99,10 +101,7 @@ def make_teacher(root: Path, prepared: Path, epochs: int = 1) -> Path:
 def offline_env() -> dict[str, str]:
     """The environment the Makefile sets: venv first on PATH, telemetry off."""
     env = dict(os.environ)
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "ORT_DISABLE_TELEMETRY": "1", "GX_ANALYTICS_ENABLED": "false",
-    })
+    env.update({**OFFLINE_ENV, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
     return env
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from lathe.io import load_yaml
+from lathe.offline import OFFLINE_ENV
 from lathe.ship.contract import MANIFEST_FILE, MAX_FILE_BYTES, MODEL_FILE, PACKAGE_FILES
 
 MAX_LOCK_COMMITS = 500  # dvc.lock history walked at most this deep
@@ -43,7 +44,7 @@ class PackageRecord:
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
+    env = {**os.environ, **OFFLINE_ENV}
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
 
 

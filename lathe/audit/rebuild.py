@@ -24,6 +24,7 @@ from lathe.audit.rebuild_report import report_rebuild
 from lathe.audit.report import VerifyReport
 from lathe.audit.trust import Trust
 from lathe.determinism import REQUIRED_CPU_FLAGS, cpu_model, machine_can_honour_pins
+from lathe.offline import OFFLINE_ENV
 from lathe.ship.build import ENV_FLOW_RUN
 from lathe.ship.contract import MANIFEST_FILE
 from lathe.ship.lineage import lock_mismatch
@@ -46,9 +47,7 @@ def _tool(name: str) -> str:
 def _env(flow_run_id: str | None, signing_key: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "ORT_DISABLE_TELEMETRY": "1", "GX_ANALYTICS_ENABLED": "false",
-                ENV_SIGNING_KEY: str(signing_key)})
+    env.update({**OFFLINE_ENV, ENV_SIGNING_KEY: str(signing_key)})
     if flow_run_id:
         env[ENV_FLOW_RUN] = str(flow_run_id)
     else:

@@ -17,11 +17,13 @@ import pandas as pd
 
 from lathe.data.validate_report import MAX_OFFENDERS, Offender, Outcome, short
 from lathe.data.validate_tables import Check, Table
+from lathe.offline import OFFLINE_ENV
 
 
 def import_gx() -> Any:
     """Import great_expectations quietly (no analytics), only when a validation runs."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
     # GE logs hundreds of setup lines at INFO while importing (some modules pin their own logger
     # to INFO), and stages log at INFO: mute INFO during the import, then raise GE's loggers.
     previous = logging.root.manager.disable

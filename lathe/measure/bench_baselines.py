@@ -42,7 +42,7 @@ def calibration_subset(images: np.ndarray, size: int, seed: int) -> np.ndarray:
         from lathe.compress.calibration import calibration_indices
     except ImportError:
         if not 1 <= size <= len(images):
-            raise LatheError(f"calibration size {size} must be between 1 and the train split's {len(images)}")
+            raise LatheError(f"calibration size {size} must be between 1 and the train split's {len(images)}") from None
         return images[np.sort(np.random.default_rng(seed).choice(len(images), size=size, replace=False))]
     return images[calibration_indices(len(images), size, seed)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.experiments import (  # imported before prefect: applies the offline env
+from flows.experiments import (
     ARTIFACT_KEY,
     REPORT_JSON,
     REPORT_MD,

@@ -15,7 +15,7 @@ from prefect.states import Failed
 
 from flows.artifacts import FAILURE_ARTIFACT_KEY
 from flows.failures import StageFailed, classify_failure, retry_transient
-from flows.pipeline import load_ops, run_pipeline  # imported before prefect: applies the offline env
+from flows.pipeline import load_ops, run_pipeline
 from lathe.errors import DATA_ERROR_EXIT
 from tests.flows.test_pipeline_flow import artifacts, make_repo
 

@@ -22,7 +22,7 @@ from prefect.settings import PREFECT_API_URL
 from flows.artifacts import FAILURE_ARTIFACT_KEY, METRICS_ARTIFACT_KEY, metrics_markdown, metrics_report
 from flows.env import subprocess_env
 from flows.failures import StageFailed
-from flows.pipeline import plan_stages, run_pipeline  # imported before prefect: applies the offline env
+from flows.pipeline import plan_stages, run_pipeline
 
 FAIL_B = "python -c \"import sys; print('[b] FAILED: bad file x.png', file=sys.stderr); sys.exit(1)\""
 METRICS = {"accuracy": 0.75, "size": {"kb": 12}}
@@ -324,14 +324,14 @@ def test_runs_creating_the_concurrency_limit_at_once_all_succeed(prefect_server:
         name = f"lathe-test-race-{attempt}"
         start, errors = threading.Barrier(8), []
 
-        def create() -> None:
+        def create(start: threading.Barrier, name: str, errors: list[str]) -> None:
             start.wait()
             try:
                 ensure_concurrency_limit(name)
             except Exception as exc:  # noqa: BLE001 - any failure of a racing creator is the bug
                 errors.append(repr(exc))
 
-        threads = [threading.Thread(target=create) for _ in range(8)]
+        threads = [threading.Thread(target=create, args=(start, name, errors)) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:

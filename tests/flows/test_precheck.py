@@ -14,7 +14,7 @@ import pytest
 from prefect.client.orchestration import get_client
 
 from flows.artifacts import FAILURE_ARTIFACT_KEY
-from flows.pipeline import run_pipeline  # imported before prefect: applies the offline env
+from flows.pipeline import run_pipeline
 from flows.precheck import CheckFailed
 from tests.flows.test_failure import task_runs
 from tests.flows.test_pipeline_flow import artifacts

@@ -12,7 +12,7 @@ import pytest
 
 from flows.artifacts import FAILURE_ARTIFACT_KEY
 from flows.env import subprocess_env
-from flows.pipeline import run_pipeline  # imported before prefect: applies the offline env
+from flows.pipeline import run_pipeline
 from flows.recovery import (
     LAST_GOOD,
     LockfileBroken,

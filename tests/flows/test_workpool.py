@@ -14,7 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 
 from flows.env import subprocess_env
-from flows.workpool import deployment_names, ensure_work_pool  # imported before prefect: offline env
+from flows.workpool import deployment_names, ensure_work_pool
 
 PROJECT = Path(__file__).resolve().parents[2]
 
