@@ -42,6 +42,7 @@ TINY_PARAMS = {
     "lowrank": {"energy": 0.8, "min_channels": 4, "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
     "quantize": {"seed": 0, "calibration_size": 8},
     "compare": {"pareto_metric": "accuracy"},
+    "bench": {},  # `make bench` (not a stage) reads it; every section a reader asks for must exist
     "targets": {"tiny-gw": {"defective_recall_target": 0.5,
                             "gates": {"max_size_bytes": 10_000_000, "min_accuracy": 0.0}}},
     "package": {"private_key": ".lathe/keys/signing-key.pem"},

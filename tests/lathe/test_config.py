@@ -59,3 +59,19 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
     bad.write_text("ingest: [unclosed\n")
     with pytest.raises(ConfigError, match=str(bad)):
         load_section(bad, "ingest", IngestParams)
+
+
+def test_a_misspelt_section_is_an_error_with_a_did_you_mean_not_silent_defaults():
+    with pytest.raises(ConfigError, match=r"no section 'ingest' \(did you mean 'ingset'\?\)"):
+        parse_section({"ingset": {"image_size": 32}, "validate": {}}, "ingest", IngestParams)
+
+
+def test_an_empty_section_takes_the_defaults():
+    assert parse_section({"ingest": None}, "ingest", IngestParams) == IngestParams()
+
+
+def test_a_stage_reading_a_misspelt_section_stops_naming_the_file(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("validate: {}\ntrain_teachr:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: no section 'train_teacher' \(did you mean 'train_teachr'\?\)"):
+        load_section(params, "train_teacher", TrainParams)

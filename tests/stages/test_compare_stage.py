@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from stages import compare as stage
-from tests.lathe.test_compare import METRICS, write_metrics
+from tests.lathe.measure.test_compare import METRICS, write_metrics
 from tests.tiny import ROOT, offline_env, tiny_params
 
 VARIANTS = ["teacher", "pruned", "student", "quantized/student"]
