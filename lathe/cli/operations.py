@@ -23,6 +23,7 @@ pool_app = command_group(help="Scale-out: register the flows in a Prefect work p
 ops_app.add_typer(pool_app, name="pool")
 
 REPO_HELP = "the Lathe repository [default: the git work tree around the working directory]"
+DEPLOYMENTS_REPO_HELP = "the repository the deployments run [default: the git work tree around the working directory]"
 
 
 def _enter(repo: Path | None) -> Path:
@@ -108,8 +109,7 @@ def exp_cmd(
 @pool_app.command("deploy")
 @one_line_errors
 def pool_deploy_cmd(
-    repo: Path = typer.Option(None, "--repo", help="the repository the deployments run [default: the git work tree "
-                              "around the working directory]"),
+    repo: Path = typer.Option(None, "--repo", help=DEPLOYMENTS_REPO_HELP),
     pool: str = typer.Option(None, "--pool", help="work pool, created when missing [default: params.yaml "
                              "ops.work_pool.name]"),
     api_url: str = typer.Option(None, "--api-url", help="the shared Prefect server [default: $PREFECT_API_URL]"),
@@ -130,8 +130,7 @@ def pool_deploy_cmd(
 @ops_app.command("serve")
 @one_line_errors
 def serve_cmd(
-    repo: Path = typer.Option(None, "--repo", help="the repository the deployments run [default: the git work "
-                              "tree around the working directory]"),
+    repo: Path = typer.Option(None, "--repo", help=DEPLOYMENTS_REPO_HELP),
     api_url: str = typer.Option(None, "--api-url", help="use this Prefect server [default: $PREFECT_API_URL, "
                                 "else start `prefect server start` on ops.serve.host:port]"),
     database_url: str = typer.Option(None, "--database-url", help="database of a server started here, e.g. "

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lathe.errors import LatheError
 from lathe.measure.metrics import latency_method
-from lathe.measure.ort import fixed_batch, timing_input
+from lathe.measure.ort import fixed_batch, time_calls, timing_input
 
 # int8 GEMM shapes (M, K, N) of the probe: a 3x3 conv as im2col at three depths of a small CNN
 # (32x32 map, 64 -> 64 ch; 16x16, 128 -> 128; 8x8, 256 -> 256). The fastest is the floor's rate.
@@ -90,13 +90,7 @@ def int8_matmul_throughput(threads: int = 1, shapes: Sequence[tuple[int, int, in
         session = ort.InferenceSession(int8_matmul_model(m, k, n).SerializeToString(), sess_options=opts,
                                        providers=["CPUExecutionProvider"])
         feed = {"a": np.random.default_rng(1).integers(0, 256, (m, k), dtype=np.uint8)}
-        for _ in range(warmup):
-            session.run(None, feed)
-        times = np.empty(repeats)
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            times[i] = time.perf_counter() - t0
+        times = time_calls(session, feed, warmup, repeats)
         best = max(best, m * k * n / max(float(np.median(times)), 1e-12))
     return best
 

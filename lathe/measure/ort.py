@@ -329,9 +329,8 @@ def timing_input(session: ort.InferenceSession, image_size: int, batch: int) -> 
     return {name: rng.random((batch, channels, image_size, image_size), dtype=np.float32)}
 
 
-def measure_latency(session: ort.InferenceSession, image_size: int, warmup: int, runs: int) -> tuple[float, float]:
-    """(p50, p95) milliseconds of single-image calls, after `warmup` untimed calls."""
-    feed = timing_input(session, image_size, fixed_batch(session) or 1)
+def time_calls(session: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: int, runs: int) -> np.ndarray:
+    """Seconds of each of `runs` timed calls with `feed`, after `warmup` untimed ones. Shape (runs,)."""
     for _ in range(warmup):
         session.run(None, feed)
     times = np.empty(runs)
@@ -339,6 +338,12 @@ def measure_latency(session: ort.InferenceSession, image_size: int, warmup: int,
         t0 = time.perf_counter()
         session.run(None, feed)
         times[i] = time.perf_counter() - t0
+    return times
+
+
+def measure_latency(session: ort.InferenceSession, image_size: int, warmup: int, runs: int) -> tuple[float, float]:
+    """(p50, p95) milliseconds of single-image calls, after `warmup` untimed calls."""
+    times = time_calls(session, timing_input(session, image_size, fixed_batch(session) or 1), warmup, runs)
     p50, p95 = np.percentile(times * 1000.0, [50, 95])
     return float(p50), float(p95)
 
