@@ -19,7 +19,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup run status exp deploy test killtest bench serve ui-screenshot data keys lock clean-venv
+.PHONY: setup run status exp deploy test lint killtest bench serve ui-screenshot data keys lock clean-venv
 
 setup: $(STAMP)
 
@@ -67,7 +67,13 @@ exp: data keys
 deploy: setup
 	$(BIN)/lathe pool deploy
 
-test: setup
+# ruff (pyproject [tool.ruff]), mypy on lathe/ ([tool.mypy]) and the import layers ([tool.importlinter]).
+lint: setup
+	$(BIN)/ruff check lathe stages flows tests scripts bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: setup lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
 
 # SIGKILL three times inside every stage on tiny data, rerun as the flow does, compare with an
