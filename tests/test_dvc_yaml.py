@@ -70,3 +70,20 @@ def test_the_control_declares_every_distill_key_it_trains_with():
     unused_by_the_control = {"temperature", "alpha"}
     missing = set(DistillParams.model_fields) - unused_by_the_control - declared
     assert not missing, f"distill_control does not declare distill.{sorted(missing)}"
+
+
+def test_the_variant_list_is_written_out_only_where_dvc_templating_cannot_reach():
+    """dvc.yaml `vars.variants` is the pipeline's variant list. DVC interpolates no lists into a cmd or
+    a deps list, so the compare stage spells it out; ALL_VARIANTS (the package stage's default
+    candidates, `lathe check`'s known names) must say the same."""
+    from lathe.ship.params import ALL_VARIANTS
+
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    lists = {k: v for entry in doc["vars"] for k, v in entry.items()}
+    variants, floats = lists["variants"], lists["float_variants"]
+    assert variants == floats + [f"quantized/{v}" for v in floats]
+    compare = doc["stages"]["compare"]
+    assert compare["cmd"].split()[4:] == variants
+    for report in ("metrics.json", "detail.json"):
+        assert [d for d in compare["deps"] if d.endswith(report)] == [f"reports/{v}/{report}" for v in variants]
+    assert ALL_VARIANTS == variants
