@@ -72,6 +72,10 @@ REDUCE_RANGE = True
 RANGE_BITS = 12  # calibration ranges snapped outward to 12 significant bits (snap_outward)
 CHECK_SPLIT = "val"  # held-out images on which the quantized model is compared with the float one
 RECORD_FILE = "quantize.json"
+# metadata_props of every quantized model: what it was quantized from and calibrated on. Part of the
+# model format (and its bytes), named once; not Python module paths.
+SOURCE_SHA_KEY = "lathe.quantize.source_sha256"
+CALIBRATION_IDS_SHA_KEY = "lathe.quantize.calibration_ids_sha256"
 ENTROPY_QUANTIZED_BINS = 128  # onnxruntime's own default for the simulated quantized histogram
 QUANT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
 CALIBRATION_METHODS = {
@@ -251,7 +255,7 @@ def quantize_model(model_dir: Path, prepared_dir: Path, cfg: QuantizeParams) -> 
     ids_sha = calibration_ids_sha256(ids)
     source_sha = sha256_file(model_path)
     model_bytes = quantize_static_int8(model_path, train["images"][idx], cfg, metadata={
-        "lathe.compress.quantize.source_sha256": source_sha, "lathe.compress.quantize.calibration_ids_sha256": ids_sha,
+        SOURCE_SHA_KEY: source_sha, CALIBRATION_IDS_SHA_KEY: ids_sha,
     })
 
     val_path = Path(prepared_dir) / f"{CHECK_SPLIT}.safetensors"
@@ -269,7 +273,7 @@ def quantize_model(model_dir: Path, prepared_dir: Path, cfg: QuantizeParams) -> 
             "n_split": int(len(train["images"])), "sample_ids": ids, "sample_ids_sha256": ids_sha,
             "method": cfg.method, "options": calibrator_options(cfg), "batch": batch,
             # part of quantize.json's bytes: names to_input's module as first written (it is now lathe.measure.ort)
-            "preprocessing": "uint8 / 255 -> (N, C, S, S) float32 (lathe.measure.evaluate.to_input)",
+            "preprocessing": "uint8 / 255 -> (N, C, S, S) float32 (lathe.evaluate.to_input)",
         },
         "quantization": {
             "format": "QDQ", "quant_pre_process": True, "per_channel": cfg.per_channel, "reduce_range": REDUCE_RANGE,

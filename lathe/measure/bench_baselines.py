@@ -101,9 +101,9 @@ def default_builders() -> tuple[DynamicBuilder, StaticBuilder, dict[str, str]]:
         lambda model, workdir: quantize_dynamic_int8(model, workdir=workdir),
         lambda model, images, workdir: quantize_static_defaults(model, images, workdir=workdir),
         {
-            BASELINE_DYNAMIC: "lathe.compress.quantize.quantize_dynamic_int8 defaults: quant_pre_process, then onnxruntime "
+            BASELINE_DYNAMIC: "lathe.compress.quantize_baselines.quantize_dynamic_int8 defaults: quant_pre_process, then onnxruntime "
                               "quantize_dynamic (per-tensor int8 weights, activations quantized at run time)",
-            BASELINE_STATIC: "lathe.compress.quantize.quantize_static_defaults: onnxruntime quantize_static(model, out, reader) "
+            BASELINE_STATIC: "lathe.compress.quantize_baselines.quantize_static_defaults: onnxruntime quantize_static(model, out, reader) "
                              "with its defaults (QDQ, int8 activations and weights, per-tensor, MinMax), "
                              "no pre-processing",
         },

@@ -290,8 +290,8 @@ def test_quantize_model_records_lineage_and_writes_one_self_contained_file(tmp_p
     assert rec["node_types"]["Conv"] == 6 and rec["float_compute_nodes"] == []
     assert rec["check_vs_float"]["n"] == 24 and rec["check_vs_float"]["argmax_agreement"] >= 0.9
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
-    assert meta["lathe.compress.quantize.calibration_ids_sha256"] == cal["sample_ids_sha256"]
-    assert meta["lathe.compress.quantize.source_sha256"] == rec["source"]["sha256"]
+    assert meta["lathe.quantize.calibration_ids_sha256"] == cal["sample_ids_sha256"]
+    assert meta["lathe.quantize.source_sha256"] == rec["source"]["sha256"]
     assert json.loads((out / "quantize.json").read_text())["versions"]["onnxruntime"]
     # same inputs, same bytes; another seed, other samples
     assert quantize_model(tmp_path / "m", prepared, TINY).model_bytes == result.model_bytes

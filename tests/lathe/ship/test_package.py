@@ -39,7 +39,7 @@ def tiny_onnx(seed: int = 0, size: int = 4) -> bytes:
         "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    helper.set_model_props(model, {"lathe.compress.quantize.source_sha256": "abc"})
+    helper.set_model_props(model, {"lathe.quantize.source_sha256": "abc"})
     return model.SerializeToString()
 
 
@@ -182,7 +182,7 @@ def test_stamp_roundtrip_keeps_other_metadata_and_is_sorted():
     assert model_stamp(stamped) == {"lathe.package_id": "0123456789abcdef", "lathe.manifest_sha256": "f" * 64}
     assert unstamped_model_bytes(stamped) == plain
     keys = [p.key for p in onnx.load_from_string(stamped).metadata_props]
-    assert keys == sorted(keys) and "lathe.compress.quantize.source_sha256" in keys
+    assert keys == sorted(keys) and "lathe.quantize.source_sha256" in keys
     assert stamp_model_bytes(plain, "0123456789abcdef", "f" * 64) == stamped
 
 
