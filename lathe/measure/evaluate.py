@@ -4,8 +4,8 @@ Every variant (teacher, pruned, student, quantized) is judged the same way, from
 artifact only: `model.onnx` plus any external-data files it references, read and run with the helpers
 of `lathe.measure.ort`. Nothing here imports torch.
 
-Quality metrics are deterministic for a given model and params; latency and throughput are
-measurements and vary run to run.
+Quality metrics, and their 95% bootstrap intervals over the test cells (lathe.measure.intervals), are
+deterministic for a given model and params; latency and throughput are measurements and vary run to run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from lathe.data.contract import Task, read_task
 from lathe.data.ingest import image_geometry, load_split
 from lathe.errors import DataError, LatheError
+from lathe.measure.intervals import cells_of, interval_fields, intervals
 from lathe.measure.metrics import (
     accuracy,
     balanced_accuracy,
@@ -124,6 +125,9 @@ def evaluate_model(model_dir: Path, prepared_dir: Path, cfg: EvaluateParams) -> 
     except LatheError as exc:
         raise LatheError(f"{onnx_path}: {exc}") from exc
     metrics = quality_metrics(labels, logits, task)
+    predicted = np.argmax(logits, axis=1).astype(np.int64)
+    # 95% bootstrap intervals over the test cells (deterministic: fixed seed), reported beside the figures
+    metrics.update(interval_fields(intervals(cells_of(labels, predicted, task.defective_indices, num_classes))))
     p50, p95 = measure_latency(session, image_size, cfg.latency_warmup, cfg.latency_runs)
     metrics.update({
         "size_bytes": sum(p.stat().st_size for p in files),
@@ -134,7 +138,6 @@ def evaluate_model(model_dir: Path, prepared_dir: Path, cfg: EvaluateParams) -> 
         "throughput_ips": round(measure_throughput(session, image_size, cfg.throughput_batch, cfg.throughput_runs), 2),
     })
     p_defective = softmax(logits)[:, task.defective_indices].sum(axis=1)
-    predicted = np.argmax(logits, axis=1).astype(np.int64)
     return EvaluationResult(
         metrics=metrics, sample_ids=test["sample_ids"].astype(np.int64), labels=labels,
         predicted=predicted, p_defective=p_defective, confusion=confusion_matrix(labels, predicted, num_classes),
