@@ -21,12 +21,15 @@ from lathe.errors import DataError, LatheError
 from lathe.measure.intervals import cells_of, interval_fields, intervals
 from lathe.measure.metrics import (
     accuracy,
+    average_precision,
     balanced_accuracy,
     binary_defect_metrics,
     confusion_matrix,
     latency_method,
     macro_f1,
     per_class_recall,
+    pr_curve,
+    roc_auc,
 )
 from lathe.measure.ort import (
     MODEL_FILE,
@@ -138,11 +141,26 @@ def evaluate_model(model_dir: Path, prepared_dir: Path, cfg: EvaluateParams) -> 
         "throughput_ips": round(measure_throughput(session, image_size, cfg.throughput_batch, cfg.throughput_runs), 2),
     })
     p_defective = softmax(logits)[:, task.defective_indices].sum(axis=1)
+    # ranking quality of the defect score, whatever threshold a package later picks (on the scores as
+    # predictions.csv holds them, 6 decimals)
+    metrics["defective_roc_auc"] = round(roc_auc(*defect_scores(labels, p_defective, task)), 6)
+    metrics["defective_average_precision"] = round(
+        average_precision(*pr_curve(*defect_scores(labels, p_defective, task))[:2]), 6)
     return EvaluationResult(
         metrics=metrics, sample_ids=test["sample_ids"].astype(np.int64), labels=labels,
         predicted=predicted, p_defective=p_defective, confusion=confusion_matrix(labels, predicted, num_classes),
         timing_method=timing_method(cfg, fixed_batch(session)),
     )
+
+
+def defect_scores(labels: np.ndarray, p_defective: np.ndarray, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """(truly defective, defect score) per test cell; the score as predictions.csv holds it (6 decimals)."""
+    return np.isin(labels, task.defective_indices), np.round(p_defective, 6)
+
+
+def defect_pr_curve(result: EvaluationResult, task: Task) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(recall, precision, threshold) of the defect flag `p_defective >= threshold` on the test split."""
+    return pr_curve(*defect_scores(result.labels, result.p_defective, task))
 
 
 def timing_method(cfg: EvaluateParams, fixed: int | None = None) -> str:

@@ -77,3 +77,35 @@ def binary_defect_metrics(y_true: np.ndarray, y_pred: np.ndarray, defective: Seq
         "false_reject_rate": fp / (fp + tn) if fp + tn else 0.0,
         "binary_accuracy": (tp + tn) / len(t) if len(t) else 0.0,
     }
+
+
+def roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve: the chance a random positive scores above a random negative, ties
+    counting half (Mann-Whitney); 0.5 when either side is empty."""
+    from scipy.stats import rankdata
+
+    pos = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return 0.5
+    ranks = rankdata(np.asarray(score, dtype=np.float64))  # average ranks for ties
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def pr_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(recall, precision, threshold) when flagging `score >= threshold`, one point per distinct score,
+    highest threshold first. Shapes (T,)."""
+    pos = np.asarray(positive, dtype=bool)
+    s = np.asarray(score, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
+    s, p = s[order], pos[order]
+    tp, fp = np.cumsum(p), np.cumsum(~p)
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # the last cell of each distinct score
+    recall = tp[last] / max(int(pos.sum()), 1)
+    precision = tp[last] / (tp[last] + fp[last])
+    return recall, precision, s[last]
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Area under the precision-recall steps: sum of (recall gained) x (precision there)."""
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))

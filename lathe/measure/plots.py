@@ -162,3 +162,24 @@ def confusion_png(cm: np.ndarray, title: str, classes: Sequence[str] | None = No
         suffix = "; red: defective classes" if len(defective) else ""
         ax.set_title(f"{title}\ntest split, n={int(cm.sum())}{suffix}", fontsize=9)
         return png_bytes(fig, dpi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision-recall curve of the defect score
+
+
+def pr_curve_png(recall: np.ndarray, precision: np.ndarray, title: str, auc: float, ap: float,
+                 dpi: int = DPI) -> bytes:
+    """Precision against recall of "defective" as the threshold on p_defective falls (one step per
+    distinct score); the ROC AUC and average precision in the title."""
+    with style():
+        fig = figure(4.8, 4.2, dpi)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.step(np.r_[0.0, recall], np.r_[precision[:1] if len(precision) else [1.0], precision], where="post")
+        ax.set_xlim(0.0, 1.0)
+        ax.set_ylim(0.0, 1.02)
+        ax.set_xlabel("defective recall (1 - escape rate)")
+        ax.set_ylabel("precision of the defect flag")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"{title}\ntest split: ROC AUC {auc:.3f}, average precision {ap:.3f}", fontsize=9)
+        return png_bytes(fig, dpi)

@@ -7,6 +7,8 @@
                                       not a DVC metrics file (it would add ~15 mostly empty columns)
     reports/<variant>/predictions.csv sample_id,label,predicted,p_defective per test sample
     reports/<variant>/confusion.png   the confusion matrix as a picture (lathe.measure.plots), a DVC image plot
+    reports/<variant>/pr_curve.csv    recall,precision,threshold of the defect flag p_defective >= threshold,
+                                      a DVC plot; pr_curve.png the same curve as a picture
 
 Only metrics.json holds measured (machine-dependent) values; detail.json is a pure function of the
 model, the data and the params. Readers (compare, package, bench) call `read_report`, which joins the
@@ -31,6 +33,8 @@ METRICS_FILE = "metrics.json"
 DETAIL_FILE = "detail.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_PNG = "confusion.png"
+PR_CURVE_CSV = "pr_curve.csv"  # recall,precision,threshold: a DVC plot (x recall, y precision)
+PR_CURVE_PNG = "pr_curve.png"
 TIMING_METHOD = "timing_method"  # detail.json (and read_report's dict): how latency/throughput were measured
 
 
@@ -60,13 +64,25 @@ def predictions_csv(sample_ids: np.ndarray, labels: np.ndarray, predicted: np.nd
     return buf.getvalue()
 
 
+def pr_curve_csv(recall: np.ndarray, precision: np.ndarray, threshold: np.ndarray) -> str:
+    """`recall,precision,threshold` per distinct defect score, highest threshold first; 6 decimals."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("recall", "precision", "threshold"))
+    writer.writerows((f"{r:.6f}", f"{p:.6f}", f"{t:.6f}") for r, p, t in zip(recall, precision, threshold, strict=True))
+    return buf.getvalue()
+
+
 def write_reports(out_dir: Path, metrics: dict[str, Any], detail: dict[str, Any], predictions: str,
-                  confusion_png: bytes) -> None:
-    """Atomically write predictions.csv, confusion.png, detail.json and (last) metrics.json into `out_dir`."""
+                  pictures: dict[str, bytes], pr_csv: str) -> None:
+    """Atomically write predictions.csv, pr_curve.csv, the pictures (file name -> PNG bytes), detail.json
+    and (last) metrics.json into `out_dir`."""
     out_dir = Path(out_dir)
     headline = split_metrics(metrics)[0]
     write_text(out_dir / PREDICTIONS_FILE, predictions)
-    write_bytes(out_dir / CONFUSION_PNG, confusion_png)
+    write_text(out_dir / PR_CURVE_CSV, pr_csv)
+    for name, png in sorted(pictures.items()):
+        write_bytes(out_dir / name, png)
     write_json(out_dir / DETAIL_FILE, detail)
     write_json(out_dir / METRICS_FILE, headline)
 

@@ -23,7 +23,8 @@ def test_stage_writes_headline_detail_predictions_and_confusion_picture(tmp_path
     write_model_dir(tmp_path / "models" / "teacher")
     write_test_split(tmp_path / "prepared", n=10)
     out = run(tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "detail.json", "metrics.json", "predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "detail.json", "metrics.json", "pr_curve.csv",
+                                                     "pr_curve.png", "predictions.csv"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(metrics) == sorted(HEADLINE_KEYS) and metrics["params"] > 0 and metrics["macs"] > 0
     assert all(isinstance(v, (int, float)) for v in metrics.values())
@@ -36,8 +37,16 @@ def test_stage_writes_headline_detail_predictions_and_confusion_picture(tmp_path
     with open(out / "predictions.csv", newline="") as fh:
         preds = list(csv.DictReader(fh))
     assert [int(r["sample_id"]) for r in preds] == list(range(100, 110))
-    # the picture is the same bytes on a rerun (the timings in metrics.json are not)
+    for key in ("defective_roc_auc", "defective_average_precision", "accuracy_ci95_low", "false_reject_rate_ci95_high"):
+        assert 0 <= report[key] <= 1
+    assert report["accuracy_ci95_low"] <= report["accuracy"] <= report["accuracy_ci95_high"]
+    with open(out / "pr_curve.csv", newline="") as fh:
+        curve = list(csv.DictReader(fh))
+    assert float(curve[-1]["recall"]) == 1.0 and len(curve) <= 10
+    # the pictures and the curve are the same bytes on a rerun (the timings in metrics.json are not)
+    pr = (out / "pr_curve.png").read_bytes(), (out / "pr_curve.csv").read_bytes()
     assert run(tmp_path) and (out / "confusion.png").read_bytes() == png
+    assert ((out / "pr_curve.png").read_bytes(), (out / "pr_curve.csv").read_bytes()) == pr
 
 
 def test_missing_model_exits_1_naming_the_file(tmp_path, capsys):

@@ -1,12 +1,16 @@
 import numpy as np
+import pytest
 
 from lathe.measure.metrics import (
     accuracy,
+    average_precision,
     balanced_accuracy,
     binary_defect_metrics,
     confusion_matrix,
     macro_f1,
     per_class_recall,
+    pr_curve,
+    roc_auc,
 )
 
 
@@ -30,3 +34,24 @@ def test_empty_classes_do_not_produce_nan():
     cm = confusion_matrix(np.array([0, 0]), np.array([0, 1]), 4)
     assert balanced_accuracy(cm) == 0.5 and not np.isnan(macro_f1(cm))
     assert binary_defect_metrics(np.array([0]), np.array([0]), 2)["defective_recall"] == 0.0
+
+
+def test_roc_auc_is_the_chance_a_defect_outscores_a_good_cell_ties_counting_half():
+    rng = np.random.default_rng(0)
+    positive = rng.random(300) < 0.3
+    score = np.round(np.where(positive, rng.normal(1, 1, 300), rng.normal(0, 1, 300)), 1)  # rounding makes ties
+    pos, neg = score[positive], score[~positive]
+    brute = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert roc_auc(positive, score) == pytest.approx(brute)
+    assert roc_auc(positive, np.where(positive, 1.0, 0.0)) == 1.0
+    assert roc_auc(np.zeros(5, dtype=bool), np.arange(5.0)) == 0.5
+
+
+def test_the_pr_curve_steps_through_each_distinct_score_and_ends_at_full_recall():
+    positive = np.array([True, False, True, True, False, False])
+    score = np.array([0.9, 0.8, 0.8, 0.4, 0.3, 0.1])
+    recall, precision, threshold = pr_curve(positive, score)
+    assert threshold.tolist() == [0.9, 0.8, 0.4, 0.3, 0.1]
+    assert recall.tolist() == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])
+    assert precision.tolist() == pytest.approx([1.0, 2 / 3, 3 / 4, 3 / 5, 1 / 2])
+    assert average_precision(recall, precision) == pytest.approx(1 / 3 * 1.0 + 1 / 3 * 2 / 3 + 1 / 3 * 3 / 4)

@@ -10,10 +10,12 @@ from lathe.measure.evaluate import evaluate_model
 from lathe.measure.metrics import HEADLINE_KEYS, TIMING_KEYS
 from lathe.measure.reports import (
     CONFUSION_PNG,
+    PR_CURVE_CSV,
     DETAIL_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
     detail_record,
+    pr_curve_csv,
     predictions_csv,
     read_report,
     split_metrics,
@@ -26,7 +28,8 @@ PNG = b"\x89PNG\r\n\x1a\n not drawn here"
 
 def write(out, result):
     write_reports(out, result.metrics, detail_record(result.metrics, result.confusion, result.timing_method),
-                  predictions_csv(result.sample_ids, result.labels, result.predicted, result.p_defective), PNG)
+                  predictions_csv(result.sample_ids, result.labels, result.predicted, result.p_defective),
+                  {CONFUSION_PNG: PNG}, pr_curve_csv(np.array([1.0]), np.array([0.5]), np.array([0.1])))
     return out
 
 
@@ -38,7 +41,7 @@ def result(tmp_path_factory):
 
 def test_headline_is_a_handful_of_numbers_and_detail_holds_the_rest(result, tmp_path):
     out = write(tmp_path / "out", result)
-    assert sorted(p.name for p in out.iterdir()) == sorted([METRICS_FILE, DETAIL_FILE, PREDICTIONS_FILE, CONFUSION_PNG])
+    assert sorted(p.name for p in out.iterdir()) == sorted([METRICS_FILE, DETAIL_FILE, PREDICTIONS_FILE, CONFUSION_PNG, PR_CURVE_CSV])
     headline, detail = json.loads((out / METRICS_FILE).read_text()), json.loads((out / DETAIL_FILE).read_text())
     # one `dvc metrics show` row per variant: the path column plus at most 11 figures
     assert list(headline) == sorted(HEADLINE_KEYS) and len(headline) <= 11
