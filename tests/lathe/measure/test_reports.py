@@ -10,9 +10,9 @@ from lathe.measure.evaluate import evaluate_model
 from lathe.measure.metrics import HEADLINE_KEYS, TIMING_KEYS
 from lathe.measure.reports import (
     CONFUSION_PNG,
-    PR_CURVE_CSV,
     DETAIL_FILE,
     METRICS_FILE,
+    PR_CURVE_CSV,
     PREDICTIONS_FILE,
     detail_record,
     pr_curve_csv,
