@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lathe.errors import LatheError
+from lathe.markdown import markdown_table
 from lathe.measure.metrics import HEADLINE_KEYS
 from lathe.measure.plots import figure, png_bytes, style
 from lathe.measure.reports import DETAIL_FILE, METRICS_FILE, TIMING_METHOD, read_report
@@ -206,6 +207,25 @@ def compare_markdown(comparison: Mapping[str, Any]) -> str:
     else:
         timing = ["Latency and throughput as measured by:", ""] + [f"- {', '.join(names)}: the {method}"
                                                                    for method, names in methods.items()]
+    overview = []
+    for name in comparison["order"]:
+        e = variants[name]
+        star = " ★" if any(e[f"pareto_{view}"] for view, _ in PARETO_VIEWS) else ""
+        overview.append([f"{name}{star}", fmt_count(e["params"]), fmt_count(e["macs"]), fmt_bytes(e["size_bytes"]),
+                         fmt_pct(e["accuracy"]), fmt_pct(e["balanced_accuracy"]), fmt_pct(e["defective_recall"]),
+                         fmt_pct(e["escape_rate"]), fmt_ms(e["latency_p50_ms"]), fmt_ms(e["latency_p95_ms"]),
+                         f"{e['throughput_ips']:,.0f} img/s", marks(e)])
+    against = []
+    for name in comparison["order"]:
+        e = variants[name]
+        if name == ref:
+            against.append([name, *["reference"] * 5, *["-"] * 3])
+            continue
+        against.append([name, fmt_times(e["size_ratio"], "smaller", "larger"),
+                        fmt_times(e["params_ratio"], "fewer", "more"), fmt_times(e["macs_ratio"], "fewer", "more"),
+                        fmt_times(e["speedup_p50"], "faster", "slower"),
+                        fmt_times(e["throughput_ratio"], "higher", "lower"), fmt_delta(e["accuracy_delta_pt"]),
+                        fmt_delta(e["defective_recall_delta_pt"]), fmt_delta(e["escape_rate_delta_pt"])])
     lines = [
         "# Variant comparison",
         "",
@@ -219,39 +239,15 @@ def compare_markdown(comparison: Mapping[str, Any]) -> str:
         f"★ = Pareto-optimal on size or on p50 latency against {label}: no other variant is at least as small "
         "(or fast) and at least as good, and strictly better in one of the two.",
         "",
-        "| variant | params | MACs | size | accuracy | balanced acc. | defective recall | escape rate "
-        "| p50 | p95 | throughput | Pareto |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for name in comparison["order"]:
-        e = variants[name]
-        star = " ★" if any(e[f"pareto_{view}"] for view, _ in PARETO_VIEWS) else ""
-        lines.append(
-            f"| {name}{star} | {fmt_count(e['params'])} | {fmt_count(e['macs'])} | {fmt_bytes(e['size_bytes'])} "
-            f"| {fmt_pct(e['accuracy'])} | {fmt_pct(e['balanced_accuracy'])} | {fmt_pct(e['defective_recall'])} "
-            f"| {fmt_pct(e['escape_rate'])} | {fmt_ms(e['latency_p50_ms'])} | {fmt_ms(e['latency_p95_ms'])} "
-            f"| {e['throughput_ips']:,.0f} img/s | {marks(e)} |"
-        )
-    lines += [
-        "",
+        markdown_table(["variant", "params", "MACs", "size", "accuracy", "balanced acc.", "defective recall",
+                        "escape rate", "p50", "p95", "throughput", "Pareto"],
+                       overview, align=["", *["right"] * 10, ""]),
         f"## Against {ref}",
         "",
-        "| variant | size | params | MACs | p50 latency | throughput | accuracy | defective recall | escape rate |",
-        "|---|---|---|---|---|---|---:|---:|---:|",
+        markdown_table(["variant", "size", "params", "MACs", "p50 latency", "throughput", "accuracy",
+                        "defective recall", "escape rate"],
+                       against, align=[""] * 6 + ["right"] * 3),
     ]
-    for name in comparison["order"]:
-        e = variants[name]
-        if name == ref:
-            lines.append(f"| {name} | reference | reference | reference | reference | reference | - | - | - |")
-            continue
-        lines.append(
-            f"| {name} | {fmt_times(e['size_ratio'], 'smaller', 'larger')} "
-            f"| {fmt_times(e['params_ratio'], 'fewer', 'more')} | {fmt_times(e['macs_ratio'], 'fewer', 'more')} "
-            f"| {fmt_times(e['speedup_p50'], 'faster', 'slower')} "
-            f"| {fmt_times(e['throughput_ratio'], 'higher', 'lower')} | {fmt_delta(e['accuracy_delta_pt'])} "
-            f"| {fmt_delta(e['defective_recall_delta_pt'])} | {fmt_delta(e['escape_rate_delta_pt'])} |"
-        )
-    lines.append("")
     return "\n".join(lines)
 
 

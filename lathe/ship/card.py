@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from lathe.data.contract import Task
+from lathe.markdown import markdown_table
 from lathe.measure.evaluate import recall_key
 from lathe.ship.contract import (
     CARD_MEASURED_HEADER,
@@ -104,20 +105,25 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates
     if calibration:
         lines.append(f"- INT8 calibration: {calibration['size']} train samples, {calibration['method']}, "
                      f"ids sha256 `{str(calibration['sample_ids_sha256'])[:16]}...`")
+    rates = markdown_table(
+        ["split", "defective recall", "escape rate", "false-reject rate"],
+        [[split, _pct(r["defective_recall"]), _pct(r["escape_rate"]), _pct(r["false_reject_rate"])]
+         for split, r in (("val", t.val), ("test", t.test))],
+        align=["", "right", "right", "right"])
+    recalls = markdown_table(
+        ["class", "recall"],
+        [[f"{name} (defective)" if name in task.defective else name, _pct(m.get(recall_key(name), 0.0))]
+         for name in task.classes],
+        align=["", "right"])
     lines += ["", "## Decision threshold", "",
               f"p_defective >= **{t.value}**: the highest threshold reaching defective recall "
               f">= {_pct(t.recall_target)} on the val split.", "",
-              "| split | defective recall | escape rate | false-reject rate |", "|---|---:|---:|---:|",
-              f"| val | {_pct(t.val['defective_recall'])} | {_pct(t.val['escape_rate'])} | {_pct(t.val['false_reject_rate'])} |",
-              f"| test | {_pct(t.test['defective_recall'])} | {_pct(t.test['escape_rate'])} | {_pct(t.test['false_reject_rate'])} |",
+              rates.removesuffix("\n"),
               "", f"## Metrics (test split, {task.num_classes}-class argmax)", "",
               f"- accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m.get('balanced_accuracy', 0))}, "
               f"macro-F1 {m.get('macro_f1', 0):.3f}",
               f"- size {m['size_bytes']:,} B, {m.get('params', '?')} parameters (latency: the last section)", "",
-              "| class | recall |", "|---|---:|"]
-    for name in task.classes:
-        flag = " (defective)" if name in task.defective else ""
-        lines.append(f"| {name}{flag} | {_pct(m.get(recall_key(name), 0.0))} |")
+              recalls.removesuffix("\n")]
     lines += ["", "## Gates", "", gate_table(target, [chosen], measured_apart=True), ""]
     lines += selection_lines(profile, chosen, candidates)
     lines += ["## Limits", "",

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lathe.errors import DataError, LatheError
+from lathe.markdown import markdown_table
 from lathe.measure.reports import read_report
 from lathe.ship.contract import MEASURED_GATES, MODEL_FILE
 from lathe.ship.params import TargetParams
@@ -204,13 +205,13 @@ def gate_table(target: str, candidates: list[Candidate], measured_apart: bool = 
         return "(no candidates)"
     limits = {g["gate"]: g["limit"] for g in candidates[0].gates}
     head = ["variant"] + [f"{g} ({_fmt(g, limits[g]) if limits[g] is not None else 'not gated'})" for g in GATES] + ["all"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for c in candidates:
         cells = [c.variant] + [f"{'measured' if measured_apart and g['gate'] in MEASURED_GATES else _fmt(g['gate'], g['value'])} "
                                f"{'pass' if g['passed'] else 'FAIL'}" for g in c.gates]
         cells.append("pass" if c.passed else "FAIL")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows).removesuffix("\n")  # its callers (the card, a no-pass error) add their own
 
 
 def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits: dict[str, dict],
