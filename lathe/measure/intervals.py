@@ -112,6 +112,19 @@ def intervals(cells: Cells, n_boot: int = N_BOOT, seed: int = SEED, level: float
     return {m: Interval(float(whole[m][0]), *_ends(boot[m], level)) for m in INTERVAL_METRICS}
 
 
+def rate_intervals(defective: np.ndarray, flagged: np.ndarray, n_boot: int = N_BOOT, seed: int = SEED,
+                   level: float = LEVEL) -> dict[str, Interval]:
+    """Defective recall and false-reject rate of a binary decision (`flagged`, e.g. p_defective >= a
+    threshold) with their bootstrap intervals; the same resamples as `intervals` for that many cells."""
+    defective, flagged = np.asarray(defective, dtype=bool), np.asarray(flagged, dtype=bool)
+    n = len(defective)
+    out = {}
+    for name, of in (("defective_recall", defective), ("false_reject_rate", ~defective)):
+        value = _rate(flagged, of, np.arange(n)[None, :])[0]
+        out[name] = Interval(float(value), *_ends(_rate(flagged, of, draws(n, n_boot, seed)), level))
+    return out
+
+
 def _mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> float:
     """Exact two-sided McNemar p-value: the discordant cells are a fair coin under "no difference"."""
     from scipy.stats import binomtest  # scipy loads in ~0.3 s: only when a comparison is made

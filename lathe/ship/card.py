@@ -66,6 +66,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _pct_ci(figures: dict, key: str) -> str:
+    """74.3% (95% interval 70.9-77.6%) when `figures` carries the key's bootstrap interval."""
+    lo, hi = figures.get(f"{key}_ci95_low"), figures.get(f"{key}_ci95_high")
+    ci = f" (95% interval {100 * lo:.1f}-{100 * hi:.1f}%)" if lo is not None and hi is not None else ""
+    return _pct(figures.get(key, 0.0)) + ci
+
+
 def selection_lines(profile: TargetParams, chosen: Candidate, candidates: list[Candidate]) -> list[str]:
     """The card's "Selection" section: policy, its ranking, and the passing candidates (no measured figure)."""
     policy = profile.selection
@@ -107,7 +114,7 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates
                      f"ids sha256 `{str(calibration['sample_ids_sha256'])[:16]}...`")
     rates = markdown_table(
         ["split", "defective recall", "escape rate", "false-reject rate"],
-        [[split, _pct(r["defective_recall"]), _pct(r["escape_rate"]), _pct(r["false_reject_rate"])]
+        [[split, _pct_ci(r, "defective_recall"), _pct(r["escape_rate"]), _pct_ci(r, "false_reject_rate")]
          for split, r in (("val", t.val), ("test", t.test))],
         align=["", "right", "right", "right"])
     recalls = markdown_table(
@@ -120,7 +127,7 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates
               f">= {_pct(t.recall_target)} on the val split.", "",
               rates.removesuffix("\n"),
               "", f"## Metrics (test split, {task.num_classes}-class argmax)", "",
-              f"- accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m.get('balanced_accuracy', 0))}, "
+              f"- accuracy {_pct_ci(m, 'accuracy')}, balanced accuracy {_pct_ci(m, 'balanced_accuracy')}, "
               f"macro-F1 {m.get('macro_f1', 0):.3f}",
               f"- size {m['size_bytes']:,} B, {m.get('params', '?')} parameters (latency: the last section)", "",
               recalls.removesuffix("\n")]
