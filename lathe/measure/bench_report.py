@@ -63,12 +63,14 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         lines += [
             f"## Acceptance: {acc['variant']} vs {acc['teacher']}",
             "",
-            "Best pipeline INT8 variant (most criteria passed, then accuracy, then p50): "
+            "Quality drops are judged at the upper end of their 95% interval, paired on the same test cells "
+            "(lathe.measure.intervals). Best pipeline INT8 variant (most criteria passed, then accuracy, then p50): "
             + ", ".join(f"{n} {k}/5" for n, k in acc["candidates"].items()) + ".",
             "",
         ]
         units = {"size_ratio": "x", "latency_ratio": "x", "accuracy_drop_pt": " pt", "defective_recall_drop_pt": " pt"}
-        criteria = [[c["name"], c["detail"] if c["value"] is None else f"{c['value']:.2f}{units.get(c['name'], '')}",
+        criteria = [[c["name"], c["detail"] if c["value"] is None else f"{c['value']:.2f}{units.get(c['name'], '')}"
+                     + (f" ({c['detail']})" if c["value"] is not None and c["detail"] else ""),
                      c["target"], "PASS" if c["passed"] else "FAIL"] for c in acc["criteria"]]
         lines += [markdown_table(["criterion", "measured", "target", "result"], criteria,
                                  align=["", "right", "", ""]),
