@@ -133,16 +133,10 @@ def metrics_markdown(metrics: Mapping[str, Mapping[str, Any]]) -> str:
     columns: list[str] = []
     for values in metrics.values():
         columns += [key for key in values if key not in columns]
-    # Hand-joined, not lathe.markdown.markdown_table: when every metrics file is empty (no columns)
-    # this writes "| variant |  |" over a one-column rule, and the helper would not; kept as it was.
-    lines = [
-        "| variant | " + " | ".join(_cell(c) for c in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for label, values in zip(_row_labels(list(metrics)), metrics.values(), strict=True):
-        cells = [_cell(values[c]) if c in values else "–" for c in columns]
-        lines.append(f"| {_cell(label)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[_cell(label), *(_cell(values[c]) if c in values else "–" for c in columns)]
+            for label, values in zip(_row_labels(list(metrics)), metrics.values(), strict=True)]
+    # every file empty: a one-column table of the variants
+    return markdown_table(["variant", *(_cell(c) for c in columns)], rows)
 
 
 def metrics_report(root: Path, metrics: Mapping[str, Mapping[str, Any]], results: Sequence[Mapping[str, Any]],

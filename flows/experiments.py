@@ -43,6 +43,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.artifacts import flatten  # noqa: E402
+from lathe.markdown import markdown_table  # noqa: E402
 from lathe.measure.compare import pareto_front  # noqa: E402
 from lathe.ship.signing import DEFAULT_PRIVATE_KEY, ENV_SIGNING_KEY  # noqa: E402
 
@@ -154,17 +155,19 @@ def pareto_markdown(table: Mapping[str, Any]) -> str:
              "Pareto: no other row is at least as good on both axes and better on one "
              f"(higher {quality}, lower size / batch-1 p50 latency). Latency is as the evaluate stage measured "
              "it in each experiment's run.\n",
-             "## Experiments\n", "| experiment | status | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for e in table["experiments"]:
-        lines.append(f"| {e['name']} | {e['status']} | " + " | ".join(_fmt(e['settings'].get(k)) for k in keys) + " |")
-    lines += ["", "## Models (Pareto-optimal first)\n",
-              f"| experiment | variant | {quality} | balanced acc. | defective recall | size (B) | p50 (ms) | Pareto |",
-              "|---|---|---|---|---|---|---|---|"]
+             "## Experiments\n",
+             markdown_table(["experiment", "status", *keys],
+                            [[e["name"], e["status"], *(_fmt(e["settings"].get(k)) for k in keys)]
+                             for e in table["experiments"]]),
+             "## Models (Pareto-optimal first)\n"]
+    models = []
     for r in table["rows"]:
         front = " + ".join(v for v, flag in (("size", r["pareto_size"]), ("latency", r["pareto_latency"])) if flag)
-        lines.append(f"| {r['experiment']} | {r['variant']} | {r[quality]:.4f} | {r['balanced_accuracy']:.4f} | "
-                     f"{r['defective_recall']:.4f} | {r['size_bytes']} | {r['latency_p50_ms']:.4g} | {front or '-'} |")
-    return "\n".join(lines) + "\n"
+        models.append([r["experiment"], r["variant"], f"{r[quality]:.4f}", f"{r['balanced_accuracy']:.4f}",
+                       f"{r['defective_recall']:.4f}", r["size_bytes"], f"{r['latency_p50_ms']:.4g}", front or "-"])
+    lines.append(markdown_table(["experiment", "variant", quality, "balanced acc.", "defective recall", "size (B)",
+                                 "p50 (ms)", "Pareto"], models))
+    return "\n".join(lines)
 
 
 # --- DVC ------------------------------------------------------------------------------------------

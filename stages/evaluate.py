@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             PR_CURVE_PNG: pr_curve_png(recall, precision, title, r.metrics["defective_roc_auc"],
                                        r.metrics["defective_average_precision"]),
         }
-        write_reports(args.out_dir, r.metrics, detail_record(r.metrics, r.confusion, r.timing_method),
+        detail = detail_record(r.metrics, r.confusion, r.timing_method, task.defective_indices)
+        write_reports(args.out_dir, r.metrics, detail,
                       predictions_csv(r.sample_ids, r.labels, r.predicted, r.p_defective), pictures,
                       pr_curve_csv(recall, precision, threshold))
         m = r.metrics

@@ -84,6 +84,6 @@ def test_the_variant_list_is_written_out_only_where_dvc_templating_cannot_reach(
     assert variants == floats + [f"quantized/{v}" for v in floats]
     compare = doc["stages"]["compare"]
     assert compare["cmd"].split()[4:] == variants
-    for report in ("metrics.json", "detail.json"):
+    for report in ("metrics.json", "detail.json", "predictions.csv"):
         assert [d for d in compare["deps"] if d.endswith(report)] == [f"reports/{v}/{report}" for v in variants]
     assert ALL_VARIANTS == variants

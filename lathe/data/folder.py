@@ -131,9 +131,9 @@ def scan_folder(src: Path) -> FolderScan:
         for dirpath, dirnames, filenames in os.walk(class_dir, onerror=_unreadable):
             here = Path(dirpath)
             dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-            for name in [*dirnames, *filenames]:
-                if not _hidden(name) and (here / name).is_symlink():
-                    _check_link(here / name, root, src)
+            for child in [*dirnames, *filenames]:
+                if not _hidden(child) and (here / child).is_symlink():
+                    _check_link(here / child, root, src)
             for file in sorted(f for f in filenames if not _hidden(f)):
                 rel = (here / file).relative_to(class_dir).as_posix()
                 _check_name(here / file, rel)

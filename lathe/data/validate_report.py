@@ -16,6 +16,7 @@ import numpy as np
 
 from lathe.errors import ValidationFailed
 from lathe.io import write_json, write_text
+from lathe.markdown import markdown_table
 
 RESULT_FILE = "result.json"
 SUMMARY_FILE = "summary.md"
@@ -104,22 +105,19 @@ class ValidationReport:
         counts = st.get("split_class_counts") or {}
         classes = st.get("classes") or []
         if counts:
-            lines += ["| split | " + " | ".join(classes) + " | total |",
-                      "|---|" + "---:|" * (len(classes) + 1)]
-            for split, per in counts.items():
-                cells = [str(per.get(str(c), 0)) for c in classes]
-                lines.append(f"| {split} | " + " | ".join(cells) + f" | {sum(per.values())} |")
-            lines.append("")
-        lines += ["| result | expectation | table | observed | offenders |", "|---|---|---|---|---|"]
+            per_split = [[split, *(per.get(str(c), 0) for c in classes), sum(per.values())]
+                         for split, per in counts.items()]
+            table = markdown_table(["split", *classes, "total"], per_split, align=["", *["right"] * (len(classes) + 1)])
+            lines += [table.removesuffix("\n"), ""]
+        rows = []
         for o in self.expectations:
             offenders = ", ".join(x.where for x in o.offenders[:3])
             if o.offender_count > 3:
                 offenders += f", +{o.offender_count - 3} more"
             observed = "error" if o.error else _observed_md(o)
-            lines.append(
-                f"| {'pass' if o.success else '**FAIL**'} | `{o.name}`: {_md(o.description)} | {o.table} "
-                f"| {_md(observed)} | {_md(offenders)} |"
-            )
+            rows.append(["pass" if o.success else "**FAIL**", f"`{o.name}`: {_md(o.description)}", o.table,
+                         _md(observed), _md(offenders)])
+        lines.append(markdown_table(["result", "expectation", "table", "observed", "offenders"], rows).removesuffix("\n"))
         if self.failed:
             lines += ["", "## Failures", ""]
             for o in self.failed:

@@ -35,6 +35,7 @@ from lathe.measure.bench_timing import (
     physical_floor,
 )
 from lathe.measure.evaluate import quality_metrics
+from lathe.measure.intervals import Cells, cells_of, paired
 from lathe.measure.ort import (
     check_input,
     count_onnx_macs,
@@ -94,9 +95,38 @@ def bench_rows(models: Sequence[BenchModel], stats: Mapping[str, Mapping[str, in
     return rows
 
 
+def add_paired(rows: Sequence[dict[str, Any]], cells: Mapping[str, Cells]) -> None:
+    """Each pipeline row's paired comparison (lathe.measure.intervals) with the teacher and every
+    baseline, on the same test cells: row["paired"][other] = {metric: {diff_pt, ci95_pt, p_value}}."""
+    others = [r["name"] for r in rows if r["role"] in ("teacher", "baseline")]
+    for r in rows:
+        if r["role"] != "pipeline":
+            continue
+        r["paired"] = {}
+        for o in others:
+            r["paired"][o] = {m: {"diff_pt": round(100 * d.diff, 4),
+                                  "ci95_pt": [round(100 * d.low, 4), round(100 * d.high, 4)],
+                                  "p_value": round(d.p_value, 6)}
+                              for m, d in paired(cells[r["name"]], cells[o]).items()
+                              if m in ("accuracy", "defective_recall")}
+
+
 def _criterion(name: str, value: float | None, target: str, passed: bool, detail: str = "") -> dict[str, Any]:
     return {"name": name, "value": None if value is None else round(value, 4), "target": target,
             "passed": bool(passed), "detail": detail}
+
+
+def drop_pt(variant: Mapping[str, Any], other: Mapping[str, Any], metric: str) -> tuple[float, str]:
+    """(other - variant) in points at the unfavourable end, and how it was judged. With the paired
+    comparison run_bench records (row["paired"][other name]) that is the upper end of the 95% interval
+    of the drop on the same test cells; without it (rows built by hand), the point difference."""
+    d = (variant.get("paired") or {}).get(other["name"], {}).get(metric)
+    if d is None:
+        point = 100.0 * (other[metric] - variant[metric])
+        return point, f"{point:+.2f} pt (single figures, no interval)"
+    lo, hi = d["ci95_pt"]
+    return -lo, (f"drop {-d['diff_pt']:+.2f} pt, 95% interval of the drop {-hi:+.2f} to {-lo:+.2f} pt, "
+                 f"p={d['p_value']:.2g} (paired, same test cells)")
 
 
 def check_variant(variant: Mapping[str, Any], teacher: Mapping[str, Any], baselines: Sequence[Mapping[str, Any]],
@@ -104,19 +134,20 @@ def check_variant(variant: Mapping[str, Any], teacher: Mapping[str, Any], baseli
     """The five acceptance criteria for one pipeline variant against the FP32 teacher and the baselines.
 
     size_ratio = teacher bytes / variant bytes; latency_ratio = teacher p50 / variant p50;
-    drops are (teacher - variant) in percentage points; "beats every baseline" means for each
-    baseline: strictly smaller and strictly faster (p50) at equal-or-better accuracy.
+    drops are (teacher - variant) in percentage points at the upper end of their paired 95% interval
+    (drop_pt); "beats every baseline" means for each baseline: strictly smaller and strictly faster (p50),
+    and accuracy not worse than the baseline's by more than max_accuracy_drop_pt at that end.
     """
     size_ratio = teacher["size_bytes"] / variant["size_bytes"] if variant["size_bytes"] else None
     latency_ratio = teacher["latency_p50_ms"] / variant["latency_p50_ms"] if variant["latency_p50_ms"] else None
-    acc_drop = 100.0 * (teacher["accuracy"] - variant["accuracy"])
-    recall_drop = 100.0 * (teacher["defective_recall"] - variant["defective_recall"])
+    acc_drop, acc_how = drop_pt(variant, teacher, "accuracy")
+    recall_drop, recall_how = drop_pt(variant, teacher, "defective_recall")
     lost = []
     for b in baselines:
         why = [what for what, ok in (
             ("size", variant["size_bytes"] < b["size_bytes"]),
             ("p50 latency", variant["latency_p50_ms"] < b["latency_p50_ms"]),
-            ("accuracy", variant["accuracy"] >= b["accuracy"] - EPS),
+            ("accuracy", drop_pt(variant, b, "accuracy")[0] <= cfg.max_accuracy_drop_pt + EPS),
         ) if not ok]
         if why:
             lost.append(f"{b['name']} (not better on {', '.join(why)})")
@@ -131,10 +162,11 @@ def check_variant(variant: Mapping[str, Any], teacher: Mapping[str, Any], baseli
         _criterion("latency_ratio", latency_ratio, f">= {cfg.min_latency_ratio:g}x",
                    latency_ratio is not None and latency_ratio >= cfg.min_latency_ratio - EPS),
         _criterion("accuracy_drop_pt", acc_drop, f"<= {cfg.max_accuracy_drop_pt:g} pt",
-                   acc_drop <= cfg.max_accuracy_drop_pt + EPS),
+                   acc_drop <= cfg.max_accuracy_drop_pt + EPS, acc_how),
         _criterion("defective_recall_drop_pt", recall_drop, f"<= {cfg.max_recall_drop_pt:g} pt",
-                   recall_drop <= cfg.max_recall_drop_pt + EPS),
-        _criterion("beats_every_baseline", None, "smaller and faster at >= accuracy", beats, detail),
+                   recall_drop <= cfg.max_recall_drop_pt + EPS, recall_how),
+        _criterion("beats_every_baseline", None,
+                   f"smaller and faster, accuracy not worse by > {cfg.max_accuracy_drop_pt:g} pt", beats, detail),
     ]
 
 
@@ -192,14 +224,16 @@ def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams
         raise DataError(f"{split_path}: the test split is empty; nothing to measure")
     channels, image_size = image_geometry(images, split_path)
 
-    sessions, stats, quality = {}, {}, {}
+    sessions, stats, quality, cells = {}, {}, {}, {}
     for m in models:
         log.info("%-28s %-8s quality on %d test images (%s)", m.name, m.role, len(labels), m.onnx_path)
         stats[m.name] = model_stats(m.onnx_path, image_size)
         session = load_session(m.onnx_path, cfg.threads)
         check_input(session, image_size, m.onnx_path, split_path, channels)
-        q = quality_metrics(labels, predict(session, images), task)
+        logits = predict(session, images)
+        q = quality_metrics(labels, logits, task)
         quality[m.name] = {"accuracy": q["accuracy"], "defective_recall": q["defective_recall"]}
+        cells[m.name] = cells_of(labels, np.argmax(logits, axis=1), task.defective_indices, task.num_classes)
         sessions[m.name] = session
     log.info("timing %d models round-robin: %d warm-up + %d timed rounds, %d thread(s)", len(models), cfg.warmup,
              cfg.runs, cfg.threads)
@@ -207,6 +241,7 @@ def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams
     log.info("measuring int8 matmul throughput (%d shapes x %d calls)", len(MATMUL_SHAPES), cfg.matmul_repeats)
     rate = int8_matmul_throughput(cfg.threads, MATMUL_SHAPES, cfg.matmul_repeats)
     rows = bench_rows(models, stats, quality, latency)
+    add_paired(rows, cells)
     floor = {
         "int8_macs_per_s": round(rate, 1), "op": MATMUL_OP, "threads": cfg.threads,
         "matmul_shapes": [list(s) for s in MATMUL_SHAPES], "matmul_repeats": cfg.matmul_repeats,

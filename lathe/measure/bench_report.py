@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lathe.markdown import markdown_table
 from lathe.measure.bench_timing import MATMUL_OP, bench_timing_method
 from lathe.measure.compare import fmt_bytes, fmt_count, fmt_ms, fmt_pct
 
@@ -31,10 +32,8 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         f"{setup['image_size']}x{setup['image_size']} px; defective = {', '.join(setup['defective_classes'])}. "
         "1 KB = 1000 B.",
         "",
-        "| model | role | size | vs teacher | accuracy | defective recall | p50 | p95 | speedup (p50) | params "
-        "| MACs | floor size | floor p50 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    table = []
     for r in rows:
         f = floor["models"][r["name"]]
         if teacher is None or r is teacher:
@@ -42,14 +41,14 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         else:
             size_vs = f"{teacher['size_bytes'] / r['size_bytes']:.1f}x smaller" if r["size_bytes"] else "n/a"
             speed = f"{teacher['latency_p50_ms'] / r['latency_p50_ms']:.2f}x" if r["latency_p50_ms"] else "n/a"
-        lines.append(
-            f"| {r['name']} | {r['role']} | {fmt_bytes(r['size_bytes'])} | {size_vs} | {fmt_pct(r['accuracy'])} "
-            f"| {fmt_pct(r['defective_recall'])} | {fmt_ms(r['latency_p50_ms'])} | {fmt_ms(r['latency_p95_ms'])} "
-            f"| {speed} | {fmt_count(r['params'])} | {fmt_count(r['macs'])} | {fmt_bytes(f['int8_param_bytes'])} "
-            f"| {fmt_ms(f['latency_ms'])} |"
-        )
+        table.append([r["name"], r["role"], fmt_bytes(r["size_bytes"]), size_vs, fmt_pct(r["accuracy"]),
+                      fmt_pct(r["defective_recall"]), fmt_ms(r["latency_p50_ms"]), fmt_ms(r["latency_p95_ms"]), speed,
+                      fmt_count(r["params"]), fmt_count(r["macs"]), fmt_bytes(f["int8_param_bytes"]),
+                      fmt_ms(f["latency_ms"])])
     lines += [
-        "",
+        markdown_table(["model", "role", "size", "vs teacher", "accuracy", "defective recall", "p50", "p95",
+                        "speedup (p50)", "params", "MACs", "floor size", "floor p50"],
+                       table, align=["", "", *["right"] * 11]),
         "## Physical floor",
         "",
         f"Measured int8 matrix-multiply throughput: **{floor['int8_macs_per_s'] / 1e9:.1f} GMAC/s** "
@@ -64,17 +63,18 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         lines += [
             f"## Acceptance: {acc['variant']} vs {acc['teacher']}",
             "",
-            "Best pipeline INT8 variant (most criteria passed, then accuracy, then p50): "
+            "Quality drops are judged at the upper end of their 95% interval, paired on the same test cells "
+            "(lathe.measure.intervals). Best pipeline INT8 variant (most criteria passed, then accuracy, then p50): "
             + ", ".join(f"{n} {k}/5" for n, k in acc["candidates"].items()) + ".",
             "",
-            "| criterion | measured | target | result |",
-            "|---|---:|---|---|",
         ]
         units = {"size_ratio": "x", "latency_ratio": "x", "accuracy_drop_pt": " pt", "defective_recall_drop_pt": " pt"}
-        for c in acc["criteria"]:
-            measured = c["detail"] if c["value"] is None else f"{c['value']:.2f}{units.get(c['name'], '')}"
-            lines.append(f"| {c['name']} | {measured} | {c['target']} | {'PASS' if c['passed'] else 'FAIL'} |")
-        lines += ["", f"Overall: **{'PASS' if acc['passed'] else 'FAIL'}**", ""]
+        criteria = [[c["name"], c["detail"] if c["value"] is None else f"{c['value']:.2f}{units.get(c['name'], '')}"
+                     + (f" ({c['detail']})" if c["value"] is not None and c["detail"] else ""),
+                     c["target"], "PASS" if c["passed"] else "FAIL"] for c in acc["criteria"]]
+        lines += [markdown_table(["criterion", "measured", "target", "result"], criteria,
+                                 align=["", "right", "", ""]),
+                  f"Overall: **{'PASS' if acc['passed'] else 'FAIL'}**", ""]
     lines += ["## How each model was made", ""]
     lines += [f"- **{name}**: {origin}" for name, origin in setup["origins"].items()]
     if setup["notes"]:

@@ -1,7 +1,9 @@
 """Compare evaluated model variants side by side: a table, ratios to a reference, a Pareto front.
 
-Input is what the evaluate stage wrote, `reports/<variant>/{metrics,detail}.json` (lathe.measure.reports), one
-per variant; nothing is re-measured here. Latency and throughput are therefore those of the evaluate
+Input is what the evaluate stage wrote, `reports/<variant>/{metrics,detail}.json` and `predictions.csv`
+(lathe.measure.reports), one per variant; nothing is re-measured here. Quality figures carry their 95%
+bootstrap intervals, and each variant is compared with the reference *paired*, on the same test cells
+(lathe.measure.intervals): the interval of the difference and its p-value. Latency and throughput are therefore those of the evaluate
 stage, and the report says how it measured them (its `timing_method`).
 
 compare.json is a plain output, not a DVC metrics file: its ~200 numbers (ratios, flags) would be
@@ -16,9 +18,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lathe.errors import LatheError
+from lathe.markdown import markdown_table
+from lathe.measure.intervals import INTERVAL_METRICS, Cells, not_worse, paired
 from lathe.measure.metrics import HEADLINE_KEYS
 from lathe.measure.plots import figure, png_bytes, style
-from lathe.measure.reports import DETAIL_FILE, METRICS_FILE, TIMING_METHOD, read_report
+from lathe.measure.reports import DETAIL_FILE, METRICS_FILE, TIMING_METHOD, read_cells, read_report
 
 # What each row carries from the variant's report (all numbers; fractions for quality, bytes, ms, images/s).
 METRIC_KEYS = (
@@ -29,7 +33,10 @@ QUALITY_KEYS = ("accuracy", "balanced_accuracy", "defective_recall", "escape_rat
 # The two Pareto views: (name, cost key to minimise). Quality (the y key) is maximised.
 PARETO_VIEWS = (("size", "size_bytes"), ("latency", "latency_p50_ms"))
 
-Row = dict[str, Any]  # {"name": str, <METRIC_KEYS>: number, "timing_method": str}
+Row = dict[str, Any]  # {"name": str, <METRIC_KEYS>: number, "timing_method": str, "ci95": {...}, "cells": Cells}
+# "Not worse than the reference": the paired difference's unfavourable end within this many points
+NOT_WORSE_MARGIN_PT = 1.0
+LOWER_IS_BETTER = ("false_reject_rate",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +76,22 @@ def load_rows(reports_dir: Path, variants: Sequence[str]) -> list[Row]:
                or not math.isfinite(metrics[k])]
         if bad:
             raise LatheError(f"{report_dir}: metrics {bad} are not finite numbers")
-        rows.append({"name": variant, **{k: metrics[k] for k in METRIC_KEYS}, TIMING_METHOD: metrics[TIMING_METHOD]})
+        ci95 = {m: [metrics[f"{m}_ci95_low"], metrics[f"{m}_ci95_high"]] for m in INTERVAL_METRICS
+                if f"{m}_ci95_low" in metrics and f"{m}_ci95_high" in metrics}
+        rows.append({"name": variant, **{k: metrics[k] for k in METRIC_KEYS}, TIMING_METHOD: metrics[TIMING_METHOD],
+                     "ci95": ci95, "cells": read_cells(report_dir)})
     return rows
+
+
+def paired_entry(variant: Cells, reference: Cells) -> dict[str, dict[str, Any]]:
+    """compare.json's paired view of one variant: per INTERVAL_METRICS figure, (variant - reference) in
+    points with its 95% interval, the p-value, and whether it is not worse by more than the margin."""
+    out = {}
+    for m, d in paired(variant, reference).items():
+        out[m] = {"diff_pt": round(100 * d.diff, 4), "ci95_pt": [round(100 * d.low, 4), round(100 * d.high, 4)],
+                  "p_value": round(d.p_value, 6),
+                  "not_worse": not_worse(d, NOT_WORSE_MARGIN_PT / 100, m not in LOWER_IS_BETTER)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +157,10 @@ def build_comparison(rows: Sequence[Row], reference: str, pareto_metric: str = "
     variants = {}
     for r in rows:
         entry: dict[str, Any] = {k: r[k] for k in METRIC_KEYS}
+        entry["ci95"] = r.get("ci95", {})
         entry.update(ratios_to(ref, r))
+        if r["name"] != reference and r.get("cells") is not None and ref.get("cells") is not None:
+            entry["paired_vs_reference"] = paired_entry(r["cells"], ref["cells"])
         for view, _ in PARETO_VIEWS:
             entry[f"pareto_{view}"] = r["name"] in fronts[view]
         variants[r["name"]] = entry
@@ -144,7 +168,7 @@ def build_comparison(rows: Sequence[Row], reference: str, pareto_metric: str = "
     for r in rows:
         methods.setdefault(r.get(TIMING_METHOD) or "not recorded", []).append(r["name"])
     return {"reference": reference, "pareto_metric": pareto_metric, "order": names, "timing_methods": methods,
-            "variants": variants}
+            "not_worse_margin_pt": NOT_WORSE_MARGIN_PT, "variants": variants}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +214,18 @@ def fmt_delta(pt: float) -> str:
     return f"{pt:+.1f} pt"
 
 
+def fmt_ci(entry: Mapping[str, Any], key: str) -> str:
+    """74.3% (70.9-77.6): the figure and its 95% interval, when the report has one."""
+    ci = (entry.get("ci95") or {}).get(key)
+    return fmt_pct(entry[key]) + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
+
+
+def fmt_paired(d: Mapping[str, Any]) -> str:
+    """+1.2 pt (-0.8, +3.1) p=0.23: a paired difference, its 95% interval and p-value."""
+    lo, hi = d["ci95_pt"]
+    return f"{d['diff_pt']:+.1f} pt ({lo:+.1f}, {hi:+.1f}) p={d['p_value']:.2g}"
+
+
 def compare_markdown(comparison: Mapping[str, Any]) -> str:
     """A readable report: absolute numbers, then ratios to the reference; Pareto rows marked."""
     ref, metric = comparison["reference"], comparison["pareto_metric"]
@@ -206,10 +242,48 @@ def compare_markdown(comparison: Mapping[str, Any]) -> str:
     else:
         timing = ["Latency and throughput as measured by:", ""] + [f"- {', '.join(names)}: the {method}"
                                                                    for method, names in methods.items()]
+    overview = []
+    for name in comparison["order"]:
+        e = variants[name]
+        star = " ★" if any(e[f"pareto_{view}"] for view, _ in PARETO_VIEWS) else ""
+        overview.append([f"{name}{star}", fmt_count(e["params"]), fmt_count(e["macs"]), fmt_bytes(e["size_bytes"]),
+                         fmt_ci(e, "accuracy"), fmt_ci(e, "balanced_accuracy"), fmt_ci(e, "defective_recall"),
+                         fmt_pct(e["escape_rate"]), fmt_ms(e["latency_p50_ms"]), fmt_ms(e["latency_p95_ms"]),
+                         f"{e['throughput_ips']:,.0f} img/s", marks(e)])
+    against = []
+    for name in comparison["order"]:
+        e = variants[name]
+        if name == ref:
+            against.append([name, *["reference"] * 5, *["-"] * 3])
+            continue
+        against.append([name, fmt_times(e["size_ratio"], "smaller", "larger"),
+                        fmt_times(e["params_ratio"], "fewer", "more"), fmt_times(e["macs_ratio"], "fewer", "more"),
+                        fmt_times(e["speedup_p50"], "faster", "slower"),
+                        fmt_times(e["throughput_ratio"], "higher", "lower"), fmt_delta(e["accuracy_delta_pt"]),
+                        fmt_delta(e["defective_recall_delta_pt"]), fmt_delta(e["escape_rate_delta_pt"])])
+    pair_rows = []
+    for name in comparison["order"]:
+        pairs = variants[name].get("paired_vs_reference")
+        if pairs:
+            verdict = ", ".join(m.replace("_", " ") for m in INTERVAL_METRICS if not pairs[m]["not_worse"])
+            pair_rows.append([name, *[fmt_paired(pairs[m]) for m in INTERVAL_METRICS],
+                              "yes" if not verdict else f"not shown for {verdict}"])
+    margin = comparison.get("not_worse_margin_pt", NOT_WORSE_MARGIN_PT)
+    paired_section = [
+        f"## Paired against {ref} (the same test cells)",
+        "",
+        "variant - reference, with the 95% bootstrap interval of the difference and its p-value (McNemar's exact "
+        "test; paired bootstrap for balanced accuracy). Not worse = the unfavourable end of the interval is within "
+        f"{margin:g} pt (for the false-reject rate: at most {margin:g} pt higher).",
+        "",
+        markdown_table(["variant", "accuracy", "balanced acc.", "defective recall", "false-reject rate",
+                        f"not worse (<= {margin:g} pt)"], pair_rows),
+    ] if pair_rows else []
     lines = [
         "# Variant comparison",
         "",
-        f"Reference: **{ref}**. Quality on the test split. 1 KB = 1000 B.",
+        f"Reference: **{ref}**. Quality on the test split, with 95% bootstrap intervals over its cells in "
+        "brackets. 1 KB = 1000 B.",
         "",
         *timing,
         "",
@@ -219,39 +293,16 @@ def compare_markdown(comparison: Mapping[str, Any]) -> str:
         f"★ = Pareto-optimal on size or on p50 latency against {label}: no other variant is at least as small "
         "(or fast) and at least as good, and strictly better in one of the two.",
         "",
-        "| variant | params | MACs | size | accuracy | balanced acc. | defective recall | escape rate "
-        "| p50 | p95 | throughput | Pareto |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for name in comparison["order"]:
-        e = variants[name]
-        star = " ★" if any(e[f"pareto_{view}"] for view, _ in PARETO_VIEWS) else ""
-        lines.append(
-            f"| {name}{star} | {fmt_count(e['params'])} | {fmt_count(e['macs'])} | {fmt_bytes(e['size_bytes'])} "
-            f"| {fmt_pct(e['accuracy'])} | {fmt_pct(e['balanced_accuracy'])} | {fmt_pct(e['defective_recall'])} "
-            f"| {fmt_pct(e['escape_rate'])} | {fmt_ms(e['latency_p50_ms'])} | {fmt_ms(e['latency_p95_ms'])} "
-            f"| {e['throughput_ips']:,.0f} img/s | {marks(e)} |"
-        )
-    lines += [
-        "",
+        markdown_table(["variant", "params", "MACs", "size", "accuracy", "balanced acc.", "defective recall",
+                        "escape rate", "p50", "p95", "throughput", "Pareto"],
+                       overview, align=["", *["right"] * 10, ""]),
         f"## Against {ref}",
         "",
-        "| variant | size | params | MACs | p50 latency | throughput | accuracy | defective recall | escape rate |",
-        "|---|---|---|---|---|---|---:|---:|---:|",
+        markdown_table(["variant", "size", "params", "MACs", "p50 latency", "throughput", "accuracy",
+                        "defective recall", "escape rate"],
+                       against, align=[""] * 6 + ["right"] * 3),
+        *paired_section,
     ]
-    for name in comparison["order"]:
-        e = variants[name]
-        if name == ref:
-            lines.append(f"| {name} | reference | reference | reference | reference | reference | - | - | - |")
-            continue
-        lines.append(
-            f"| {name} | {fmt_times(e['size_ratio'], 'smaller', 'larger')} "
-            f"| {fmt_times(e['params_ratio'], 'fewer', 'more')} | {fmt_times(e['macs_ratio'], 'fewer', 'more')} "
-            f"| {fmt_times(e['speedup_p50'], 'faster', 'slower')} "
-            f"| {fmt_times(e['throughput_ratio'], 'higher', 'lower')} | {fmt_delta(e['accuracy_delta_pt'])} "
-            f"| {fmt_delta(e['defective_recall_delta_pt'])} | {fmt_delta(e['escape_rate_delta_pt'])} |"
-        )
-    lines.append("")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from lathe.errors import LatheError
 from lathe.io import read_json, write_bytes, write_json, write_text
+from lathe.measure.intervals import Cells, cells_of
 from lathe.measure.metrics import HEADLINE_KEYS
 
 METRICS_FILE = "metrics.json"
@@ -35,6 +37,7 @@ PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_PNG = "confusion.png"
 PR_CURVE_CSV = "pr_curve.csv"  # recall,precision,threshold: a DVC plot (x recall, y precision)
 PR_CURVE_PNG = "pr_curve.png"
+DEFECTIVE_INDICES = "defective_indices"  # detail.json: the task's defective class indices, ascending
 TIMING_METHOD = "timing_method"  # detail.json (and read_report's dict): how latency/throughput were measured
 
 
@@ -47,11 +50,13 @@ def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
             {k: v for k, v in metrics.items() if k not in HEADLINE_KEYS})
 
 
-def detail_record(metrics: dict[str, Any], confusion: np.ndarray, timing_method: str) -> dict[str, Any]:
+def detail_record(metrics: dict[str, Any], confusion: np.ndarray, timing_method: str,
+                  defective_indices: Sequence[int]) -> dict[str, Any]:
     """detail.json: the non-headline metrics, the confusion matrix (rows: true class, columns:
-    predicted; counts) and the timing method."""
+    predicted; counts), the timing method, and which class indices are defects (so predictions.csv
+    can be judged again, e.g. paired against another variant, without the task file)."""
     return {"metrics": split_metrics(metrics)[1], "confusion_matrix": np.asarray(confusion, dtype=np.int64).tolist(),
-            TIMING_METHOD: timing_method}
+            TIMING_METHOD: timing_method, DEFECTIVE_INDICES: [int(i) for i in defective_indices]}
 
 
 def predictions_csv(sample_ids: np.ndarray, labels: np.ndarray, predicted: np.ndarray, p_defective: np.ndarray) -> str:
@@ -114,3 +119,24 @@ def read_report(report_dir: Path) -> dict[str, Any]:
         raise LatheError(f"{report_dir / DETAIL_FILE}: expected 'metrics' (an object) and '{TIMING_METHOD}' "
                          f"(a string); rerun the evaluate stage for this variant")
     return {**rest, **headline, TIMING_METHOD: method}
+
+
+def read_cells(report_dir: Path) -> Cells:
+    """The variant's per-cell outcomes on the test split (predictions.csv, sorted by sample id) with the
+    defective classes from detail.json: what paired comparisons between variants need."""
+    report_dir = Path(report_dir)
+    detail = _read_object(report_dir / DETAIL_FILE)
+    defective, confusion = detail.get(DEFECTIVE_INDICES), detail.get("confusion_matrix")
+    if not isinstance(defective, list) or not isinstance(confusion, list):
+        raise LatheError(f"{report_dir / DETAIL_FILE}: no '{DEFECTIVE_INDICES}' or confusion matrix; rerun the "
+                         "evaluate stage for this variant")
+    path = report_dir / PREDICTIONS_FILE
+    try:
+        with open(path, newline="") as fh:
+            rows = sorted((int(r["sample_id"]), int(r["label"]), int(r["predicted"])) for r in csv.DictReader(fh))
+    except FileNotFoundError as exc:
+        raise LatheError(f"{path}: not found; the evaluate stage writes it") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LatheError(f"{path}: not sample_id,label,predicted,p_defective rows of integers ({exc})") from exc
+    table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+    return cells_of(table[:, 1], table[:, 2], defective, len(confusion))

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from lathe.data.contract import Task
+from lathe.markdown import markdown_table
 from lathe.measure.evaluate import recall_key
 from lathe.ship.contract import (
     CARD_MEASURED_HEADER,
@@ -65,6 +66,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _pct_ci(figures: dict, key: str) -> str:
+    """74.3% (95% interval 70.9-77.6%) when `figures` carries the key's bootstrap interval."""
+    lo, hi = figures.get(f"{key}_ci95_low"), figures.get(f"{key}_ci95_high")
+    ci = f" (95% interval {100 * lo:.1f}-{100 * hi:.1f}%)" if lo is not None and hi is not None else ""
+    return _pct(figures.get(key, 0.0)) + ci
+
+
 def selection_lines(profile: TargetParams, chosen: Candidate, candidates: list[Candidate]) -> list[str]:
     """The card's "Selection" section: policy, its ranking, and the passing candidates (no measured figure)."""
     policy = profile.selection
@@ -104,20 +112,25 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates
     if calibration:
         lines.append(f"- INT8 calibration: {calibration['size']} train samples, {calibration['method']}, "
                      f"ids sha256 `{str(calibration['sample_ids_sha256'])[:16]}...`")
+    rates = markdown_table(
+        ["split", "defective recall", "escape rate", "false-reject rate"],
+        [[split, _pct_ci(r, "defective_recall"), _pct(r["escape_rate"]), _pct_ci(r, "false_reject_rate")]
+         for split, r in (("val", t.val), ("test", t.test))],
+        align=["", "right", "right", "right"])
+    recalls = markdown_table(
+        ["class", "recall"],
+        [[f"{name} (defective)" if name in task.defective else name, _pct(m.get(recall_key(name), 0.0))]
+         for name in task.classes],
+        align=["", "right"])
     lines += ["", "## Decision threshold", "",
               f"p_defective >= **{t.value}**: the highest threshold reaching defective recall "
               f">= {_pct(t.recall_target)} on the val split.", "",
-              "| split | defective recall | escape rate | false-reject rate |", "|---|---:|---:|---:|",
-              f"| val | {_pct(t.val['defective_recall'])} | {_pct(t.val['escape_rate'])} | {_pct(t.val['false_reject_rate'])} |",
-              f"| test | {_pct(t.test['defective_recall'])} | {_pct(t.test['escape_rate'])} | {_pct(t.test['false_reject_rate'])} |",
+              rates.removesuffix("\n"),
               "", f"## Metrics (test split, {task.num_classes}-class argmax)", "",
-              f"- accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m.get('balanced_accuracy', 0))}, "
+              f"- accuracy {_pct_ci(m, 'accuracy')}, balanced accuracy {_pct_ci(m, 'balanced_accuracy')}, "
               f"macro-F1 {m.get('macro_f1', 0):.3f}",
               f"- size {m['size_bytes']:,} B, {m.get('params', '?')} parameters (latency: the last section)", "",
-              "| class | recall |", "|---|---:|"]
-    for name in task.classes:
-        flag = " (defective)" if name in task.defective else ""
-        lines.append(f"| {name}{flag} | {_pct(m.get(recall_key(name), 0.0))} |")
+              recalls.removesuffix("\n")]
     lines += ["", "## Gates", "", gate_table(target, [chosen], measured_apart=True), ""]
     lines += selection_lines(profile, chosen, candidates)
     lines += ["## Limits", "",

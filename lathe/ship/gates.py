@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from lathe.errors import DataError, LatheError
+from lathe.markdown import markdown_table
+from lathe.measure.intervals import interval_fields, rate_intervals
 from lathe.measure.reports import read_report
 from lathe.ship.contract import MEASURED_GATES, MODEL_FILE
 from lathe.ship.params import TargetParams
@@ -44,7 +46,9 @@ def rates_at(p_def: np.ndarray, labels: np.ndarray, defective_classes: Sequence[
     tp, fp = int((defective & judged).sum()), int((~defective & judged).sum())
     recall = tp / n_def if n_def else 0.0
     return {"defective_recall": round(recall, 6), "escape_rate": round(1 - recall, 6) if n_def else 0.0,
-            "false_reject_rate": round(fp / n_fun, 6) if n_fun else 0.0, "n_defective": n_def, "n_functional": n_fun}
+            "false_reject_rate": round(fp / n_fun, 6) if n_fun else 0.0, "n_defective": n_def, "n_functional": n_fun,
+            # 95% bootstrap intervals over these cells (lathe.measure.intervals): deterministic
+            **interval_fields(rate_intervals(defective, judged))}
 
 
 def choose_threshold(p_def: np.ndarray, labels: np.ndarray, defective: Sequence[int], recall_target: float) -> float:
@@ -184,14 +188,30 @@ def choice_problems(policy: str, chosen: str, rows: list[dict], metrics_test: di
     return problems
 
 
-def _fmt(gate: str, value: float | int | None) -> str:
+def _fmt(gate: str, value: float | int | None, ci: Sequence[float] | None = None) -> str:
     if value is None:
         return "-"
     if gate == "max_size_bytes":
         return f"{int(value):,} B"
     if gate == "max_latency_p50_ms":
         return f"{value:.3f} ms"
-    return f"{value:.3f}"
+    return f"{value:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+# Where a gated figure's 95% interval lives: (where, its key prefix) - the variant's report for the
+# argmax accuracy, the threshold's test rates for the decisions at the threshold.
+GATE_INTERVALS = {"min_accuracy": ("metrics", "accuracy"), "min_defective_recall": ("test", "defective_recall"),
+                  "max_false_reject_rate": ("test", "false_reject_rate")}
+
+
+def gate_interval(c: Candidate, gate: str) -> tuple[float, float] | None:
+    """The 95% interval of a candidate's gated figure, when its reports carry one."""
+    if gate not in GATE_INTERVALS:
+        return None
+    where, key = GATE_INTERVALS[gate]
+    source = c.metrics if where == "metrics" else c.threshold.test
+    lo, hi = source.get(f"{key}_ci95_low"), source.get(f"{key}_ci95_high")
+    return (lo, hi) if lo is not None and hi is not None else None
 
 
 def gate_table(target: str, candidates: list[Candidate], measured_apart: bool = False) -> str:
@@ -204,13 +224,13 @@ def gate_table(target: str, candidates: list[Candidate], measured_apart: bool = 
         return "(no candidates)"
     limits = {g["gate"]: g["limit"] for g in candidates[0].gates}
     head = ["variant"] + [f"{g} ({_fmt(g, limits[g]) if limits[g] is not None else 'not gated'})" for g in GATES] + ["all"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for c in candidates:
-        cells = [c.variant] + [f"{'measured' if measured_apart and g['gate'] in MEASURED_GATES else _fmt(g['gate'], g['value'])} "
+        cells = [c.variant] + [f"{'measured' if measured_apart and g['gate'] in MEASURED_GATES else _fmt(g['gate'], g['value'], gate_interval(c, g['gate']))} "
                                f"{'pass' if g['passed'] else 'FAIL'}" for g in c.gates]
         cells.append("pass" if c.passed else "FAIL")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows).removesuffix("\n")  # its callers (the card, a no-pass error) add their own
 
 
 def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits: dict[str, dict],

@@ -16,6 +16,7 @@ from flows.experiments import (
     experiment_name,
     experiments_from_show,
     grid_points,
+    pareto_markdown,
     pareto_table,
     set_args,
     set_value,
@@ -94,6 +95,19 @@ def test_pareto_table_marks_dominated_rows():
     assert flags["e1:teacher"] == (True, True)  # larger and slower, but the most accurate
     assert flags["e2:quantized/teacher"] == (False, False)  # same size, less accurate, slower
     assert table["rows"][-1]["name"] == "e2:quantized/teacher"
+
+
+def test_pareto_markdown_tables_experiments_and_models():
+    lines = pareto_markdown(pareto_table(experiments_from_show(SHOWN, ["e1", "e2"], ["quantize.method"]))).splitlines()
+    at = lines.index("| experiment | status | quantize.method |")
+    assert lines[at + 1:at + 4] == ["|---|---|---|", "| e1 | success | minmax |", "| e2 | None | percentile |"]
+    assert "| e2 | quantized/teacher | 0.7000 | 0.7000 | 0.7000 | 300 | 0.6 | - |" in lines
+
+
+def test_pareto_markdown_without_experiments_is_well_formed():
+    # no experiment found: the report is still written (before SweepFailed), header and rule alike
+    text = pareto_markdown(pareto_table([]))
+    assert "| experiment | status |\n|---|---|\n\n## Models" in text and text.endswith("|---|---|---|---|---|---|---|---|\n")
 
 
 # --- a real sweep ---------------------------------------------------------------------------------

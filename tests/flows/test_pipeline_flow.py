@@ -137,6 +137,12 @@ def test_metrics_markdown_is_variant_by_metric() -> None:
     assert lines[3] == "| student | 0.727 | – | 0.17 |"
 
 
+def test_metrics_markdown_of_empty_metrics_files_is_a_one_column_table() -> None:
+    # it used to write "| variant |  |" rows over a one-column rule
+    table = metrics_markdown({"reports/teacher/metrics.json": {}, "reports/student/metrics.json": {}})
+    assert table == "| variant |\n|---|\n| teacher |\n| student |\n"
+
+
 # --- the flow ------------------------------------------------------------------------------------
 
 

@@ -293,7 +293,7 @@ def test_markdown_shows_fail_and_a_missing_pipeline():
     rows = plant_rows()
     rows[1]["accuracy"] = 0.6
     md = bench_markdown(synthetic_report(rows))
-    assert "| accuracy_drop_pt | 11.50 pt | <= 1 pt | FAIL |" in md and "Overall: **FAIL**" in md
+    assert "| accuracy_drop_pt | 11.50 pt (+11.50 pt (single figures, no interval)) | <= 1 pt | FAIL |" in md and "Overall: **FAIL**" in md
     md = bench_markdown(synthetic_report([r for r in plant_rows() if r["role"] != "pipeline"]))
     assert "**FAIL**: no pipeline INT8 variant was measured" in md
 
@@ -340,10 +340,15 @@ def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):
         ("teacher", "teacher"), ("quantized/teacher", "pipeline"), ("ort_dynamic_int8", "baseline"),
         ("ort_static_int8_defaults", "baseline"), ("pruned50_finetune", "baseline")]
     for r in report["rows"]:
-        assert list(r) == sorted(ROW_KEYS)  # write_json sorts keys; the set is exactly the specified one
+        # write_json sorts keys; the set is exactly the specified one, plus the pipeline rows' paired comparisons
+        assert list(r) == sorted([*ROW_KEYS, *(["paired"] if r["role"] == "pipeline" else [])])
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["defective_recall"] <= 1
         assert 0 < r["latency_p50_ms"] <= r["latency_p95_ms"] and r["size_bytes"] > 0 and r["macs"] > 0
     teacher, pipeline = report["rows"][0], report["rows"][1]
+    vs_teacher = pipeline["paired"]["teacher"]["accuracy"]
+    assert vs_teacher["ci95_pt"][0] <= vs_teacher["diff_pt"] <= vs_teacher["ci95_pt"][1]
+    assert vs_teacher["diff_pt"] == pytest.approx(100 * (pipeline["accuracy"] - teacher["accuracy"]), abs=1e-3)
+    assert set(pipeline["paired"]) == {"teacher", "ort_dynamic_int8", "ort_static_int8_defaults", "pruned50_finetune"}
     # (no size comparison: at this toy size the QDQ scales outweigh the int8 savings)
     assert pipeline["params"] == teacher["params"] and pipeline["macs"] == teacher["macs"]
     assert report["floor"]["int8_macs_per_s"] > 0
@@ -382,3 +387,16 @@ def test_bench_params_insist_on_300_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_bench_cli(tmp_path)
     assert "bench.runs" in capsys.readouterr().err
+
+
+def test_a_drop_within_one_point_fails_when_its_paired_interval_reaches_past_one_point():
+    rows = plant_rows()
+    pipeline = next(r for r in rows if r["role"] == "pipeline")
+    teacher = next(r for r in rows if r["role"] == "teacher")
+    pipeline["accuracy"] = teacher["accuracy"] - 0.005  # half a point: passes on single figures
+    assert verdicts(acceptance_check(rows, CFG))["accuracy_drop_pt"]
+    pipeline["paired"] = {"teacher": {"accuracy": {"diff_pt": -0.5, "ci95_pt": [-2.1, 1.0], "p_value": 0.5},
+                                      "defective_recall": {"diff_pt": 0.0, "ci95_pt": [-0.5, 0.5], "p_value": 1.0}}}
+    acc = acceptance_check(rows, CFG)
+    crit = next(c for c in acc["criteria"] if c["name"] == "accuracy_drop_pt")
+    assert not crit["passed"] and crit["value"] == 2.1 and "95% interval of the drop" in crit["detail"]

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from lathe.errors import LatheError
@@ -36,15 +37,32 @@ METRICS = {
 TIMING = "evaluate stage: onnxruntime CPU, batch 1, 1 thread, p50/p95 of 300 calls after 20 warm-up calls, alone"
 
 
+LABELS = np.random.default_rng(0).choice(4, size=654, p=[0.5, 0.2, 0.1, 0.2])
+
+
+def predictions_for(accuracy: float) -> np.ndarray:
+    """Predictions right on the first round(accuracy * 654) cells (so variants share most right cells)."""
+    predicted = LABELS.copy()
+    wrong = np.arange(len(LABELS)) >= round(accuracy * len(LABELS))
+    predicted[wrong] = (LABELS[wrong] + 1) % 4
+    return predicted
+
+
 def write_metrics(reports, metrics=METRICS, timing=TIMING):
-    """Reports as the evaluate stage lays them out (lathe.measure.reports): headline metrics.json + detail.json."""
+    """Reports as the evaluate stage lays them out (lathe.measure.reports): headline metrics.json, detail.json
+    (with 95% intervals) and predictions.csv."""
     for name, m in metrics.items():
-        full = {**m, "n_test": 654, "macro_f1": 0.4, "false_reject_rate": 0.1}
+        full = {**m, "n_test": 654, "macro_f1": 0.4, "false_reject_rate": 0.1,
+                "accuracy_ci95_low": m["accuracy"] - 0.03, "accuracy_ci95_high": m["accuracy"] + 0.03}
         (reports / name).mkdir(parents=True, exist_ok=True)
         (reports / name / "metrics.json").write_text(json.dumps({k: full[k] for k in HEADLINE_KEYS if k in full}))
         detail = {"metrics": {k: v for k, v in full.items() if k not in HEADLINE_KEYS},
-                  "confusion_matrix": [[1, 0], [0, 1]], "timing_method": timing}
+                  "confusion_matrix": np.eye(4, dtype=int).tolist(), "timing_method": timing,
+                  "defective_indices": [2, 3]}
         (reports / name / "detail.json").write_text(json.dumps(detail))
+        predicted = predictions_for(m["accuracy"])
+        (reports / name / "predictions.csv").write_text("sample_id,label,predicted,p_defective\n" + "".join(
+            f"{i},{y},{p},0.5\n" for i, (y, p) in enumerate(zip(LABELS, predicted))))
     return reports
 
 
@@ -59,7 +77,8 @@ def rows_of(**points):
 def test_load_rows_keeps_order_and_only_the_row_metrics(tmp_path):
     rows = load_rows(write_metrics(tmp_path), ["quantized/student", "teacher"])
     assert [r["name"] for r in rows] == ["quantized/student", "teacher"]
-    assert set(rows[0]) == {"name", *METRIC_KEYS, "timing_method"}
+    assert set(rows[0]) == {"name", *METRIC_KEYS, "timing_method", "ci95", "cells"}
+    assert rows[0]["ci95"]["accuracy"] == [pytest.approx(0.699), pytest.approx(0.759)]
     assert rows[0]["escape_rate"] == METRICS["quantized/student"]["escape_rate"]  # from detail.json
     assert rows[1]["size_bytes"] == 4_950_000
 
@@ -132,8 +151,8 @@ def test_unknown_reference_is_refused(tmp_path):
 
 def test_markdown_has_human_units_ratios_and_stars(tmp_path):
     md = compare_markdown(build_comparison(load_rows(write_metrics(tmp_path), list(METRICS)), "teacher"))
-    assert "| quantized/student ★ | 115k | 6.00M | 173.0 KB | 72.9% |" in md
-    assert "| teacher | 1.20M | 40.0M | 4.95 MB | 71.5% |" in md
+    assert "| quantized/student ★ | 115k | 6.00M | 173.0 KB | 72.9% (69.9-75.9) |" in md
+    assert "| teacher | 1.20M | 40.0M | 4.95 MB | 71.5% (68.5-74.5) |" in md
     assert "28.6x smaller" in md and "7.5x faster" in md and "+1.4 pt" in md
     assert "| teacher | reference |" in md and "0.170 ms" in md and "1.27 ms" in md
 
@@ -158,3 +177,18 @@ def test_pareto_png_is_a_byte_stable_png(tmp_path):
     first, second = pareto_png(c, dpi=60), pareto_png(c, dpi=60)
     assert first.startswith(b"\x89PNG\r\n\x1a\n") and first == second
     assert b"tIME" not in first and b"matplotlib" not in first  # no timestamp chunk, no version tag
+
+
+def test_each_variant_is_paired_with_the_reference_on_the_same_cells(tmp_path):
+    rows = load_rows(write_metrics(tmp_path), list(METRICS))
+    c = build_comparison(rows, "teacher")
+    assert "paired_vs_reference" not in c["variants"]["teacher"]
+    p = c["variants"]["quantized/student"]["paired_vs_reference"]["accuracy"]
+    # 0.729 vs 0.715 of 654 cells: 9 more right cells, none lost (predictions_for keeps the right ones first)
+    assert p["diff_pt"] == pytest.approx(100 * 9 / 654, abs=1e-3) and p["ci95_pt"][0] > 0 and p["p_value"] < 0.01
+    assert p["not_worse"]
+    pruned = c["variants"]["pruned"]["paired_vs_reference"]["accuracy"]  # 0.70: 10 cells fewer right
+    assert pruned["diff_pt"] < 0 and not pruned["not_worse"]
+    md = compare_markdown(c)
+    assert "## Paired against teacher (the same test cells)" in md
+    assert "| pruned | -1.5 pt" in md and "not shown for accuracy" in md

@@ -105,3 +105,25 @@ def test_pairing_refuses_cells_in_another_order():
     b = cells_of(labels[::-1], predicted[::-1], DEFECTIVE, 4)
     with pytest.raises(ValueError, match="same cells"):
         paired(a, b)
+
+
+def test_rate_intervals_of_a_threshold_decision_match_the_cell_intervals():
+    from lathe.measure.intervals import rate_intervals
+
+    labels, predicted = noisy_predictions(654, 0.75)
+    cells = cells_of(labels, predicted, DEFECTIVE, 4)
+    rates = rate_intervals(cells.defective, cells.flagged)
+    found = intervals(cells)
+    for m in ("defective_recall", "false_reject_rate"):
+        assert rates[m] == found[m]
+
+
+def test_the_package_gates_report_each_rate_with_its_interval():
+    from lathe.ship.gates import rates_at
+
+    labels, _ = noisy_predictions(654, 0.75)
+    p_def = np.where(np.isin(labels, DEFECTIVE), 0.7, 0.3) + np.random.default_rng(2).normal(0, 0.2, 654)
+    r = rates_at(p_def, labels, DEFECTIVE, 0.5)
+    for m in ("defective_recall", "false_reject_rate"):
+        assert r[f"{m}_ci95_low"] <= r[m] <= r[f"{m}_ci95_high"]
+        assert r[f"{m}_ci95_high"] - r[f"{m}_ci95_low"] > 0.01

@@ -27,7 +27,7 @@ PNG = b"\x89PNG\r\n\x1a\n not drawn here"
 
 
 def write(out, result):
-    write_reports(out, result.metrics, detail_record(result.metrics, result.confusion, result.timing_method),
+    write_reports(out, result.metrics, detail_record(result.metrics, result.confusion, result.timing_method, [2, 3]),
                   predictions_csv(result.sample_ids, result.labels, result.predicted, result.p_defective),
                   {CONFUSION_PNG: PNG}, pr_curve_csv(np.array([1.0]), np.array([0.5]), np.array([0.1])))
     return out
