@@ -56,7 +56,7 @@ def test_dvc_plots_show_offline_gives_an_image_per_training_curve_confusion_matr
 
     out = ws / "dvc_plots"
     wanted = ([f"reports/training/{v}.png" for v in TRAINED] + [f"reports/{v}/confusion.png" for v in VARIANTS]
-              + ["reports/pareto.png"])
+              + [f"reports/{v}/pr_curve.png" for v in VARIANTS] + ["reports/pareto.png"])
     static = sorted(p.name for p in (out / "static").iterdir())
     assert static == sorted(static_name(p) for p in wanted), res.stdout
     for rel in wanted:  # DVC's copies are the stages' pictures, byte for byte, and real PNGs
