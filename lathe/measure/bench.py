@@ -104,10 +104,7 @@ def add_paired(rows: Sequence[dict[str, Any]], cells: Mapping[str, Cells]) -> No
             continue
         r["paired"] = {}
         for o in others:
-            r["paired"][o] = {m: {"diff_pt": round(100 * d.diff, 4),
-                                  "ci95_pt": [round(100 * d.low, 4), round(100 * d.high, 4)],
-                                  "p_value": round(d.p_value, 6)}
-                              for m, d in paired(cells[r["name"]], cells[o]).items()
+            r["paired"][o] = {m: d.points() for m, d in paired(cells[r["name"]], cells[o]).items()
                               if m in ("accuracy", "defective_recall")}
 
 

@@ -88,9 +88,7 @@ def paired_entry(variant: Cells, reference: Cells) -> dict[str, dict[str, Any]]:
     points with its 95% interval, the p-value, and whether it is not worse by more than the margin."""
     out = {}
     for m, d in paired(variant, reference).items():
-        out[m] = {"diff_pt": round(100 * d.diff, 4), "ci95_pt": [round(100 * d.low, 4), round(100 * d.high, 4)],
-                  "p_value": round(d.p_value, 6),
-                  "not_worse": not_worse(d, NOT_WORSE_MARGIN_PT / 100, m not in LOWER_IS_BETTER)}
+        out[m] = {**d.points(), "not_worse": not_worse(d, NOT_WORSE_MARGIN_PT / 100, m not in LOWER_IS_BETTER)}
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,11 @@ class PairedDiff:
     low: float
     high: float
     p_value: float
+
+    def points(self) -> dict[str, Any]:
+        """The report form: {diff_pt, ci95_pt: [low, high], p_value}, differences in percentage points."""
+        return {"diff_pt": round(100 * self.diff, 4), "ci95_pt": [round(100 * self.low, 4), round(100 * self.high, 4)],
+                "p_value": round(self.p_value, 6)}
 
 
 def cells_of(labels: np.ndarray, predicted: np.ndarray, defective_indices: Sequence[int], num_classes: int,
