@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -242,14 +243,17 @@ def missing_path_message(path: Path, what: str, repo: Path | None) -> str:
 PUBLIC_KEY_HELP = f"trust only this public key [default: ${ENV_PUBLIC_KEY}, else a keyring]"
 KEYRING_HELP = (f"trust the *.pub keys in this folder [default: ${ENV_KEYRING}, else <repo>/{KEYRING_DIR}, "
                 "else ~/.config/lathe/trusted-keys]")
+# The trust anchors verify and trace take, declared once (typer reads the Annotated metadata).
+PublicKeyOption = Annotated[Path | None, typer.Option("--public-key", help=PUBLIC_KEY_HELP)]
+KeyringOption = Annotated[Path | None, typer.Option("--keyring", help=KEYRING_HELP)]
 
 
 @app.command("verify")
 @one_line_errors
 def verify_cmd(
     package: Path = typer.Argument(..., help="package folder or <target>.tar.gz"),
-    public_key: Path = typer.Option(None, "--public-key", help=PUBLIC_KEY_HELP),
-    keyring: Path = typer.Option(None, "--keyring", help=KEYRING_HELP),
+    public_key: PublicKeyOption = None,
+    keyring: KeyringOption = None,
     target: str = typer.Option(None, "--target", help="the target this package must be for [default: any]"),
     package_id: str = typer.Option(None, "--package-id", help="the exact package id your deployment record names "
                                    "(refuses an older genuine package: the rollback defence) [default: any]"),
@@ -284,8 +288,8 @@ def verify_cmd(
 @one_line_errors
 def trace_cmd(
     subject: str = typer.Argument(..., help="package folder, <target>.tar.gz, a model.onnx, or a sha256"),
-    public_key: Path = typer.Option(None, "--public-key", help=PUBLIC_KEY_HELP),
-    keyring: Path = typer.Option(None, "--keyring", help=KEYRING_HELP),
+    public_key: PublicKeyOption = None,
+    keyring: KeyringOption = None,
     repo: Path = typer.Option(None, "--repo", help="repository to search and cross-check [default: cwd if a git repo]"),
     params: bool = typer.Option(False, "--params", help="also list every params section"),
     json_out: bool = typer.Option(False, "--json", help="everything, machine-readable, on stdout"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -24,6 +25,9 @@ ops_app.add_typer(pool_app, name="pool")
 
 REPO_HELP = "the Lathe repository [default: the git work tree around the working directory]"
 DEPLOYMENTS_REPO_HELP = "the repository the deployments run [default: the git work tree around the working directory]"
+# The --repo option, declared once for every command (typer reads the Annotated metadata).
+RepoOption = Annotated[Path | None, typer.Option("--repo", help=REPO_HELP)]
+DeploymentsRepoOption = Annotated[Path | None, typer.Option("--repo", help=DEPLOYMENTS_REPO_HELP)]
 
 
 def _enter(repo: Path | None) -> Path:
@@ -38,7 +42,7 @@ def _enter(repo: Path | None) -> Path:
 @ops_app.command("run")
 @one_line_errors
 def run_cmd(
-    repo: Path = typer.Option(None, "--repo", help=REPO_HELP),
+    repo: RepoOption = None,
     stage: list[str] = typer.Option([], "--stage", metavar="STAGE", help="run this stage and the stages upstream "
                                     "of it (repeatable) [default: every stage]"),
     retries: int = typer.Option(None, "--retries", min=0, help="retries of a stage after a transient failure "
@@ -78,7 +82,7 @@ def run_cmd(
 @ops_app.command("exp")
 @one_line_errors
 def exp_cmd(
-    repo: Path = typer.Option(None, "--repo", help=REPO_HELP),
+    repo: RepoOption = None,
     axes: list[str] = typer.Option([], "--set", metavar="KEY=V1,V2", help="one grid axis, values as YAML, ';' "
                                    "between values that hold commas (repeatable) [default: flows.experiments."
                                    "DEFAULT_GRID]"),
@@ -109,7 +113,7 @@ def exp_cmd(
 @pool_app.command("deploy")
 @one_line_errors
 def pool_deploy_cmd(
-    repo: Path = typer.Option(None, "--repo", help=DEPLOYMENTS_REPO_HELP),
+    repo: DeploymentsRepoOption = None,
     pool: str = typer.Option(None, "--pool", help="work pool, created when missing [default: params.yaml "
                              "ops.work_pool.name]"),
     api_url: str = typer.Option(None, "--api-url", help="the shared Prefect server [default: $PREFECT_API_URL]"),
@@ -130,7 +134,7 @@ def pool_deploy_cmd(
 @ops_app.command("serve")
 @one_line_errors
 def serve_cmd(
-    repo: Path = typer.Option(None, "--repo", help=DEPLOYMENTS_REPO_HELP),
+    repo: DeploymentsRepoOption = None,
     api_url: str = typer.Option(None, "--api-url", help="use this Prefect server [default: $PREFECT_API_URL, "
                                 "else start `prefect server start` on ops.serve.host:port]"),
     database_url: str = typer.Option(None, "--database-url", help="database of a server started here, e.g. "
@@ -158,7 +162,7 @@ def serve_cmd(
 @ops_app.command("status")
 @one_line_errors
 def status_cmd(
-    repo: Path = typer.Option(None, "--repo", help=REPO_HELP),
+    repo: RepoOption = None,
     api_url: str = typer.Option(None, "--api-url", help="Prefect server to ask for the last run [default: "
                                 "$PREFECT_API_URL, else `lathe serve`'s ops.serve.host:port if it answers, else the "
                                 "runs recorded on disk]"),
