@@ -21,7 +21,6 @@ from lathe.ship.contract import (
     SELFTEST_FILE,
     SIGNATURE_FILE,
     identity_view,
-    measurement_paths,
     unstamped_model_bytes,
 )
 
@@ -66,21 +65,18 @@ def _measured_card_part(text: str) -> tuple[str, str]:
 
 
 def _compare_manifests(a: bytes, b: bytes) -> tuple[list[str], list[str]]:
-    """(identity key paths that differ, 'path: original vs rebuilt' lines for measured ones)."""
+    """(identity key paths that differ, 'path: original vs rebuilt' lines for the measured ones): a key path
+    is identity when it differs between the identity views (lathe.ship.contract.identity_view), measured
+    when it differs only in the full manifests."""
     try:
         ma, mb = json.loads(a), json.loads(b)
     except json.JSONDecodeError:
         return ["formatting only"], []
-    measured = set(measurement_paths(ma)) | set(measurement_paths(mb))
-    diffs, shown = [], []
-    for path in json_diff(ma, mb):
-        if any(path == m or path.startswith(m + ".") or path.startswith(m + "[") for m in measured):
-            shown.append(path)
-        else:
-            diffs.append(path)
-    keys = [p.split(" (", 1)[0] for p in shown]  # json_diff marks a key on one side only with " (only in ...)"
+    diffs = json_diff(identity_view(ma), identity_view(mb))
+    identity = {p.split(" (", 1)[0] for p in diffs}  # json_diff marks a key on one side only with " (only in ...)"
+    keys = [p.split(" (", 1)[0] for p in json_diff(ma, mb)]
     side = [f"{p}: {_at(ma, p)} (original) vs {_at(mb, p)} (rebuilt)" for p in keys
-            if p != "package_id"]
+            if p not in identity and p != "package_id"]
     return diffs, side
 
 
@@ -107,7 +103,7 @@ def _other_choice(original: Path, rebuilt: Path) -> str:
 
 def compare_packages(original: Path, rebuilt: Path) -> Comparison:
     """Files (other than `signature`) that differ between two package folders; manifest.json by key
-    path. Measured values (lathe.ship.contract.measurement_paths, the model card's last section) are
+    path. Measured values (outside lathe.ship.contract.identity_view, the model card's last section) are
     listed apart; the model is compared without its stamp when the manifests differ only in those."""
     names = sorted(({p.name for p in original.iterdir()} | {p.name for p in rebuilt.iterdir()}) - {SIGNATURE_FILE})
     result = Comparison([], [], set())

@@ -74,38 +74,34 @@ def manifest_text(manifest: dict) -> str:
 
 
 # Manifest values measured on the build machine (latency, throughput, the machine itself): shown, gated
-# and kept, but outside the package's identity, so the same models rebuilt on another machine give the
-# same package id, and `verify --rebuild` shows these side by side instead of failing on them.
+# and kept, but outside the package's identity (identity_view), so the same models rebuilt on another
+# machine give the same package id, and `verify --rebuild` shows these side by side instead of failing on them.
 MEASURED_GATES = ("max_latency_p50_ms",)
 CARD_MEASURED_HEADER = "## Measured on the build machine (not part of the package identity)"
 NOT_IDENTITY = ("package_id", "build")  # build: time, flow run id, machine
 
 
-def measurement_paths(manifest: dict) -> list[str]:
-    """Dotted key paths (lists as [i], as lathe.audit.rebuild_compare.json_diff names them) of measured values."""
-    paths = [f"metrics.test.{k}" for k in TIMING_KEYS if k in ((manifest.get("metrics") or {}).get("test") or {})]
-    for i, gate in enumerate(manifest.get("gates") or []):
-        if isinstance(gate, dict) and gate.get("gate") in MEASURED_GATES:
-            paths.append(f"gates[{i}].value")
-    for i, row in enumerate(manifest.get("selection") or []):
-        if isinstance(row, dict) and "latency_p50_ms" in row:
-            paths.append(f"selection[{i}].latency_p50_ms")
-    return paths + [k for k in NOT_IDENTITY if k in manifest]
-
-
 def identity_view(manifest: dict) -> dict:
-    """The manifest without what is not its identity (NOT_IDENTITY and the measured values)."""
+    """The manifest without what is not its identity: NOT_IDENTITY, the measured values, what follows from
+    them (a candidate's verdict on a measured gate, whether it passed every gate) and the model card's hash
+    (its last section is measured; everything above it renders identity fields, and a rebuild compares
+    that text byte for byte). The same models rebuilt on another machine have the same identity view."""
     body = copy.deepcopy({k: v for k, v in manifest.items() if k not in NOT_IDENTITY})
     metrics_test = (body.get("metrics") or {}).get("test")
     if isinstance(metrics_test, dict):
         for k in TIMING_KEYS:
             metrics_test.pop(k, None)
+    if isinstance(body.get("files"), dict):
+        body["files"].pop(CARD_FILE, None)
     for gate in body.get("gates") or []:
         if isinstance(gate, dict) and gate.get("gate") in MEASURED_GATES:
             gate.pop("value", None)
     for row in body.get("selection") or []:
         if isinstance(row, dict):
             row.pop("latency_p50_ms", None)
+            row.pop("passed", None)
+            if isinstance(row.get("failed"), list):
+                row["failed"] = [g for g in row["failed"] if g not in MEASURED_GATES]
     return body
 
 

@@ -80,6 +80,11 @@ class Candidate:
         return all(g["passed"] for g in self.gates)
 
 
+def passes_unmeasured_gates(c: Candidate) -> bool:
+    """Whether `c` passes every gate whose figure does not depend on the machine (all but latency)."""
+    return all(g["passed"] for g in c.gates if g["gate"] not in MEASURED_GATES)
+
+
 def check_gates(gates_cfg, metrics: dict, threshold: Threshold) -> list[dict]:
     """Every gate of the profile against one variant; a null limit is reported as passed (not gated)."""
     values = {
