@@ -81,15 +81,19 @@ def _compare_manifests(a: bytes, b: bytes) -> tuple[list[str], list[str]]:
 
 
 def _at(obj: Any, path: str) -> str:
-    """The value at a json_diff path, compact (a dict as JSON)."""
-    import re
-
-    cur = obj
-    for key, idx in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
-        try:
-            cur = cur[int(idx)] if idx else cur[key]
-        except (KeyError, IndexError, TypeError):
-            return "(absent)"
+    """The value at a json_diff path, compact (a dict as JSON). A key may hold dots (files.model_card.md):
+    at each level the longest key the path continues with is taken."""
+    cur, rest = obj, path
+    try:
+        while rest:
+            if rest.startswith("["):
+                index, _, rest = rest[1:].partition("]")
+                cur, rest = cur[int(index)], rest.removeprefix(".")
+                continue
+            key = max((k for k in cur if rest == k or rest.startswith((f"{k}.", f"{k}["))), key=len)
+            cur, rest = cur[key], rest[len(key):].removeprefix(".")
+    except (KeyError, IndexError, TypeError, ValueError):  # ValueError: max() of no key
+        return "(absent)"
     return json.dumps(cur, sort_keys=True) if isinstance(cur, (dict, list)) else str(cur)
 
 
@@ -167,7 +171,7 @@ def equivalence(original: Path, rebuilt: Path) -> str | None:
     return f"self-test logits within {worst:.2g} <= atol {atol:g}, test metrics and threshold equal"
 
 
-def _oneline(text: str, limit: int = 400) -> str:
+def _oneline(text: str, limit: int = 1000) -> str:
     return " ".join(line.strip("- ") for line in text.splitlines()[1:] if line.strip())[:limit]
 
 

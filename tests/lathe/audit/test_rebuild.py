@@ -113,6 +113,8 @@ def test_measured_values_are_shown_side_by_side_and_every_other_byte_compared(tm
     assert "AMD EPYC 7B13" in joined and "9.990 ms" in joined
     assert 'selection[2].failed: [] (original) vs ["max_latency_p50_ms"] (rebuilt)' in joined
     assert "selection[2].passed: True (original) vs False (rebuilt)" in joined
+    card_a, card_b = (sha256_bytes((pkg / "model_card.md").read_bytes()) for pkg in (a, b))
+    assert f"files.model_card.md: {card_a} (original) vs {card_b} (rebuilt)" in joined  # a key with a dot
     write_archive(a, tmp_path / "a.tar.gz", mtime=0)
     write_archive(b, tmp_path / "b.tar.gz", mtime=0)
     assert compare_archives(tmp_path / "a.tar.gz", tmp_path / "b.tar.gz", result.follows) == []
