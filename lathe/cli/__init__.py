@@ -133,6 +133,39 @@ def check_cmd(
         raise typer.Exit(1)
 
 
+@app.command("gates")
+@one_line_errors
+def gates_cmd(
+    profile: Path = typer.Option(None, "--profile", help="a file holding a `targets:` mapping, e.g. "
+                                 "profiles/plant.yaml [default: params.yaml's targets]"),
+    repo: Path = typer.Option(None, "--repo", help="the Lathe repository whose models and reports to judge "
+                              "[default: the git work tree around the working directory]"),
+    out: Path = typer.Option(None, "--out", help="also write the report (markdown) to this file"),
+) -> None:
+    """Judge every variant against each target's gates as the package stage does (threshold chosen on val,
+    gates on test), without building or signing anything. Exit 0 when every target has a variant passing
+    every gate, 1 when one has none (the report says how far the closest falls short)."""
+    from lathe.cli.common import find_repo
+    from lathe.config import load_params, parse_section
+    from lathe.ship.params import PackageParams
+    from lathe.ship.profile import gates_report, judge_targets, load_profile
+
+    root = find_repo(repo)
+    source = profile if profile is not None else root / "params.yaml"
+    if not source.is_file():
+        raise LatheError(f"{source}: no such profile file")
+    targets = load_profile(source)
+    variants = parse_section(load_params(root / "params.yaml"), "package", PackageParams).variants
+    verdicts = judge_targets(targets, variants, root / "data" / "prepared", root / "models", root / "reports",
+                             progress=lambda msg: console.print(msg, markup=False))
+    text = gates_report(verdicts, printable(str(profile or "params.yaml")))
+    output_console().print(text, markup=False, highlight=False)
+    if out is not None:
+        out.write_text(text + "\n", encoding="utf-8")
+    if any(v.chosen is None for v in verdicts):
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # keys: the signing pair, and the keyring verify and trace trust
 

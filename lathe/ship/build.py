@@ -48,8 +48,9 @@ from lathe.ship.gates import (
     REPORT_SPLIT,
     THRESHOLD_SPLIT,
     Candidate,
-    evaluate_candidate,
+    evaluate_candidates,
     gate_table,
+    load_gate_splits,
     select,
     selection_row,
 )
@@ -110,7 +111,6 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, params
     written) when the tree is dirty without permission, the key is missing, or no variant passes.
     """
     from lathe.data.contract import read_task
-    from lathe.data.ingest import load_split
 
     root = Path(inputs.root)
     out_dir, archive = Path(out_dir), Path(archive)
@@ -134,16 +134,10 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, params
                          f"build:\n  {shown}")
 
     # 2. candidates and gates
-    splits = {s: load_split(inputs.prepared_dir, s) for s in (THRESHOLD_SPLIT, REPORT_SPLIT)}
-    for s in splits.values():
-        s["labels"] = s["labels"].astype(np.int64)
     task = read_task(inputs.prepared_dir)
-    candidates, logits_of = [], {}
-    for variant in cfg.variants:
-        c, logits = evaluate_candidate(variant, Path(inputs.models_dir), Path(inputs.reports_dir), splits, profile,
-                                       task.defective_indices)
-        candidates.append(c)
-        logits_of[variant] = logits
+    splits = load_gate_splits(inputs.prepared_dir)
+    candidates, logits_of = evaluate_candidates(cfg.variants, Path(inputs.models_dir), Path(inputs.reports_dir),
+                                                splits, profile, task.defective_indices)
     chosen = select(candidates, profile.selection)
     if chosen is None:
         raise LatheError(f"no variant passes every gate of target '{target}'; the previous package is left "

@@ -262,3 +262,24 @@ def evaluate_candidate(variant: str, models_dir: Path, reports_dir: Path, splits
                           val=rates_at(p_val, val["labels"], defective, t),
                           test=rates_at(p_test, test["labels"], defective, t))
     return Candidate(variant, metrics, threshold, check_gates(target.gates, metrics, threshold)), logits
+
+
+def load_gate_splits(prepared_dir: Path) -> dict[str, dict]:
+    """The val (threshold) and test (gates) splits of the prepared data, labels as int64."""
+    from lathe.data.ingest import load_split
+
+    splits = {s: load_split(prepared_dir, s) for s in (THRESHOLD_SPLIT, REPORT_SPLIT)}
+    for split in splits.values():
+        split["labels"] = split["labels"].astype(np.int64)
+    return splits
+
+
+def evaluate_candidates(variants: Sequence[str], models_dir: Path, reports_dir: Path, splits: dict[str, dict],
+                        target: TargetParams, defective: Sequence[int]) -> tuple[list[Candidate], dict[str, dict]]:
+    """evaluate_candidate for each variant, in order: (the candidates, each variant's logits per split)."""
+    candidates, logits_of = [], {}
+    for variant in variants:
+        c, logits = evaluate_candidate(variant, models_dir, reports_dir, splits, target, defective)
+        candidates.append(c)
+        logits_of[variant] = logits
+    return candidates, logits_of

@@ -253,6 +253,25 @@ def test_verify_rebuild_reproduces_the_package_byte_for_byte(ws):
     assert "FAIL" not in res.stdout
 
 
+def test_lathe_gates_judges_every_variant_as_the_package_stage_does_without_building(built, tmp_path):
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump({"targets": {"line": {"defective_recall_target": 0.95, "gates": {
+        "min_accuracy": 0.99, "max_false_reject_rate": 0.0}}}}))
+    before = tree_digest(built / "models")
+
+    res = sh(built, "lathe", "gates", "--profile", str(strict), "--out", str(tmp_path / "gates.md"), check=False)
+    default = sh(built, "lathe", "gates", check=False)
+
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "line: FAIL - no variant passes every gate; closest " in res.stdout and "misses min_accuracy" in res.stdout
+    assert all(f"| {v} |" in res.stdout for v in VARIANTS)
+    assert (tmp_path / "gates.md").read_text().strip() == res.stdout.strip()
+    chosen = json.loads((built / PACKAGE / "manifest.json").read_text())["variant"]
+    assert default.returncode == 0 and "tiny-gw: PASS" in default.stdout, default.stdout + default.stderr
+    assert f"policy smallest chooses {chosen}" in default.stdout  # the package stage's choice
+    assert tree_digest(built / "models") == before
+
+
 def test_a_gate_no_variant_meets_fails_the_package_stage_and_keeps_the_last_package(ws):
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["targets"]["tiny-gw"]["gates"]["max_size_bytes"] = 10  # no model is 10 bytes
