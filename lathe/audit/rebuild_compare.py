@@ -147,6 +147,24 @@ def compare_packages(original: Path, rebuilt: Path) -> Comparison:
     return result
 
 
+def is_float_package(pkg: Path) -> bool:
+    """Whether the package ships a float model (no INT8 calibration recorded). INT8 models give the same
+    logits on every x86-64 machine with the pins (integer kernels, README "Determinism"); float ones do not."""
+    try:
+        return json.loads((pkg / MANIFEST_FILE).read_text()).get("calibration") is None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def same_model(original: Path, rebuilt: Path) -> bool:
+    """The two packages' model.onnx without the stamp are the same bytes."""
+    try:
+        a, b = ((p / MODEL_FILE).read_bytes() for p in (original, rebuilt))
+        return unstamped_model_bytes(a) == unstamped_model_bytes(b)
+    except Exception:  # noqa: BLE001 - a file that does not read or parse as ONNX is not the same model
+        return False
+
+
 def equivalence(original: Path, rebuilt: Path) -> str | None:
     """For a rebuild that could not be byte-identical (lathe.determinism.machine_can_honour_pins): how
     the two packages agree - self-test logits within the package's atol and the same test metrics at

@@ -188,3 +188,52 @@ def test_equivalence_on_a_machine_without_the_pins_needs_selftest_within_atol_an
     assert "within" in equivalence(a, rebuilt_with(1e-5))
     assert equivalence(a, rebuilt_with(0.5)) is None  # beyond the package's atol (1e-3)
     assert equivalence(a, rebuilt_with(0.0, accuracy=0.51)) is None  # another test accuracy
+
+
+def test_a_float_model_rebuilt_on_another_instruction_set_is_equivalent_an_int8_one_must_be_identical(tmp_path):
+    """Same model bytes, self-test logits 1e-6 apart (onnxruntime's float kernels, AVX-512 vs AVX2): a float
+    package is EQUIVALENT, NOT IDENTICAL on a machine with the pins; an INT8 package must be identical."""
+    import numpy as np
+
+    from lathe.audit.rebuild_report import report_rebuild
+    from lathe.audit.report import VerifyReport
+    from lathe.audit.trust import resolve_trust
+    from lathe.io import sha256_bytes
+    from lathe.ship.contract import manifest_text, npz_bytes, package_id_of, stamp_model_bytes, unstamped_model_bytes
+
+    keys = make_keys(tmp_path / "keys")
+    trust = resolve_trust(None, keys["pub"])
+
+    def pair(calibration: dict | None, shift: float, name: str) -> tuple[Path, Path]:
+        a = build_package(tmp_path / name / "a", keys["priv"])
+        b = tmp_path / name / "b" / "edge"
+        shutil.copytree(a, b)
+        for pkg, delta in ((a, 0.0), (b, shift)):
+            with np.load(pkg / "selftest.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            arrays["logits"] = (arrays["logits"] + delta).astype(np.float32)
+            (pkg / "selftest.npz").write_bytes(npz_bytes(arrays))
+            manifest = json.loads((pkg / "manifest.json").read_text())
+            manifest["calibration"] = calibration
+            manifest["files"]["selftest.npz"] = sha256_bytes((pkg / "selftest.npz").read_bytes())
+            manifest["package_id"] = package_id_of(manifest)
+            text = manifest_text(manifest)
+            (pkg / "manifest.json").write_text(text)
+            model = unstamped_model_bytes((pkg / "model.onnx").read_bytes())
+            (pkg / "model.onnx").write_bytes(stamp_model_bytes(model, manifest["package_id"], sha256_bytes(text.encode())))
+            sign_package(pkg, keys["priv"])
+        return a, b
+
+    def verdict(a: Path, b: Path) -> tuple[str, str]:
+        report = VerifyReport(str(a))
+        report_rebuild(a, None, b, tmp_path / "none.tar.gz", "c" * 40, "only package@edge", True, trust, report)
+        check = next(c for c in report.checks if c.name == "rebuild")
+        return check.status, check.message
+
+    status, message = verdict(*pair(None, 1e-6, "float"))
+    assert status == "PASS" and message.startswith("EQUIVALENT, NOT IDENTICAL") and "a float model" in message
+    assert "selftest.npz" in message
+    status, message = verdict(*pair({"method": "minmax", "size": 8}, 1e-6, "int8"))
+    assert status == "FAIL" and "selftest.npz" in message
+    status, _ = verdict(*pair(None, 0.5, "float-far"))  # beyond the package's atol: not equivalent
+    assert status == "FAIL"
