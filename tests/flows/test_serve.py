@@ -143,10 +143,15 @@ def test_installed_serve_from_a_subfolder_run_status_pool_deploy_and_ctrl_c_stop
             assert pooled.parameters == {"repo": str(repo)}
     finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in the terminal that runs `lathe serve`
+        # A liveness bound, not a timing: on a loaded 2-core machine (CI beside a pipeline) Prefect's runner
+        # took over 60 s to unwind once; after this the test sends SIGTERM and fails below.
         try:
-            server.wait(60)
+            server.wait(180)
+            stopped_by_ctrl_c = True
         except subprocess.TimeoutExpired:
+            stopped_by_ctrl_c = False
             stop_process(server)
+    assert stopped_by_ctrl_c, "Ctrl-C did not stop lathe serve within 180 s:\n" + log.read_text()[-3000:]
     assert server.returncode == 0, log.read_text()[-3000:]
     assert "stopped" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()[-3000:]
     assert not api_healthy(api_url), "the server lathe serve started still answers after Ctrl-C"
