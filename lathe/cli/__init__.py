@@ -140,7 +140,8 @@ def gates_cmd(
                                  "profiles/plant.yaml [default: params.yaml's targets]"),
     repo: Path = typer.Option(None, "--repo", help="the Lathe repository whose models and reports to judge "
                               "[default: the git work tree around the working directory]"),
-    out: Path = typer.Option(None, "--out", help="also write the report (markdown) to this file"),
+    out: Path = typer.Option(None, "--out", help="also write the report (markdown) to this file [default: "
+                             "standard output only]"),
 ) -> None:
     """Judge every variant against each target's gates as the package stage does (threshold chosen on val,
     gates on test), without building or signing anything. Exit 0 when every target has a variant passing

@@ -85,6 +85,15 @@ def lathe(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedPro
                           text=True, timeout=300)
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """preexec_fn: SIGINT at its default, as in a terminal. A test run started in the background by a
+    non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: Ctrl-C would not reach `lathe serve` at all."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_installed_serve_from_a_subfolder_run_status_pool_deploy_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     """`lathe serve --port N` starts its own server; `lathe run` records a run on it, `lathe status` finds
     that server on ops.serve.port by itself and reports the run, `lathe pool deploy` registers in a pool
@@ -115,7 +124,8 @@ def test_installed_serve_from_a_subfolder_run_status_pool_deploy_and_ctrl_c_stop
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([str(Path(sys.executable).parent / "lathe"), "serve", "--port", str(port)], cwd=sub,
-                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             wait_for_deployment(f"lathe-pipeline/{PIPELINE_DEPLOYMENT}", server, log, timeout=180)
@@ -143,15 +153,13 @@ def test_installed_serve_from_a_subfolder_run_status_pool_deploy_and_ctrl_c_stop
             assert pooled.parameters == {"repo": str(repo)}
     finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C in the terminal that runs `lathe serve`
-        # A liveness bound, not a timing: on a loaded 2-core machine (CI beside a pipeline) Prefect's runner
-        # took over 60 s to unwind once; after this the test sends SIGTERM and fails below.
         try:
-            server.wait(180)
+            server.wait(60)
             stopped_by_ctrl_c = True
         except subprocess.TimeoutExpired:
             stopped_by_ctrl_c = False
             stop_process(server)
-    assert stopped_by_ctrl_c, "Ctrl-C did not stop lathe serve within 180 s:\n" + log.read_text()[-3000:]
+    assert stopped_by_ctrl_c, "Ctrl-C did not stop lathe serve within 60 s:\n" + log.read_text()[-3000:]
     assert server.returncode == 0, log.read_text()[-3000:]
     assert "stopped" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()[-3000:]
     assert not api_healthy(api_url), "the server lathe serve started still answers after Ctrl-C"
