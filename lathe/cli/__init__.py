@@ -12,8 +12,16 @@ from typing import Annotated
 
 import typer
 
-from lathe.cli.common import command_group, console, one_line_errors, output_console, show_debug, state
-from lathe.cli.operations import ops_app
+from lathe.cli.common import (
+    command_group,
+    console,
+    find_repo,
+    one_line_errors,
+    output_console,
+    show_debug,
+    state,
+)
+from lathe.cli.operations import RepoOption, ops_app
 from lathe.errors import LatheError
 from lathe.io import printable
 from lathe.ship.signing import (
@@ -138,28 +146,27 @@ def check_cmd(
 def gates_cmd(
     profile: Path = typer.Option(None, "--profile", help="a file holding a `targets:` mapping, e.g. "
                                  "profiles/plant.yaml [default: params.yaml's targets]"),
-    repo: Path = typer.Option(None, "--repo", help="the Lathe repository whose models and reports to judge "
-                              "[default: the git work tree around the working directory]"),
+    repo: RepoOption = None,
     out: Path = typer.Option(None, "--out", help="also write the report (markdown) to this file [default: "
                              "standard output only]"),
 ) -> None:
     """Judge every variant against each target's gates as the package stage does (threshold chosen on val,
     gates on test), without building or signing anything. Exit 0 when every target has a variant passing
     every gate, 1 when one has none (the report says how far the closest falls short)."""
-    from lathe.cli.common import find_repo
+    from lathe.check import PARAMS_FILE
     from lathe.config import load_params, parse_section
     from lathe.ship.params import PackageParams
     from lathe.ship.profile import gates_report, judge_targets, load_profile
 
     root = find_repo(repo)
-    source = profile if profile is not None else root / "params.yaml"
+    source = profile if profile is not None else root / PARAMS_FILE
     if not source.is_file():
         raise LatheError(f"{source}: no such profile file")
     targets = load_profile(source)
-    variants = parse_section(load_params(root / "params.yaml"), "package", PackageParams).variants
+    variants = parse_section(load_params(root / PARAMS_FILE), "package", PackageParams).variants
     verdicts = judge_targets(targets, variants, root / "data" / "prepared", root / "models", root / "reports",
                              progress=lambda msg: console.print(msg, markup=False))
-    text = gates_report(verdicts, printable(str(profile or "params.yaml")))
+    text = gates_report(verdicts, printable(str(profile or PARAMS_FILE)))
     output_console().print(text, markup=False, highlight=False)
     if out is not None:
         out.write_text(text + "\n", encoding="utf-8")
