@@ -1,10 +1,11 @@
 """`make bench`: pipeline INT8 variants vs the FP32 teacher and do-it-yourself baselines -> reports/bench.{json,md}.
 
-Usage: python -m bench.run [--teacher models/teacher] [--quantized models/quantized]
+Usage: python -m bench.run [--teacher models/teacher] [--quantized models/quantized] [--qat models/qat]
                            [--pruned-baseline models/baselines/pruned_50] [--prepared data/prepared]
                            [--out reports] [--work DIR] [--params params.yaml] [--strict]
 
-Pipeline INT8 variants are every `model.onnx` under --quantized. The onnxruntime dynamic and
+Pipeline INT8 variants are every `model.onnx` under --quantized (post-training, the quantize stage) and
+--qat (quantization-aware fine-tuning, the qat stage; skipped with a note when absent). The onnxruntime dynamic and
 default-static baselines are built from the teacher into --work (a temporary folder unless given).
 The "50% channel pruning + fine-tune" baseline is the prune stage's output at --pruned-baseline; if
 it is missing, that row is skipped with a note on stderr and in bench.md.
@@ -43,24 +44,25 @@ from lathe.measure.params import BenchParams
 log = logging.getLogger("bench")
 
 
-def pipeline_variants(quantized_dir: Path) -> list[BenchModel]:
-    """Every model.onnx under `quantized_dir`, named like the evaluate stage's variants (quantized/<sub>)."""
+def pipeline_variants(quantized_dir: Path, stage: str = "quantize") -> list[BenchModel]:
+    """Every model.onnx under `quantized_dir`, named like the evaluate stage's variants (quantized/<sub>, qat/<sub>)."""
     found = sorted(Path(quantized_dir).rglob(MODEL_FILE))
     if not found:
         raise LatheError(f"{quantized_dir}: no {MODEL_FILE} found; the bench compares the pipeline's INT8 variants, "
-                         "run the quantize stage first (dvc repro)")
+                         f"run the {stage} stage first (dvc repro)")
     models = []
     for path in found:
         rel = path.parent.relative_to(quantized_dir).as_posix()
         name = Path(quantized_dir).name if rel == "." else f"{Path(quantized_dir).name}/{rel}"
-        models.append(BenchModel(name, "pipeline", path, f"{path}: the pipeline's quantize stage"))
+        models.append(BenchModel(name, "pipeline", path, f"{path}: the pipeline's {stage} stage"))
     return models
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("models/teacher"), help="folder with the FP32 model.onnx")
-    parser.add_argument("--quantized", type=Path, default=Path("models/quantized"), help="pipeline INT8 variants")
+    parser.add_argument("--quantized", type=Path, default=Path("models/quantized"), help="pipeline INT8 variants (PTQ)")
+    parser.add_argument("--qat", type=Path, default=Path("models/qat"), help="pipeline INT8 variants (QAT)")
     parser.add_argument("--pruned-baseline", type=Path, default=Path("models/baselines/pruned_50"),
                         help="folder with model.onnx of 50%% channel pruning + fine-tune alone (prune stage output)")
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="train/test splits")
@@ -79,9 +81,13 @@ def bench(args: argparse.Namespace, work_dir: Path) -> dict:
     teacher = BenchModel("teacher", "teacher", args.teacher / MODEL_FILE, f"{args.teacher / MODEL_FILE}: FP32")
     if not teacher.onnx_path.is_file():
         raise LatheError(f"{teacher.onnx_path}: teacher model not found (run the train_teacher stage)")
-    pipeline = pipeline_variants(args.quantized)
+    pipeline, notes = pipeline_variants(args.quantized), []
+    if args.qat.is_dir():
+        pipeline += pipeline_variants(args.qat, "qat")
+    else:
+        notes.append(f"no QAT variants: {args.qat} not found (the qat stage writes it)")
     calibration = calibration_subset(load_split(args.prepared, "train")["images"], quant.calibration_size, quant.seed)
-    baselines, notes = build_baselines(teacher.onnx_path, work_dir, calibration), []
+    baselines = build_baselines(teacher.onnx_path, work_dir, calibration)
     pruned = args.pruned_baseline / MODEL_FILE
     if pruned.is_file():
         origin, note = describe_pruned_baseline(args.pruned_baseline)

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lathe.compress.params import DistillParams, LowRankParams, PruneParams, QuantizeParams
+from lathe.compress.params import DistillParams, LowRankParams, PruneParams, QatParams, QuantizeParams
 from lathe.config import Section, _field_names, did_you_mean, load_params
 from lathe.data.contract import DataParams
 from lathe.data.params import IngestParams, ValidateParams
@@ -48,7 +48,7 @@ SECTIONS: dict[str, type[Section]] = {
     "data": DataParams, "ingest": IngestParams, "validate": ValidateParams, "train_teacher": TrainParams,
     "prune": PruneParams,
     "prune_baseline": PruneParams, "distill": DistillParams, "lowrank": LowRankParams,
-    "quantize": QuantizeParams, "evaluate": EvaluateParams, "compare": CompareParams, "bench": BenchParams,
+    "quantize": QuantizeParams, "qat": QatParams, "evaluate": EvaluateParams, "compare": CompareParams, "bench": BenchParams,
     "package": PackageParams,
 }
 

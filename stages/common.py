@@ -22,6 +22,9 @@ PARAMS_FILE = Path("params.yaml")
 VERBOSE_ENV = "LATHE_VERBOSE"
 VERBOSE_FLAG = "--verbose"
 OWN_LOGGERS = ("lathe", "stages", "flows", "__main__")  # a stage module run with `python -m` logs as __main__
+# Library loggers with a handler of their own: torch's pytree warns once per torchao import that an Enum
+# "is now natively supported by torch.compile"; torchao notes the CUDA-only kernels it cannot load.
+OWN_HANDLER_LOGGERS = ("torch.utils._pytree", "torchao")
 
 
 def is_verbose() -> bool:
@@ -91,6 +94,8 @@ def run(stage: str, body: Callable[[], None]) -> None:
     if not is_verbose():  # library notes (onnxscript's passes, onnxruntime's quantizer) only when verbose
         for handler in logging.getLogger().handlers:
             handler.addFilter(_own_or_error)
+        for name in OWN_HANDLER_LOGGERS:  # they print through their own handlers, past the filter above
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         with scratch_tempdir(Path.cwd(), stage):
             body()
@@ -132,6 +137,18 @@ class EpochClock:
         elapsed = time.monotonic() - self.start
         left = elapsed / self.done * max(self.total - self.done, 0)
         return f"({self.done}/{self.total}, {_minutes(elapsed)} elapsed, ~{_minutes(left)} left)"
+
+
+def epoch_progress(log: logging.Logger, epochs: int) -> Callable[[dict], None]:
+    """A `fit` progress callback logging each epoch's loss, val figures and time left."""
+    clock = EpochClock(epochs)
+
+    def progress(row: dict) -> None:
+        log.info("epoch %3d/%d  loss %.4f  val acc %.4f  bal %.4f  def-recall %.4f  %s", row["epoch"], epochs,
+                 row["train_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_defective_recall"],
+                 clock.tick())
+
+    return progress
 
 
 def _minutes(seconds: float) -> str:

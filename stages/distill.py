@@ -21,7 +21,7 @@ from lathe.compress.result import write_compressed
 from lathe.data.ingest import load_split
 from lathe.io import write_text
 from lathe.model.teacher import history_csv
-from stages.common import PARAMS_FILE, EpochClock, run, section
+from stages.common import PARAMS_FILE, epoch_progress, run, section
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def body() -> None:
         cfg = section(args, "distill", DistillParams)
-
-        clock = EpochClock(cfg.epochs)
-
-        def progress(row: dict) -> None:
-            log.info("epoch %3d/%d  loss %.4f  val acc %.4f  bal %.4f  def-recall %.4f  %s", row["epoch"], cfg.epochs,
-                     row["train_loss"], row["val_accuracy"], row["val_balanced_accuracy"], row["val_defective_recall"],
-                     clock.tick())
-
+        progress = epoch_progress(log, cfg.epochs)
         if args.control:
             result = control_student(args.prepared_dir, cfg, args.init_dir, progress)
         else:

@@ -73,7 +73,8 @@ def test_the_control_declares_every_distill_key_it_trains_with():
 
 
 def test_the_variant_list_is_written_out_only_where_dvc_templating_cannot_reach():
-    """dvc.yaml `vars.variants` is the pipeline's variant list. DVC interpolates no lists into a cmd or
+    """dvc.yaml `vars.variants` is the pipeline's variant list (each float variant, its PTQ INT8 twin, and
+    the qat stage's outputs). DVC interpolates no lists into a cmd or
     a deps list, so the compare stage spells it out; ALL_VARIANTS (the package stage's default
     candidates, `lathe check`'s known names) must say the same."""
     from lathe.ship.params import ALL_VARIANTS
@@ -81,7 +82,9 @@ def test_the_variant_list_is_written_out_only_where_dvc_templating_cannot_reach(
     doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     lists = {k: v for entry in doc["vars"] for k, v in entry.items()}
     variants, floats = lists["variants"], lists["float_variants"]
-    assert variants == floats + [f"quantized/{v}" for v in floats]
+    qat = [out.removeprefix("models/") for out in doc["stages"]["qat"]["outs"] if isinstance(out, str)]
+    assert qat == ["qat/student"]
+    assert variants == floats + [f"quantized/{v}" for v in floats] + qat
     compare = doc["stages"]["compare"]
     assert compare["cmd"].split()[4:] == variants
     for report in ("metrics.json", "detail.json", "predictions.csv"):

@@ -41,6 +41,7 @@ TINY_PARAMS = {
                 "student": {"stem_channels": 4, "stem_stride": 1, "widths": [4, 8], "blocks": [1, 1]}},
     "lowrank": {"energy": 0.8, "min_channels": 4, "finetune": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001}},
     "quantize": {"seed": 0, "calibration_size": 8},
+    "qat": {"seed": 0, "threads": 1, "epochs": 1, "batch_size": 16, "lr": 0.001},
     "compare": {"pareto_metric": "accuracy"},
     "bench": {},  # `make bench` (not a stage) reads it; every section a reader asks for must exist
     "targets": {"tiny-gw": {"defective_recall_target": 0.5,

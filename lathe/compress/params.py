@@ -1,4 +1,4 @@
-"""The compression stages' params sections: prune (and prune_baseline), distill, lowrank, quantize."""
+"""The compression stages' params sections: prune (and prune_baseline), distill, lowrank, quantize, qat."""
 
 from __future__ import annotations
 
@@ -66,3 +66,18 @@ class QuantizeParams(Section):
             raise ValueError("activation_type qint8 with weight_type quint8 is not supported by onnxruntime; "
                              "use weight_type qint8")
         return self
+
+
+class QatParams(FitParams):
+    """Quantization-aware fine-tuning (lathe.compress.qat) of a trained float network, distilled from the
+    teacher like the distill stage (alpha = 0: the labels alone).
+
+    A short, gentle fine-tune: the network is already trained, so a few epochs at a tenth of its
+    learning rate let its weights settle on the INT8 grid without forgetting.
+    """
+
+    epochs: int = Field(4, ge=1)
+    lr: float = Field(3e-4, gt=0, description="peak of the one-cycle schedule")
+    select_on: Literal["score", "accuracy"] = "accuracy"
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft (teacher) loss; 1 - alpha on the labels")

@@ -35,7 +35,7 @@ from lathe.measure.bench_timing import (
     physical_floor,
 )
 from lathe.measure.evaluate import quality_metrics
-from lathe.measure.intervals import Cells, cells_of, paired
+from lathe.measure.intervals import Cells, cells_of, intervals, paired
 from lathe.measure.ort import (
     check_input,
     count_onnx_macs,
@@ -55,6 +55,10 @@ ROLES: tuple[Role, ...] = ("teacher", "pipeline", "baseline")
 ROW_KEYS = ("name", "role", "size_bytes", "accuracy", "defective_recall", "latency_p50_ms", "latency_p95_ms",
             "params", "macs")
 EPS = 1e-9  # float slack when comparing measured ratios/drops with targets
+JUDGED = ("accuracy", "defective_recall")  # the quality figures the bench reports, with intervals
+# Pipeline variants are named by their folder under models/ (bench/run.py): post-training INT8 from the
+# quantize stage, quantization-aware INT8 from the qat stage, each after the float variant it came from.
+PTQ_PREFIX, QAT_PREFIX = "quantized/", "qat/"
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,28 @@ def add_paired(rows: Sequence[dict[str, Any]], cells: Mapping[str, Cells]) -> No
             continue
         r["paired"] = {}
         for o in others:
-            r["paired"][o] = {m: d.points() for m, d in paired(cells[r["name"]], cells[o]).items()
-                              if m in ("accuracy", "defective_recall")}
+            r["paired"][o] = {m: d.points() for m, d in paired(cells[r["name"]], cells[o]).items() if m in JUDGED}
+
+
+def add_intervals(rows: Sequence[dict[str, Any]], cells: Mapping[str, Cells]) -> None:
+    """Each row's JUDGED figures with their 95% bootstrap interval: row["ci95"][metric] = [low, high]."""
+    for r in rows:
+        found = intervals(cells[r["name"]])
+        r["ci95"] = {m: [round(found[m].low, 6), round(found[m].high, 6)] for m in JUDGED}
+
+
+def qat_vs_ptq(rows: Sequence[Mapping[str, Any]], cells: Mapping[str, Cells]) -> list[dict[str, Any]]:
+    """Each QAT variant against the post-training INT8 variant of the same float model (qat/x against
+    quantized/x), paired on the same test cells: [{"qat", "ptq", "paired": {metric: {diff_pt, ci95_pt,
+    p_value}}}], QAT minus PTQ."""
+    names = {r["name"] for r in rows if r["role"] == "pipeline"}
+    out = []
+    for name in sorted(n for n in names if n.startswith(QAT_PREFIX)):
+        ptq = PTQ_PREFIX + name.removeprefix(QAT_PREFIX)
+        if ptq in names:
+            diffs = paired(cells[name], cells[ptq])
+            out.append({"qat": name, "ptq": ptq, "paired": {m: diffs[m].points() for m in JUDGED}})
+    return out
 
 
 def _criterion(name: str, value: float | None, target: str, passed: bool, detail: str = "") -> dict[str, Any]:
@@ -209,7 +233,7 @@ def model_stats(onnx_path: Path, image_size: int) -> dict[str, int]:
 
 def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams,
               notes: Sequence[str] = ()) -> dict[str, Any]:
-    """Measure every model; returns the report {"rows", "floor", "acceptance", "setup"} (see bench_markdown)."""
+    """Measure every model; returns the report {"rows", "floor", "acceptance", "qat_vs_ptq", "setup"} (see bench_markdown)."""
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise LatheError(f"model names must be unique, got {names}")
@@ -239,6 +263,7 @@ def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams
     rate = int8_matmul_throughput(cfg.threads, MATMUL_SHAPES, cfg.matmul_repeats)
     rows = bench_rows(models, stats, quality, latency)
     add_paired(rows, cells)
+    add_intervals(rows, cells)
     floor = {
         "int8_macs_per_s": round(rate, 1), "op": MATMUL_OP, "threads": cfg.threads,
         "matmul_shapes": [list(s) for s in MATMUL_SHAPES], "matmul_repeats": cfg.matmul_repeats,
@@ -251,4 +276,5 @@ def run_bench(models: Sequence[BenchModel], prepared_dir: Path, cfg: BenchParams
         "defective_classes": list(task.defective), "origins": {m.name: m.origin or str(m.onnx_path) for m in models},
         "notes": list(notes),
     }
-    return {"rows": rows, "floor": floor, "acceptance": acceptance_check(rows, cfg), "setup": setup}
+    return {"rows": rows, "floor": floor, "acceptance": acceptance_check(rows, cfg), "qat_vs_ptq": qat_vs_ptq(rows, cells),
+            "setup": setup}

@@ -7,7 +7,7 @@ from typing import Any
 
 from lathe.markdown import markdown_table
 from lathe.measure.bench_timing import MATMUL_OP, bench_timing_method
-from lathe.measure.compare import fmt_bytes, fmt_count, fmt_ms, fmt_pct
+from lathe.measure.compare import fmt_bytes, fmt_ci, fmt_count, fmt_ms, fmt_paired
 
 
 def _floor_note(f: Mapping[str, Any]) -> str:
@@ -41,8 +41,8 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         else:
             size_vs = f"{teacher['size_bytes'] / r['size_bytes']:.1f}x smaller" if r["size_bytes"] else "n/a"
             speed = f"{teacher['latency_p50_ms'] / r['latency_p50_ms']:.2f}x" if r["latency_p50_ms"] else "n/a"
-        table.append([r["name"], r["role"], fmt_bytes(r["size_bytes"]), size_vs, fmt_pct(r["accuracy"]),
-                      fmt_pct(r["defective_recall"]), fmt_ms(r["latency_p50_ms"]), fmt_ms(r["latency_p95_ms"]), speed,
+        table.append([r["name"], r["role"], fmt_bytes(r["size_bytes"]), size_vs, fmt_ci(r, "accuracy"),
+                      fmt_ci(r, "defective_recall"), fmt_ms(r["latency_p50_ms"]), fmt_ms(r["latency_p95_ms"]), speed,
                       fmt_count(r["params"]), fmt_count(r["macs"]), fmt_bytes(f["int8_param_bytes"]),
                       fmt_ms(f["latency_ms"])])
     lines += [
@@ -75,9 +75,25 @@ def bench_markdown(report: Mapping[str, Any]) -> str:
         lines += [markdown_table(["criterion", "measured", "target", "result"], criteria,
                                  align=["", "right", "", ""]),
                   f"Overall: **{'PASS' if acc['passed'] else 'FAIL'}**", ""]
+    lines += qat_vs_ptq_section(report.get("qat_vs_ptq") or [], {r["name"]: r for r in rows})
     lines += ["## How each model was made", ""]
     lines += [f"- **{name}**: {origin}" for name, origin in setup["origins"].items()]
     if setup["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in setup["notes"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def qat_vs_ptq_section(pairs: list[Mapping[str, Any]], rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Quantization-aware against post-training INT8 of the same float model, paired on the same test cells."""
+    if not pairs:
+        return []
+    table = [[f"{p['qat']} vs {p['ptq']}", f"{fmt_bytes(rows[p['qat']]['size_bytes'])} / {fmt_bytes(rows[p['ptq']]['size_bytes'])}",
+              f"{fmt_ms(rows[p['qat']]['latency_p50_ms'])} / {fmt_ms(rows[p['ptq']]['latency_p50_ms'])}",
+              fmt_paired(p["paired"]["accuracy"]), fmt_paired(p["paired"]["defective_recall"])] for p in pairs]
+    return ["## Quantization-aware (QAT) against post-training (PTQ) INT8", "",
+            "QAT minus PTQ in percentage points, with the 95% interval of the difference and its p-value "
+            "(paired on the same test cells: bootstrap interval, McNemar p). The QAT model is also fine-tuned "
+            "for the qat stage's epochs, distilled from the teacher: its gain is QAT's and that fine-tune's together.",
+            "", markdown_table(["pair", "size (QAT / PTQ)", "p50 (QAT / PTQ)", "accuracy", "defective recall"], table,
+                               align=["", "right", "right", "right", "right"]), ""]

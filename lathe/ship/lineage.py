@@ -17,8 +17,9 @@ import yaml
 from lathe.errors import DataError, LatheError
 from lathe.io import read_json, sha256_file
 
-LIBRARIES = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "dvc": "dvc", "prefect": "prefect",
-             "great_expectations": "great-expectations", "model_signing": "model-signing", "numpy": "numpy"}
+LIBRARIES = {"torch": "torch", "torchao": "torchao", "onnx": "onnx", "onnxruntime": "onnxruntime", "dvc": "dvc",
+             "prefect": "prefect", "great_expectations": "great-expectations", "model_signing": "model-signing",
+             "numpy": "numpy"}
 
 
 def _git(root: Path, *args: str) -> str:

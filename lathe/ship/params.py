@@ -13,7 +13,7 @@ from lathe.ship.signing import DEFAULT_PRIVATE_KEY
 
 ALL_VARIANTS = ["teacher", "pruned", "student", "student_control", "lowrank",
                 "quantized/teacher", "quantized/pruned", "quantized/student", "quantized/student_control",
-                "quantized/lowrank"]
+                "quantized/lowrank", "qat/student"]
 
 
 TARGET_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # a folder name and a dvc.yaml foreach key

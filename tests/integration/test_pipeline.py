@@ -21,10 +21,10 @@ from tests.tiny import sh
 pytestmark = pytest.mark.slow
 
 FLOAT_VARIANTS = ["teacher", "pruned", "student", "student_control", "lowrank"]
-VARIANTS = FLOAT_VARIANTS + [f"quantized/{v}" for v in FLOAT_VARIANTS]
+VARIANTS = FLOAT_VARIANTS + [f"quantized/{v}" for v in FLOAT_VARIANTS] + ["qat/student"]
 EVALUATES = [f"evaluate@{v}" for v in VARIANTS]
 STAGES = (["ingest", "validate", "train_teacher", "prune", "prune_baseline", "lowrank", "distill", "distill_control"]
-          + [f"quantize@{v}" for v in FLOAT_VARIANTS] + EVALUATES + ["compare", "plot_training", "package@tiny-gw"])
+          + [f"quantize@{v}" for v in FLOAT_VARIANTS] + ["qat"] + EVALUATES + ["compare", "plot_training", "package@tiny-gw"])
 PACKAGE = "models/packages/tiny-gw"
 
 
@@ -50,6 +50,7 @@ def built(tiny_reference) -> Path:
     ran = tiny_reference["ran"]
     assert sorted(ran) == sorted(STAGES), tiny_reference["stdout"]
     assert ran.index("train_teacher") < ran.index("distill") < ran.index("quantize@student") < ran.index("compare")
+    assert ran.index("distill") < ran.index("qat") < ran.index("evaluate@qat/student")
     return tiny_reference["ws"]
 
 
@@ -66,7 +67,7 @@ def test_pipeline_produces_every_declared_output(built):
                  "reports/teacher/metrics.json", "reports/teacher/detail.json", "reports/teacher/confusion.png",
                  "reports/training/teacher.csv", "reports/training/teacher.png",
                  "models/pruned/prune.json", "models/student/distill.json", "models/student_control/distill.json",
-                 "models/lowrank/lowrank.json", "models/quantized/student/quantize.json",
+                 "models/lowrank/lowrank.json", "models/quantized/student/quantize.json", "models/qat/student/qat.json",
                  "models/baselines/pruned_50/prune.json", "reports/compare.md", "reports/compare.json",
                  "reports/pareto.png", f"{PACKAGE}/manifest.json", f"{PACKAGE}/signature", f"{PACKAGE}.tar.gz",
                  f"{PACKAGE}.tar.gz.sha256"]:

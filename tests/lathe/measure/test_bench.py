@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -301,7 +302,7 @@ def test_markdown_shows_fail_and_a_missing_pipeline():
 # --- bench/run.py end to end on tiny models -----------------------------------------------------
 
 
-def make_bench_workspace(tmp_path, pruned=False):
+def make_bench_workspace(tmp_path, pruned=False, qat=False):
     teacher = tmp_path / "models" / "teacher"
     teacher.mkdir(parents=True)
     (teacher / "model.onnx").write_bytes(tiny_model()[1])
@@ -312,6 +313,9 @@ def make_bench_workspace(tmp_path, pruned=False):
     (tmp_path / "models" / "quantized" / "teacher").mkdir(parents=True)
     quantize_static(str(tmp_path / "pre.onnx"), str(tmp_path / "models" / "quantized" / "teacher" / "model.onnx"),
                     reader, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    if qat:  # the qat stage's folder; a copy of the PTQ model stands in (QAT itself: tests/lathe/compress/test_qat.py)
+        (tmp_path / "models" / "qat" / "teacher").mkdir(parents=True)
+        shutil.copy(tmp_path / "models" / "quantized" / "teacher" / "model.onnx", tmp_path / "models" / "qat" / "teacher")
     if pruned:
         (tmp_path / "models" / "pruned_50").mkdir()
         (tmp_path / "models" / "pruned_50" / "model.onnx").write_bytes(conv_model().SerializeToString())
@@ -327,23 +331,30 @@ def make_bench_workspace(tmp_path, pruned=False):
 
 def run_bench_cli(ws, *extra):
     bench_run.main(["--teacher", str(ws / "models/teacher"), "--quantized", str(ws / "models/quantized"),
-                    "--pruned-baseline", str(ws / "models/pruned_50"), "--prepared", str(ws / "data/prepared"),
+                    "--qat", str(ws / "models/qat"), "--pruned-baseline", str(ws / "models/pruned_50"), "--prepared", str(ws / "data/prepared"),
                     "--out", str(ws / "reports"), "--params", str(ws / "params.yaml"), *extra])
 
 
 def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):
-    ws = make_bench_workspace(tmp_path, pruned=True)
+    ws = make_bench_workspace(tmp_path, pruned=True, qat=True)
     run_bench_cli(ws, "--work", str(ws / "work"))
     report = json.loads((ws / "reports" / "bench.json").read_text())
-    assert {"rows", "floor"} <= set(report)
+    assert {"rows", "floor", "qat_vs_ptq"} <= set(report)
     assert [(r["name"], r["role"]) for r in report["rows"]] == [
-        ("teacher", "teacher"), ("quantized/teacher", "pipeline"), ("ort_dynamic_int8", "baseline"),
-        ("ort_static_int8_defaults", "baseline"), ("pruned50_finetune", "baseline")]
+        ("teacher", "teacher"), ("quantized/teacher", "pipeline"), ("qat/teacher", "pipeline"),
+        ("ort_dynamic_int8", "baseline"), ("ort_static_int8_defaults", "baseline"), ("pruned50_finetune", "baseline")]
     for r in report["rows"]:
-        # write_json sorts keys; the set is exactly the specified one, plus the pipeline rows' paired comparisons
-        assert list(r) == sorted([*ROW_KEYS, *(["paired"] if r["role"] == "pipeline" else [])])
+        # write_json sorts keys; the set is exactly the specified one, the intervals, and the pipeline rows'
+        # paired comparisons
+        assert list(r) == sorted([*ROW_KEYS, "ci95", *(["paired"] if r["role"] == "pipeline" else [])])
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["defective_recall"] <= 1
+        for metric in ("accuracy", "defective_recall"):
+            assert r["ci95"][metric][0] <= r[metric] <= r["ci95"][metric][1], (r["name"], metric)
         assert 0 < r["latency_p50_ms"] <= r["latency_p95_ms"] and r["size_bytes"] > 0 and r["macs"] > 0
+    # the same INT8 model under both names: QAT minus PTQ is exactly nothing
+    [pair] = report["qat_vs_ptq"]
+    assert (pair["qat"], pair["ptq"]) == ("qat/teacher", "quantized/teacher")
+    assert pair["paired"]["accuracy"] == {"diff_pt": 0.0, "ci95_pt": [0.0, 0.0], "p_value": 1.0}
     teacher, pipeline = report["rows"][0], report["rows"][1]
     vs_teacher = pipeline["paired"]["teacher"]["accuracy"]
     assert vs_teacher["ci95_pt"][0] <= vs_teacher["diff_pt"] <= vs_teacher["ci95_pt"][1]
@@ -355,12 +366,16 @@ def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):
     assert report["floor"]["models"]["teacher"]["int8_param_bytes"] == teacher["params"]
     assert math.isclose(report["floor"]["models"]["teacher"]["latency_ms"],
                         1000 * teacher["macs"] / report["floor"]["int8_macs_per_s"], rel_tol=1e-3)
-    assert report["setup"]["runs"] == 300 and report["acceptance"]["variant"] == "quantized/teacher"
+    # the two pipeline names hold the same model: which one is judged is down to the timing noise
+    judged = report["acceptance"]["variant"]
+    assert report["setup"]["runs"] == 300 and judged in ("quantized/teacher", "qat/teacher")
     assert (ws / "work" / "ort_static_int8_defaults" / "model.onnx").is_file()
     md = (ws / "reports" / "bench.md").read_text()
     assert md.count("| PASS |") + md.count("| FAIL |") == 5
+    assert "## Quantization-aware (QAT) against post-training (PTQ) INT8" in md
+    assert "| qat/teacher vs quantized/teacher |" in md and "+0.0 pt (+0.0, +0.0) p=1" in md
     out = capsys.readouterr().out
-    assert "acceptance of quantized/teacher vs teacher" in out
+    assert f"acceptance of {judged} vs teacher" in out
 
 
 def test_bench_cli_notes_a_missing_pruned_baseline(tmp_path, capsys):
@@ -371,6 +386,7 @@ def test_bench_cli_notes_a_missing_pruned_baseline(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "NOTE: baseline pruned50_finetune skipped" in err and "pruned_50/model.onnx not found" in err
     assert "pruned50_finetune skipped" in (ws / "reports" / "bench.md").read_text()
+    assert "no QAT variants" in err and report["qat_vs_ptq"] == []
 
 
 def test_bench_cli_missing_teacher_exits_1_naming_the_file(tmp_path, capsys):
