@@ -278,10 +278,21 @@ def quantize_biases(proto: onnx.ModelProto) -> int:
     return done
 
 
+def drop_exporter_notes(proto: onnx.ModelProto) -> None:
+    """Remove, in place, what torch.onnx stores for people reading the graph rather than for running it:
+    each node's notes on the torch graph it came from (`pkg.torch.onnx.fx_node`, `name_scopes`) and the
+    intermediate shapes (`value_info`, which onnxruntime infers). Measured on the ELPV student: 34 KB of a
+    177 KB INT8 file; a gateway model carries weights, not debug notes."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    del proto.graph.value_info[:]
+
+
 def export_qat_onnx(converted: torch.fx.GraphModule, image_size: int, channels: int,
                     metadata: dict[str, str]) -> bytes:
-    """The converted network as one ONNX QDQ file with int32 biases, checked."""
+    """The converted network as one ONNX QDQ file with int32 biases and no exporter notes, checked."""
     proto = onnx.load_from_string(export_onnx(converted, image_size, channels, metadata))
+    drop_exporter_notes(proto)
     quantize_biases(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)

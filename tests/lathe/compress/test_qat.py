@@ -79,6 +79,8 @@ def test_qat_writes_an_int8_model_that_onnxruntime_runs_in_integer_kernels(input
     for node in (n for n in proto.graph.node if n.op_type == "Conv"):
         bias_dq = producer[node.input[2]]
         assert bias_dq.op_type == "DequantizeLinear" and inits[bias_dq.input[0]].data_type == TensorProto.INT32
+    # no exporter notes (the torch graph per node, intermediate shapes): weights, not debug text
+    assert not any(n.metadata_props for n in proto.graph.node) and not proto.graph.value_info
     # the float model and teacher it came from, by hash, in the file and the record
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta[SOURCE_SHA_KEY] == sha256_file(inputs / "student" / FILES.weights) == record["source"]["weights_sha256"]
