@@ -139,14 +139,14 @@ def test_sweep_runs_real_dvc_experiments_and_writes_the_pareto_table(prefect_ser
         # run with `dvc exp run --temp`, outside DVC's queue: a finished experiment has no queue status
         assert exp["status"] in (None, "success") and exp["rev"], exp
         assert "quantized/student" in exp["variants"] and "teacher" in exp["variants"]
-    # the table: 10 variants per experiment, at least one Pareto row per view
+    # the table: 11 variants per experiment (5 float, their PTQ INT8, the QAT student), a Pareto row per view
     rows = result["rows"]
-    assert len(rows) == 20
+    assert len(rows) == 22
     assert any(r["pareto_size"] for r in rows) and any(r["pareto_latency"] for r in rows)
     md = (ws / REPORT_MD).read_text()
     assert all(n in md for n in names) and "percentile" in md
     saved = json.loads((ws / REPORT_JSON).read_text())
-    assert saved["grid"] == grid and len(saved["rows"]) == 20
+    assert saved["grid"] == grid and len(saved["rows"]) == len(rows)
     # the Prefect artifact
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey

@@ -17,7 +17,7 @@ from tests.tiny import ROOT, sh
 
 pytestmark = pytest.mark.slow
 
-TRAINED = ["teacher", "pruned", "pruned_50", "lowrank", "student", "student_control"]
+TRAINED = ["teacher", "pruned", "pruned_50", "lowrank", "student", "student_control", "qat_student"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_COLUMNS = 12  # per variant row of `dvc metrics show`, its Path column included
 TERMINAL = 160
