@@ -96,4 +96,4 @@ def qat_vs_ptq_section(pairs: list[Mapping[str, Any]], rows: Mapping[str, Mappin
             "(paired on the same test cells: bootstrap interval, McNemar p). The QAT model is also fine-tuned "
             "for the qat stage's epochs, distilled from the teacher: its gain is QAT's and that fine-tune's together.",
             "", markdown_table(["pair", "size (QAT / PTQ)", "p50 (QAT / PTQ)", "accuracy", "defective recall"], table,
-                               align=["", "right", "right", "right", "right"]), ""]
+                               align=["", "right", "right", "right", "right"])]
