@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from lathe.audit.report import _short
+from lathe.compress.quant_inspect import QDQ_OPS
 from lathe.io import sha256_bytes
 from lathe.ship.contract import (
     CARD_FILE,
@@ -23,6 +26,9 @@ from lathe.ship.contract import (
     identity_view,
     unstamped_model_bytes,
 )
+
+# ops that make a graph an INT8 one (onnxruntime runs them in integer kernels)
+INT8_OPS = frozenset({*QDQ_OPS, "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 
 
 def json_diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -148,11 +154,16 @@ def compare_packages(original: Path, rebuilt: Path) -> Comparison:
 
 
 def is_float_package(pkg: Path) -> bool:
-    """Whether the package ships a float model (no INT8 calibration recorded). INT8 models give the same
-    logits on every x86-64 machine with the pins (integer kernels, README "Determinism"); float ones do not."""
+    """Whether the package ships a float model: no INT8 calibration recorded and no quantize, dequantize or
+    integer op in its graph (a quantization-aware model records no calibration: its ranges were learned in
+    training). INT8 models give the same logits on every x86-64 machine with the pins (integer kernels,
+    README "Determinism"); float ones do not. Runs after verify's checks passed (the files are in limits)."""
     try:
-        return json.loads((pkg / MANIFEST_FILE).read_text()).get("calibration") is None
-    except (OSError, ValueError, AttributeError):
+        if json.loads((pkg / MANIFEST_FILE).read_text()).get("calibration") is not None:
+            return False
+        graph = onnx.load_from_string((pkg / MODEL_FILE).read_bytes()).graph
+        return not any(node.op_type in INT8_OPS for node in graph.node)
+    except Exception:  # noqa: BLE001 - a manifest or model that does not parse is not known to be float
         return False
 
 

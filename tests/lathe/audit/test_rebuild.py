@@ -6,11 +6,13 @@ import json
 import shutil
 from pathlib import Path
 
+import onnx
+
 from lathe.audit.rebuild_compare import json_diff
 from lathe.io import write_json
 from lathe.ship.archive import write_archive
 from lathe.ship.signing import sign_package
-from tests.packages import build_package, make_keys, reseal
+from tests.packages import build_package, make_keys, reseal, tiny_model
 
 
 def test_json_diff_key_paths():
@@ -196,8 +198,8 @@ def test_a_float_model_rebuilt_on_another_instruction_set_is_equivalent_an_int8_
     keys = make_keys(tmp_path / "keys")
     trust = resolve_trust(None, keys["pub"])
 
-    def pair(calibration: dict | None, shift: float, name: str) -> tuple[Path, Path]:
-        a = build_package(tmp_path / name / "a", keys["priv"])
+    def pair(calibration: dict | None, shift: float, name: str, model=None) -> tuple[Path, Path]:
+        a = build_package(tmp_path / name / "a", keys["priv"], model=model)
         b = tmp_path / name / "b" / "edge"
         shutil.copytree(a, b)
         for pkg, delta in ((a, 0.0), (b, shift)):
@@ -224,3 +226,24 @@ def test_a_float_model_rebuilt_on_another_instruction_set_is_equivalent_an_int8_
     assert status == "FAIL" and "selftest.npz" in message
     status, _ = verdict(*pair(None, 0.5, "float-far"))  # beyond the package's atol: not equivalent
     assert status == "FAIL"
+    # a quantization-aware model records no calibration, but its graph is INT8: it must be identical too
+    status, message = verdict(*pair(None, 1e-6, "qat", model=with_quantized_input(tiny_model(0))))
+    assert status == "FAIL" and "selftest.npz" in message
+
+
+def with_quantized_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` reading its input through a uint8 QuantizeLinear/DequantizeLinear pair: an INT8 graph."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    name = graph.input[0].name
+    for node in graph.node:
+        node.input[:] = [f"{name}_dq" if i == name else i for i in node.input]
+    graph.initializer.extend([helper.make_tensor("in_scale", TensorProto.FLOAT, [], [1 / 255]),
+                              helper.make_tensor("in_zero", TensorProto.UINT8, [], [0])])
+    qdq = [helper.make_node("QuantizeLinear", [name, "in_scale", "in_zero"], [f"{name}_q"]),
+           helper.make_node("DequantizeLinear", [f"{name}_q", "in_scale", "in_zero"], [f"{name}_dq"])]
+    nodes = [*qdq, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
