@@ -309,7 +309,7 @@ def trace(subject: str, trust: Trust, repo: Path | None = None) -> dict[str, Any
         "package_id": manifest.get("package_id"), "target": (manifest.get("target") or {}).get("name"),
         "variant": manifest.get("variant"), "raw_data": manifest.get("raw_data"),
         "validation": manifest.get("validation"), "git": manifest.get("git"), "build": manifest.get("build"),
-        "calibration": manifest.get("calibration"), "params": manifest.get("params"),
+        "calibration": manifest.get("calibration"), "qat": manifest.get("qat"), "params": manifest.get("params"),
         "metrics": manifest.get("metrics"), "gates": manifest.get("gates"),
         "chain": _chain(manifest),
     }

@@ -38,6 +38,7 @@ from torch import nn
 from lathe.compress.distill import check_fits, load_model_dir
 from lathe.compress.params import QatParams
 from lathe.compress.quant_inspect import float_compute_nodes, node_type_counts
+from lathe.compress.records import QAT_RECORD
 from lathe.data.contract import Task, read_task
 from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic, numerics_record
@@ -61,7 +62,7 @@ from lathe.model.train import (
 
 log = logging.getLogger(__name__)
 
-RECORD_FILE = "qat.json"
+RECORD_FILE = QAT_RECORD
 WEIGHT_QMIN, WEIGHT_QMAX = -64, 63  # 7-bit weights, as lathe.compress.quantize.REDUCE_RANGE (see module doc)
 # metadata_props of every QAT model: the float network it was fine-tuned from, and its teacher
 SOURCE_SHA_KEY = "lathe.qat.source_weights_sha256"

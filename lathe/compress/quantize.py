@@ -57,6 +57,7 @@ from lathe.compress.calibration import (
 )
 from lathe.compress.params import QuantizeParams
 from lathe.compress.quant_inspect import compare_with_float, float_compute_nodes, node_type_counts
+from lathe.compress.records import QUANTIZE_RECORD
 from lathe.data.ingest import image_geometry, load_split
 from lathe.determinism import numerics_record
 from lathe.errors import DataError, LatheError
@@ -71,7 +72,7 @@ from lathe.model.export import set_metadata
 REDUCE_RANGE = True
 RANGE_BITS = 12  # calibration ranges snapped outward to 12 significant bits (snap_outward)
 CHECK_SPLIT = "val"  # held-out images on which the quantized model is compared with the float one
-RECORD_FILE = "quantize.json"
+RECORD_FILE = QUANTIZE_RECORD
 # metadata_props of every quantized model: what it was quantized from and calibrated on. Part of the
 # model format (and its bytes), named once; not Python module paths.
 SOURCE_SHA_KEY = "lathe.quantize.source_sha256"

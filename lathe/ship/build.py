@@ -62,6 +62,7 @@ from lathe.ship.lineage import (
     git_head,
     library_versions,
     lock_record,
+    qat_record,
     raw_data_record,
     stage_chain,
     validation_record,
@@ -167,9 +168,9 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, params
     preprocessing = json.dumps(preprocessing_record(model_unstamped, task, chosen.threshold.value),
                                indent=2, sort_keys=True) + "\n"
     validation = validation_record(inputs.validation_dir)
-    calibration = calibration_record(model_dir)
+    calibration, qat = calibration_record(model_dir), qat_record(model_dir)
     machine = machine_record()
-    card = model_card(target, profile, chosen, candidates, raw, validation, calibration, task, machine)
+    card = model_card(target, profile, chosen, candidates, raw, validation, calibration, qat, task, machine)
     t = chosen.threshold
     manifest: dict[str, Any] = {
         "schema": SCHEMA,
@@ -185,6 +186,7 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, params
         "raw_data": raw,
         "validation": validation,
         "calibration": calibration,
+        "qat": qat,
         "params": copy.deepcopy(params),
         "libraries": library_versions(),
         "metrics": {"test": chosen.metrics,

@@ -107,8 +107,17 @@ def _latency_verdicts(candidates: list[Candidate]) -> str:
     return ", ".join(out) or "none"
 
 
+def _qat_line(qat: dict) -> str:
+    """How a quantization-aware model got its INT8 ranges: it has no calibration set to name."""
+    q = qat.get("quantization") or {}
+    return (f"- INT8 by quantization-aware training ({qat.get('method') or '-'}): {qat.get('epochs')} epochs on the "
+            f"train split, epoch {qat.get('best_epoch')} picked on val; weights {q.get('weights', '-')}, activations "
+            f"{q.get('activations', '-')}; no calibration set (ranges learned while fine-tuning); fine-tuned from "
+            f"weights sha256 `{str(qat.get('source_weights_sha256'))[:16]}...`")
+
+
 def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates: list[Candidate], raw: dict,
-               validation: dict, calibration: dict | None, task: Task, machine: dict) -> str:
+               validation: dict, calibration: dict | None, qat: dict | None, task: Task, machine: dict) -> str:
     """The human-readable card; `machine` (lathe.determinism.machine_record) only in its last section."""
     m, t = chosen.metrics, chosen.threshold
     lines = [
@@ -133,6 +142,8 @@ def model_card(target: str, profile: TargetParams, chosen: Candidate, candidates
     if calibration:
         lines.append(f"- INT8 calibration: {calibration['size']} train samples, {calibration['method']}, "
                      f"ids sha256 `{str(calibration['sample_ids_sha256'])[:16]}...`")
+    if qat:
+        lines.append(_qat_line(qat))
     rates = markdown_table(
         ["split", "defective recall", "escape rate", "false-reject rate"],
         [[split, _pct_ci(r, "defective_recall"), _pct(r["escape_rate"]), _pct_ci(r, "false_reject_rate")]

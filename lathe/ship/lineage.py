@@ -1,5 +1,5 @@
-"""Lineage of a package: git state, the dvc.lock chain of stages, raw data, validation, calibration,
-library versions. dvc.yaml and dvc.lock are read as YAML; DVC is never imported."""
+"""Lineage of a package: git state, the dvc.lock chain of stages, raw data, validation, how its INT8
+model was made (calibration or quantization-aware training), library versions. dvc.yaml and dvc.lock are read as YAML; DVC is never imported."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from lathe.compress.records import QAT_RECORD, QUANTIZE_RECORD
 from lathe.errors import DataError, LatheError
 from lathe.io import read_json, sha256_file
 
@@ -272,11 +273,27 @@ def validation_record(validation_dir: Path) -> dict:
 
 
 def calibration_record(model_dir: Path) -> dict | None:
-    path = Path(model_dir) / "quantize.json"
+    """A post-training INT8 model's calibration set (hash of its sample ids, size, method); None otherwise."""
+    path = Path(model_dir) / QUANTIZE_RECORD
     if not path.is_file():
         return None
     cal = read_json(path).get("calibration") or {}
     return {"sample_ids_sha256": cal.get("sample_ids_sha256"), "size": cal.get("size"), "method": cal.get("method")}
+
+
+def qat_record(model_dir: Path) -> dict | None:
+    """A quantization-aware model's making: method, schedule, number formats, the float network and teacher
+    it was fine-tuned from (weight hashes); None for any other model. It has no calibration set: its ranges
+    were learned during fine-tuning on the train split."""
+    path = Path(model_dir) / QAT_RECORD
+    if not path.is_file():
+        return None
+    rec = read_json(path)
+    settings = rec.get("settings") or {}
+    return {"method": rec.get("method"), "epochs": settings.get("epochs"), "best_epoch": rec.get("best_epoch"),
+            "quantization": rec.get("quantization"),
+            "source_weights_sha256": (rec.get("source") or {}).get("weights_sha256"),
+            "teacher_weights_sha256": (rec.get("teacher") or {}).get("weights_sha256")}
 
 
 def library_versions() -> dict[str, str | None]:
