@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
 from lathe.config import load_params
 from lathe.data.contract import TASK_FILE, DataParams
 from lathe.data.ingest import ingest, load_split, write_prepared

@@ -92,9 +92,9 @@ class ResNetLike(nn.Module):
         side = final_feature_size(spec, image_size)
         if side < 1:
             raise ValueError(f"image_size {image_size} is too small for {len(spec.widths)} stages")
-        # A full-window AvgPool rather than adaptive/global pooling: the dynamo exporter turns the
-        # latter into ReduceMean, on which onnxruntime's quantization shape inference crashes.
-        self.pool = nn.AvgPool2d(side)
+        # A full-window pool rather than adaptive/global pooling: the dynamo exporter turns the
+        # latter into ReduceMean/ReduceMax, on which onnxruntime's quantization shape inference crashes.
+        self.pool = nn.MaxPool2d(side) if spec.pool == "max" else nn.AvgPool2d(side)
         self.dropout = nn.Dropout(spec.dropout)
         self.head = nn.Linear(spec.widths[-1], spec.num_classes)
         if spec.ranks:

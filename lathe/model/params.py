@@ -22,6 +22,11 @@ class ArchSpec(Section):
     widths: list[int] = Field(default_factory=lambda: [32, 64, 128, 256])
     blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1])
     dropout: float = Field(0.1, ge=0, lt=1)
+    # How the last feature map becomes one vector. "max" keeps the strongest local response: a defect a few
+    # pixels wide (a dark spot or crack end on a poly cell) is not averaged away over the whole cell
+    # (docs/teacher-experiments.md, 2026-12-04). Left out of model_dump() when "avg", so the arch.json of
+    # every model trained before it stays byte-identical.
+    pool: Literal["avg", "max"] = Field("avg", exclude_if=lambda v: v == "avg")
     # Optional per-block detail written by compression passes (pruning, low-rank). Left out of
     # model_dump() when unset, so an unpruned spec's arch.json stays byte-identical.
     mid_channels: list[int] | None = Field(

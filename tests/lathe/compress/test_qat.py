@@ -116,6 +116,20 @@ def test_alpha_zero_fine_tunes_on_the_labels_without_a_teacher(inputs, tmp_path)
     assert result.record["teacher"] is None and "distillation" not in result.record["method"]
 
 
+def test_a_max_pool_student_also_runs_every_layer_in_integer_kernels(inputs, tmp_path):
+    """pool: max (the teacher's and student's default) exports a MaxPool that onnxruntime runs on int8."""
+    student = {**TINY_PARAMS["distill"]["student"], "pool": "max"}
+    distilled = distill_student(inputs / "teacher", inputs / "prepared",
+                                DistillParams(**{**TINY_PARAMS["distill"], "student": student}))
+    write_arch_and_weights(tmp_path / "student", distilled.model, distilled.spec, 16)
+    result = qat_finetune(tmp_path / "student", inputs / "prepared", tiny_cfg(alpha=0.0))
+    write_qat(tmp_path / "q", result)
+    assert result.record["node_types"]["MaxPool"] == 1 and result.record["float_compute_nodes"] == []
+    ran = runtime_node_types((tmp_path / "q" / MODEL_FILE).read_bytes())
+    assert ran.get("com.microsoft.NhwcMaxPool") == 1 and ran.get("com.microsoft.QGemm") == 1
+    assert not {"Conv", "FusedConv", "Add", "Gemm", "MaxPool"} & set(ran)
+
+
 def test_a_broken_export_is_refused_naming_the_model(inputs):
     """onnxruntime's model must give torch's answers: negated logits (argmax becomes argmin) do not."""
     model = load_model(inputs / "student")

@@ -255,6 +255,17 @@ def test_entropy_and_percentile_calibrate_differently_from_minmax(tmp_path):
     assert np.isfinite(predict(load_session(write_model(tmp_path / "e", entropy), 1), images)).all()
 
 
+def test_a_max_pool_network_quantizes_to_an_integer_max_pool(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ArchSpec(stem_channels=4, stem_stride=1, widths=[4, 8], blocks=[1, 1], pool="max"), SIZE)
+    src = write_model(tmp_path / "m", export_onnx(model.eval(), SIZE))
+    q = quantize_static_int8(src, synthetic(16, 5)[0], TINY)
+    assert float_compute_nodes(onnx.load_from_string(q)) == []
+    ran = runtime_node_types(q)
+    assert ran.get("com.microsoft.NhwcMaxPool") == 1 and ran.get("com.microsoft.QLinearConv") == 6
+    assert not {"MaxPool", "Conv", "Gemm"} & set(ran)
+
+
 def test_quint8_activations_fuse_every_conv_in_onnxruntime(tmp_path):
     src = write_model(tmp_path / "m")
     images = synthetic(16, 5)[0]

@@ -36,12 +36,34 @@ def test_onnx_export_is_one_checked_file_with_dynamic_batch_and_matches_torch():
         assert max_abs_diff_vs_torch(model, data, x) < 1e-4
 
 
+def test_max_pool_takes_the_strongest_response_of_each_channel_and_exports_as_one_maxpool():
+    """pool: max keeps a defect a few pixels wide that the average over the cell would dilute."""
+    spec = SPEC.model_copy(update={"pool": "max"})
+    assert spec.model_dump()["pool"] == "max" and ArchSpec.model_validate(spec.model_dump()) == spec
+    torch.manual_seed(0)
+    model = build_model(spec, 16).eval()
+    feats = model.features(model.stem(torch.rand(2, 1, 16, 16)))
+    assert torch.equal(torch.flatten(model.pool(feats), 1), feats.amax(dim=(2, 3)))
+    assert not torch.equal(feats.amax(dim=(2, 3)), feats.mean(dim=(2, 3)))
+
+    data = export_onnx(model, 16)
+    ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
+    assert ops.count("MaxPool") == 1 and not {"ReduceMax", "GlobalMaxPool", "AveragePool"} & set(ops)
+    x = np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)
+    assert max_abs_diff_vs_torch(model, data, x) < 1e-4
+
+
+def test_an_unknown_pool_is_refused_with_the_choices():
+    with pytest.raises(ConfigError, match="pool"):
+        parse_section({"train_teacher": {"arch": {"pool": "mean"}}}, "train_teacher", TrainParams)
+
+
 # --- compressed-network specs: pruned widths, shortcut types, low-rank layers -----------------
 
 
 def test_default_spec_dumps_without_the_optional_fields_so_arch_json_is_unchanged():
     dumped = ArchSpec().model_dump()
-    assert not {"mid_channels", "projection", "ranks"} & set(dumped)
+    assert not {"mid_channels", "projection", "ranks", "pool"} & set(dumped)
     assert ArchSpec.model_validate(dumped) == ArchSpec()
     full = SPEC.model_copy(update={"mid_channels": [3, 5], "projection": [False, True]}).model_dump()
     assert full["mid_channels"] == [3, 5] and full["projection"] == [False, True]
