@@ -18,9 +18,9 @@ Two halves:
   `LATHE_NUMERICS=native` skips the pins (for speed experiments); the record then says so.
 - `make_deterministic(seed, threads)`: seeds, deterministic algorithms, the thread count.
 
-Vector-math (VML) ops - exp, log, tanh on large contiguous tensors - go through MKL's VML, which
-differs between vendors even under CBWR; training code avoids them (lathe.model.train.soft_loss) and uses
-the fused AdamW step (the foreach step differs between vendors).
+Vector-math (VML) ops - exp, log, tanh on large contiguous tensors, and float32 sqrt on any - go through
+MKL's VML, which differs between CPUs even under CBWR; training code avoids them (lathe.model.train.soft_loss,
+`exact_sqrt`) and uses the fused AdamW step (the foreach step differs between vendors).
 """
 
 from __future__ import annotations
@@ -119,3 +119,12 @@ def make_deterministic(seed: int, threads: int) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen
+
+
+def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x) correctly rounded, so the same bits on every CPU. float32 `torch.sqrt` is MKL's VML vsSqrt,
+    which is not correctly rounded and whose last bit depends on the CPU, pins or not (measured on 100k
+    values: 16% of results differ from IEEE sqrt, and differ again under qemu's EPYC-Rome and Haswell; an
+    Intel Xeon and an AMD EPYC trained different QAT networks from it). In float64 it is IEEE sqrt, and
+    the float64 sqrt of a float32 value rounds to the correctly rounded float32 sqrt."""
+    return x.double().sqrt().to(x.dtype)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "scripts" / "numerics_probe.py"
-COMPARED = ("train", "train_odd", "svd", "onnx", "ort_float", "int8_model", "ort_int8")
+COMPARED = ("train", "train_odd", "svd", "onnx", "ort_float", "int8_model", "ort_int8", "qat_train", "qat_model")
 # What must agree across every x86-64 machine with AVX2 (ort_float may not: onnxruntime's float
 # kernels differ between AVX-512 and AVX2 in the last bit; nothing that enters an output's bytes uses them).
-MUST_AGREE = ("train", "train_odd", "svd", "onnx", "int8_model", "ort_int8")
+MUST_AGREE = ("train", "train_odd", "svd", "onnx", "int8_model", "ort_int8", "qat_train", "qat_model")
 
 
 def run(cpu: str | None) -> dict:

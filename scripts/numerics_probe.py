@@ -2,7 +2,9 @@
 
 One short run of each: teacher-architecture training (fused AdamW, distillation loss, channels_last
 through oneDNN), a pruned-shape network's training (NCHW), an SVD (lowrank), ONNX export, onnxruntime float inference, static INT8
-quantization (calibration included) and INT8 inference. Prints one JSON line of sha256 prefixes
+quantization (calibration included), INT8 inference, and an epoch of quantization-aware training
+(torchao's fake quantizers, BatchNorm's running std through lathe.determinism.exact_sqrt) exported to
+INT8 ONNX. Prints one JSON line of sha256 prefixes
 (plus the kernels in use), so two runs agree exactly when every byte agrees.
 
     python scripts/numerics_probe.py                      # here, with the pins (stages/__init__)
@@ -88,8 +90,26 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
         q = Path(tmp) / "int8.onnx"
         q.write_bytes(q_bytes)
         out["ort_int8"] = digest(predict(load_session(q, threads=1), x).tobytes())
+    out.update(probe_qat(result.model, x, y, fit_cfg, task))
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
+
+
+def probe_qat(model: object, x: object, y: object, fit_cfg: object, task: object) -> dict[str, str]:
+    """One epoch of quantization-aware training (torchao PT2E fake quantizers; NCHW, since the prepared
+    graph has no Conv2d modules) of a trained float network, converted and exported to INT8 ONNX."""
+    import copy
+
+    from lathe.compress.qat import QatNet, convert, export_qat_onnx, prepare_qat
+    from lathe.determinism import make_deterministic
+    from lathe.model.train import fit
+
+    size = x.shape[-1]  # type: ignore[attr-defined]
+    net = QatNet(prepare_qat(copy.deepcopy(model), size, 1))  # type: ignore[arg-type]
+    trained = fit(net, {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, fit_cfg,  # type: ignore[arg-type]
+                  make_deterministic(0, 2), task).model
+    fake = digest(b"".join(v.contiguous().numpy().tobytes() for v in trained.state_dict().values()))
+    return {"qat_train": fake, "qat_model": digest(export_qat_onnx(convert(net), size, 1, {}))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The pinned numeric platform (lathe.determinism): one training, an SVD and one quantization give
+"""The pinned numeric platform (lathe.determinism): one training, an SVD, one quantization and one QAT epoch give
 the same bytes whatever kernels the machine would otherwise pick; without the pins they do not.
 
 Each probe (scripts/numerics_probe.py) runs in its own process, because the kernel choices are made
@@ -20,7 +20,7 @@ from lathe.determinism import PINS, cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "scripts" / "numerics_probe.py"
-BYTES = ("train", "train_odd", "svd", "onnx", "ort_float", "int8_model", "ort_int8")
+BYTES = ("train", "train_odd", "svd", "onnx", "ort_float", "int8_model", "ort_int8", "qat_train", "qat_model")
 
 
 def probe(**env: str) -> dict:

@@ -41,7 +41,7 @@ from lathe.compress.quant_inspect import float_compute_nodes, node_type_counts
 from lathe.compress.records import QAT_RECORD
 from lathe.data.contract import Task, read_task
 from lathe.data.ingest import load_split
-from lathe.determinism import make_deterministic, numerics_record
+from lathe.determinism import exact_sqrt, make_deterministic, numerics_record
 from lathe.errors import LatheError
 from lathe.io import sha256_bytes, sha256_file, write_bytes, write_json
 from lathe.measure.ort import MODEL_FILE, load_session, predict, to_input
@@ -74,6 +74,7 @@ MAX_DISAGREEMENT = 0.05  # fraction of the check images whose argmax may differ 
 # ops whose bias is quantized: weight per output channel on axis 0 (Conv (O, I, kH, kW); Gemm transB (O, I)),
 # bias (O,), so the bias scale is input scale x weight scale, element by element
 BIAS_OPS = ("Conv", "Gemm")
+TORCH_SQRT = torch.ops.aten.sqrt.default  # in the prepared graph: BatchNorm's running std (swap_calls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +182,25 @@ def prepare_qat(model: nn.Module, image_size: int, channels: int) -> torch.fx.Gr
         exported = torch.export.export(model, example, dynamic_shapes={"x": {0: batch}}, strict=True)
     except Exception as exc:  # torch raises many types here; the message says which layer
         raise LatheError(f"cannot export the network for QAT: {type(exc).__name__}: {exc}") from exc
-    return prepare_qat_pt2e(exported.module(), qat_quantizer())
+    prepared = prepare_qat_pt2e(exported.module(), qat_quantizer())
+    swap_calls(prepared, TORCH_SQRT, exact_sqrt)
+    return prepared
+
+
+def swap_calls(graph: torch.fx.GraphModule, old: Any, new: Any) -> int:
+    """Point every call of `old` in the graph at `new` (same arguments); returns how many.
+
+    Used for sqrt: torchao's conv-BatchNorm QAT pattern divides by BatchNorm's running std,
+    `torch.sqrt(running_var + eps)`, on every forward; torch's float32 sqrt is MKL's vector math and
+    its last bit depends on the CPU (lathe.determinism.exact_sqrt), which made an Intel Xeon and an AMD
+    EPYC fine-tune different networks. Training runs `exact_sqrt`; `convert` puts torch's back first,
+    because convert_pt2e finds the pattern by its ops (the folding itself uses rsqrt, the same everywhere)."""
+    nodes = [n for n in graph.graph.nodes if n.op == "call_function" and n.target is old]
+    for node in nodes:
+        node.target = new
+    if nodes:
+        graph.recompile()
+    return len(nodes)
 
 
 class QatNet(nn.Module):
@@ -216,6 +235,7 @@ def convert(net: QatNet) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     net.eval()
+    swap_calls(net.graph, exact_sqrt, TORCH_SQRT)
     converted = convert_pt2e(net.graph)
     allow_exported_model_train_eval(converted)  # export_onnx calls .eval() (its replacement returns None)
     converted.eval()  # the exported way: moves the graph's dropout and BatchNorm ops to eval

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lathe.compress.distill import distill_student
@@ -13,6 +14,7 @@ from lathe.compress.qat import (
     RECORD_FILE,
     SOURCE_SHA_KEY,
     TEACHER_SHA_KEY,
+    TORCH_SQRT,
     QatNet,
     check_against_torch,
     convert,
@@ -23,6 +25,7 @@ from lathe.compress.qat import (
 )
 from lathe.compress.quant_inspect import runtime_node_types
 from lathe.data.ingest import load_split
+from lathe.determinism import exact_sqrt
 from lathe.errors import LatheError
 from lathe.io import sha256_file
 from lathe.measure.evaluate import evaluate_model
@@ -109,6 +112,29 @@ def test_two_qat_runs_are_byte_identical(inputs, first, tmp_path):
     write_qat(tmp_path / "b", qat_finetune(inputs / "student", inputs / "prepared", tiny_cfg(), inputs / "teacher"))
     for name in (MODEL_FILE, RECORD_FILE):
         assert (tmp_path / "b" / name).read_bytes() == (first[0] / name).read_bytes(), name
+
+
+def calls(graph, target) -> int:
+    return sum(1 for n in graph.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def test_training_takes_batchnorm_std_from_exact_sqrt_and_convert_folds_it(inputs):
+    """torch's float32 sqrt (MKL vector math) differs in the last bit between CPUs; the prepared graph
+    trains with exact_sqrt, and convert gives convert_pt2e its own pattern back, which it then folds."""
+    model = load_model(inputs / "student")
+    net = QatNet(prepare_qat(model, 16, 1))  # the tiny data's image size
+    n_bn = sum(1 for n in net.graph.graph.nodes if n.target is torch.ops.aten.batch_norm.default)
+    assert n_bn > 0 and calls(net.graph, exact_sqrt) == n_bn and calls(net.graph, TORCH_SQRT) == 0
+    converted = convert(net)
+    assert calls(converted, exact_sqrt) == 0 and calls(converted, TORCH_SQRT) == 0
+    assert not any(n.target is torch.ops.aten.batch_norm.default for n in converted.graph.nodes)
+
+
+def test_exact_sqrt_is_ieee_sqrt_where_torch_sqrt_is_not():
+    values = np.random.default_rng(0).random(100_000, dtype=np.float32) * 3 + np.float32(1e-5)
+    want = np.sqrt(values)  # numpy: the instruction, correctly rounded
+    assert np.array_equal(exact_sqrt(torch.from_numpy(values)).numpy(), want)
+    assert exact_sqrt(torch.from_numpy(values)).dtype == torch.float32
 
 
 def test_alpha_zero_fine_tunes_on_the_labels_without_a_teacher(inputs, tmp_path):
