@@ -22,7 +22,7 @@ from typing import Any
 
 from lathe.audit.rebuild_report import report_rebuild
 from lathe.audit.report import VerifyReport
-from lathe.audit.trust import Trust
+from lathe.audit.trust import Trust, rebuild_key_trust
 from lathe.determinism import REQUIRED_CPU_FLAGS, cpu_model, machine_can_honour_pins
 from lathe.offline import OFFLINE_ENV
 from lathe.ship.build import ENV_FLOW_RUN
@@ -344,7 +344,8 @@ def rebuild_and_compare(pkg: Path, manifest: dict, repo: Path, trust: Trust, rep
         scope = (f"every stage from raw data ({len(ran)} run: {', '.join(ran)})" if full
                  else f"only {stage}, from the upstream outputs restored from the DVC cache")
         rebuilt_archive = rebuilt.parent / f"{target}.tar.gz"
-        report_rebuild(pkg, archive, rebuilt, rebuilt_archive, commit, scope, pinned, trust, report)
+        rebuild_trust = rebuild_key_trust(signing_key, tmp, trust)
+        report_rebuild(pkg, archive, rebuilt, rebuilt_archive, commit, scope, pinned, rebuild_trust, report)
     except subprocess.TimeoutExpired as exc:
         report.add("rebuild", "FAIL", f"timed out: {exc}")
     finally:

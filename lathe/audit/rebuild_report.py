@@ -19,10 +19,12 @@ from lathe.ship.contract import SIGNATURE_FILE
 
 
 def report_rebuild(pkg: Path, archive: Path | None, rebuilt: Path, rebuilt_archive: Path, commit: str, scope: str,
-                   pinned: bool, trust: Trust, report: VerifyReport) -> None:
+                   pinned: bool, rebuild_trust: Trust, report: VerifyReport) -> None:
     """Compare the rebuilt package (and archive, when both exist) with the original and report the verdict:
     identical; equivalent (on a machine that cannot run the pinned kernels, or for a float model whose
-    bytes are identical but whose onnxruntime outputs differ in the last bits); or different."""
+    bytes are identical but whose onnxruntime outputs differ in the last bits); or different. The rebuilt
+    package's signature is checked against `rebuild_trust`, the key the rebuild signed with
+    (lathe.audit.trust.rebuild_key_trust)."""
     comparison = compare_packages(pkg, rebuilt)
     diffs = list(comparison.diffs)
     if archive is not None and rebuilt_archive.is_file():
@@ -49,4 +51,4 @@ def report_rebuild(pkg: Path, archive: Path | None, rebuilt: Path, rebuilt_archi
     if comparison.measured:
         report.add("measured", "INFO", "not identity, shown side by side (build machine vs here): "
                                        + "; ".join(comparison.measured))
-    check_signature(rebuilt, trust, report, name="rebuilt signature")
+    check_signature(rebuilt, rebuild_trust, report, name="rebuilt signature", fact=None)

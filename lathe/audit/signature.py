@@ -10,8 +10,10 @@ from lathe.audit.trust import Trust
 from lathe.io import printable
 
 
-def check_signature(pkg: Path, trust: Trust, report: VerifyReport, name: str = "signature") -> None:
-    """The signature against each trusted key (the one the signature names first); names the key that made it."""
+def check_signature(pkg: Path, trust: Trust, report: VerifyReport, name: str = "signature",
+                    fact: str | None = "signed by") -> None:
+    """The signature against each trusted key (the one the signature names first); names the key that made it
+    (and records it as the report's `fact`, when given)."""
     from lathe.ship.signing import SignatureError, read_signature, signature_key_hint, verify_signature
 
     with report.guard(name):
@@ -27,7 +29,8 @@ def check_signature(pkg: Path, trust: Trust, report: VerifyReport, name: str = "
             except SignatureError as exc:
                 errors.append((key, str(exc)))
                 continue
-            report.facts["signed by"] = f"{key.short} ({trust.source})"
+            if fact:
+                report.facts[fact] = f"{key.short} ({trust.source})"
             report.add(name, "PASS", f"valid, made by key {key.short} from {printable(trust.source)} "
                                      f"({printable(str(key.path))}); covers every file")
             return

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lathe.errors import LatheError
-from lathe.ship.signing import ENV_KEYRING, ENV_PUBLIC_KEY, KEYRING_DIR, KeyFileError, fingerprint, public_key_pem
+from lathe.ship.signing import (
+    ENV_KEYRING,
+    ENV_PUBLIC_KEY,
+    KEYRING_DIR,
+    KeyFileError,
+    fingerprint,
+    public_key_pem,
+    public_key_pem_of_private,
+)
 
 MAX_KEYRING_KEYS = 64
 
@@ -173,3 +181,25 @@ def remove_from_keyring(prefix: str, folder: Path) -> list[TrustedKey]:
     for key in gone:
         key.path.unlink()
     return gone
+
+
+def rebuild_key_trust(signing_key: Path, folder: Path, verified_with: Trust) -> Trust:
+    """The one key a rebuilt package is checked against: the public half of the key the rebuild signed
+    with (written to `folder`). Not a trust anchor for the package verified: a rebuild on an auditor's
+    machine signs with the auditor's key, not the builder's, and its signature only shows that the
+    rebuilt files are the ones the rebuild signed. `verified_with` (the verify's trust) says whether it
+    is the package's signer too."""
+    trust = Trust(source=f"this rebuild's signing key {signing_key}")
+    try:
+        pem = public_key_pem_of_private(signing_key)
+    except KeyFileError as exc:
+        trust.problems.append(f"the rebuild's signing key: {exc}")
+        return trust
+    fp = fingerprint(pem)
+    public = Path(folder) / "rebuild-signing-key.pub"
+    public.write_bytes(pem)
+    trust.keys = [TrustedKey(public, fp)]
+    also = ("also a trusted key of this verify" if verified_with.by_fingerprint(fp) is not None
+            else "not one of this verify's trusted keys: a rebuild signs with its own machine's key")
+    trust.source += f" ({also})"
+    return trust

@@ -85,6 +85,23 @@ def public_key_pem(path: Path) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def public_key_pem_of_private(path: Path) -> bytes:
+    """The canonical PEM of the public half of the EC private key in `path` (raises KeyFileError naming
+    the file): what a package signed with that key verifies against."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    data = _read_small(path, MAX_KEY_BYTES, "private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path}: not an unencrypted PEM private key ({_first_line(str(exc))})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SUPPORTED_CURVES:
+        raise KeyFileError(f"{path}: not an EC private key on {', '.join(SUPPORTED_CURVES)}")
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def fingerprint(pem: bytes) -> str:
     """sha256 hex of a canonical PEM public key (model-signing's key hint)."""
     return hashlib.sha256(pem).hexdigest()

@@ -247,3 +247,47 @@ def with_quantized_input(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def test_a_rebuild_elsewhere_is_signed_by_the_rebuilding_key_and_checked_against_it(tmp_path):
+    """The builder's key (trusted) signed the package; an auditor's machine rebuilds and signs with its own
+    key. The rebuilt signature is checked against the key the rebuild used, not the verify's trust anchors
+    (which would fail every rebuild off the build machine), and the package's own signer stays the report's
+    fact. A rebuilt package altered after signing, or signed by a third key, still fails."""
+    from lathe.audit.rebuild_report import report_rebuild
+    from lathe.audit.report import VerifyReport
+    from lathe.audit.trust import rebuild_key_trust, resolve_trust
+    from lathe.ship.signing import key_fingerprint
+
+    builder, auditor, other = (make_keys(tmp_path / "keys", n) for n in ("builder", "auditor", "other"))
+    trust = resolve_trust(None, builder["pub"])
+    a = build_package(tmp_path / "a", builder["priv"])
+
+    def rebuilt_signature(signing_key: Path, signed_with: Path, name: str, tamper: bool = False) -> tuple[str, str]:
+        b = tmp_path / name / "edge"
+        shutil.copytree(a, b)
+        sign_package(b, signed_with)
+        if tamper:
+            (b / "model_card.md").write_text((b / "model_card.md").read_text() + "altered\n")
+        report = VerifyReport(str(a))
+        report.facts["signed by"] = "the builder"
+        folder = tmp_path / name / "keys"
+        folder.mkdir()
+        report_rebuild(a, None, b, tmp_path / "none.tar.gz", "c" * 40, "every stage", True,
+                       rebuild_key_trust(signing_key, folder, trust), report)
+        assert report.facts["signed by"] == "the builder"
+        check = next(c for c in report.checks if c.name == "rebuilt signature")
+        return check.status, check.message
+
+    status, message = rebuilt_signature(auditor["priv"], auditor["priv"], "elsewhere")
+    assert status == "PASS", message
+    assert f"sha256:{key_fingerprint(auditor['pub'])[:16]}" in message
+    assert "not one of this verify's trusted keys" in message
+    status, message = rebuilt_signature(builder["priv"], builder["priv"], "at-home")
+    assert status == "PASS" and "also a trusted key of this verify" in message
+    status, message = rebuilt_signature(auditor["priv"], auditor["priv"], "altered", tamper=True)
+    assert status == "FAIL" and f"sha256:{key_fingerprint(auditor['pub'])[:16]}" in message
+    status, message = rebuilt_signature(auditor["priv"], other["priv"], "third-key")
+    assert status == "FAIL" and "not trusted" in message
+    status, message = rebuilt_signature(auditor["pub"], auditor["priv"], "not-a-private-key")
+    assert status == "SKIP" and str(auditor["pub"]) in message and "not an unencrypted PEM private key" in message
