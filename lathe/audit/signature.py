@@ -32,7 +32,7 @@ def check_signature(pkg: Path, trust: Trust, report: VerifyReport, name: str = "
             if fact:
                 report.facts[fact] = f"{key.short} ({trust.source})"
             report.add(name, "PASS", f"valid, made by key {key.short} from {printable(trust.source)} "
-                                     f"({printable(str(key.path))}); covers every file")
+                                     f"({printable(key.shown)}); covers every file")
             return
         named = trust.by_fingerprint(hint)
         if named is not None:  # the signer is trusted, so its verdict on the files is the one that matters

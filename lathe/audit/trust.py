@@ -38,6 +38,11 @@ MAX_KEYRING_KEYS = 64
 class TrustedKey:
     path: Path
     fingerprint: str  # sha256 hex of the canonical PEM
+    shown_as: str = ""  # how a verdict names the key's file, when `path` is a scratch copy (else the path)
+
+    @property
+    def shown(self) -> str:
+        return self.shown_as or str(self.path)
 
     @property
     def short(self) -> str:
@@ -198,7 +203,7 @@ def rebuild_key_trust(signing_key: Path, folder: Path, verified_with: Trust) -> 
     fp = fingerprint(pem)
     public = Path(folder) / "rebuild-signing-key.pub"
     public.write_bytes(pem)
-    trust.keys = [TrustedKey(public, fp)]
+    trust.keys = [TrustedKey(public, fp, shown_as="its public half, derived here")]
     also = ("also a trusted key of this verify" if verified_with.by_fingerprint(fp) is not None
             else "not one of this verify's trusted keys: a rebuild signs with its own machine's key")
     trust.source += f" ({also})"

@@ -283,6 +283,7 @@ def test_a_rebuild_elsewhere_is_signed_by_the_rebuilding_key_and_checked_against
     assert status == "PASS", message
     assert f"sha256:{key_fingerprint(auditor['pub'])[:16]}" in message
     assert "not one of this verify's trusted keys" in message
+    assert "its public half, derived here" in message and "rebuild-signing-key.pub" not in message  # no scratch path
     status, message = rebuilt_signature(builder["priv"], builder["priv"], "at-home")
     assert status == "PASS" and "also a trusted key of this verify" in message
     status, message = rebuilt_signature(auditor["priv"], auditor["priv"], "altered", tamper=True)
