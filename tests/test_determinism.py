@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lathe.determinism import PINS, cpu_flags
+from lathe.determinism import PINS, cpu_flags, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "scripts" / "numerics_probe.py"
@@ -63,3 +63,13 @@ def test_without_the_pins_the_kernel_choice_changes_the_trained_bytes():
     narrow = probe(LATHE_NUMERICS="native", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     assert (wide["aten"], narrow["aten"]) == ("AVX512", "AVX2")
     assert wide["train"] != narrow["train"]
+
+
+def test_the_cpu_is_named_with_its_family_and_model_numbers():
+    """Two generations behind one generic name ("Intel(R) Xeon(R) Processor") time differently, so a
+    figure's machine carries the numbers; only the first processor's block is read."""
+    two_cpus = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
+                "model name\t: Intel(R) Xeon(R) Processor\n\nprocessor\t: 1\nmodel\t\t: 143\n")
+    assert cpu_model(two_cpus) == "Intel(R) Xeon(R) Processor (family 6, model 207)"
+    assert cpu_model("model name\t: AMD EPYC 7B13\n") == "AMD EPYC 7B13"
+    assert cpu_model("") != ""

@@ -10,7 +10,6 @@ import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from lathe.determinism import cpu_model
 from lathe.errors import LatheError
 from lathe.measure.metrics import latency_method
 from lathe.measure.ort import fixed_batch, time_calls, timing_input
@@ -114,15 +114,7 @@ def physical_floor(params: int, macs: int, int8_macs_per_s: float) -> dict[str, 
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count() or 0, "platform": platform.platform(),
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count() or 0, "platform": platform.platform(),
             "python": platform.python_version(), "onnxruntime": ort.__version__}
 
 
