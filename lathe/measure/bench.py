@@ -34,6 +34,7 @@ from lathe.measure.bench_timing import (
     machine_info,
     physical_floor,
 )
+from lathe.measure.compare import qat_ptq_pairs
 from lathe.measure.evaluate import quality_metrics
 from lathe.measure.intervals import Cells, cells_of, intervals, paired
 from lathe.measure.ort import (
@@ -56,9 +57,8 @@ ROW_KEYS = ("name", "role", "size_bytes", "accuracy", "defective_recall", "laten
             "params", "macs")
 EPS = 1e-9  # float slack when comparing measured ratios/drops with targets
 JUDGED = ("accuracy", "defective_recall")  # the quality figures the bench reports, with intervals
-# Pipeline variants are named by their folder under models/ (bench/run.py): post-training INT8 from the
-# quantize stage, quantization-aware INT8 from the qat stage, each after the float variant it came from.
-PTQ_PREFIX, QAT_PREFIX = "quantized/", "qat/"
+# Pipeline variants are named by their folder under models/ (bench/run.py), as in compare: quantized/x and
+# qat/x are the post-training and quantization-aware INT8 of float variant x (lathe.measure.compare.qat_ptq_pairs).
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,10 @@ def qat_vs_ptq(rows: Sequence[Mapping[str, Any]], cells: Mapping[str, Cells]) ->
     """Each QAT variant against the post-training INT8 variant of the same float model (qat/x against
     quantized/x), paired on the same test cells: [{"qat", "ptq", "paired": {metric: {diff_pt, ci95_pt,
     p_value}}}], QAT minus PTQ."""
-    names = {r["name"] for r in rows if r["role"] == "pipeline"}
     out = []
-    for name in sorted(n for n in names if n.startswith(QAT_PREFIX)):
-        ptq = PTQ_PREFIX + name.removeprefix(QAT_PREFIX)
-        if ptq in names:
-            diffs = paired(cells[name], cells[ptq])
-            out.append({"qat": name, "ptq": ptq, "paired": {m: diffs[m].points() for m in JUDGED}})
+    for name, ptq in qat_ptq_pairs(r["name"] for r in rows if r["role"] == "pipeline"):
+        diffs = paired(cells[name], cells[ptq])
+        out.append({"qat": name, "ptq": ptq, "paired": {m: diffs[m].points() for m in JUDGED}})
     return out
 
 

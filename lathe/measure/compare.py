@@ -13,7 +13,7 @@ columns of `dvc metrics show`; the per-variant headline figures are there alread
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -37,6 +37,9 @@ Row = dict[str, Any]  # {"name": str, <METRIC_KEYS>: number, "timing_method": st
 # "Not worse than the reference": the paired difference's unfavourable end within this many points
 NOT_WORSE_MARGIN_PT = 1.0
 LOWER_IS_BETTER = ("false_reject_rate",)
+# Variant names of the two INT8 routes from one float model: post-training (quantize stage) and
+# quantization-aware (qat stage), e.g. quantized/student and qat/student.
+PTQ_PREFIX, QAT_PREFIX = "quantized/", "qat/"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +93,13 @@ def paired_entry(variant: Cells, reference: Cells) -> dict[str, dict[str, Any]]:
     for m, d in paired(variant, reference).items():
         out[m] = {**d.points(), "not_worse": not_worse(d, NOT_WORSE_MARGIN_PT / 100, m not in LOWER_IS_BETTER)}
     return out
+
+
+def qat_ptq_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(qat/x, quantized/x) for each QAT variant among `names` whose post-training twin is there too, sorted."""
+    present = set(names)
+    return [(n, PTQ_PREFIX + n.removeprefix(QAT_PREFIX)) for n in sorted(present)
+            if n.startswith(QAT_PREFIX) and PTQ_PREFIX + n.removeprefix(QAT_PREFIX) in present]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +175,12 @@ def build_comparison(rows: Sequence[Row], reference: str, pareto_metric: str = "
     methods: dict[str, list[str]] = {}
     for r in rows:
         methods.setdefault(r.get(TIMING_METHOD) or "not recorded", []).append(r["name"])
+    by_name = {r["name"]: r for r in rows}
+    qat_vs_ptq = [{"qat": q, "ptq": p, "paired": paired_entry(by_name[q]["cells"], by_name[p]["cells"])}
+                  for q, p in qat_ptq_pairs(names)
+                  if by_name[q].get("cells") is not None and by_name[p].get("cells") is not None]
     return {"reference": reference, "pareto_metric": pareto_metric, "order": names, "timing_methods": methods,
-            "not_worse_margin_pt": NOT_WORSE_MARGIN_PT, "variants": variants}
+            "not_worse_margin_pt": NOT_WORSE_MARGIN_PT, "variants": variants, "qat_vs_ptq": qat_vs_ptq}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +314,25 @@ def compare_markdown(comparison: Mapping[str, Any]) -> str:
                         "defective recall", "escape rate"],
                        against, align=[""] * 6 + ["right"] * 3),
         *paired_section,
+        *qat_vs_ptq_section(comparison.get("qat_vs_ptq") or [], variants),
     ]
     return "\n".join(lines)
+
+
+def qat_vs_ptq_section(pairs: Sequence[Mapping[str, Any]], variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each quantization-aware variant against the post-training INT8 variant of the same float model, paired."""
+    if not pairs:
+        return []
+    table = [[f"{p['qat']} vs {p['ptq']}",
+              f"{fmt_bytes(variants[p['qat']]['size_bytes'])} / {fmt_bytes(variants[p['ptq']]['size_bytes'])}",
+              *[fmt_paired(p["paired"][m]) for m in INTERVAL_METRICS]] for p in pairs]
+    return ["## Quantization-aware against post-training INT8 (the same test cells)", "",
+            "QAT minus PTQ of the same float model, with the 95% bootstrap interval of the difference and its "
+            "p-value (McNemar's exact test; paired bootstrap for balanced accuracy). The qat stage also fine-tunes, "
+            "distilled from the teacher: the difference is quantization-awareness and that fine-tune together "
+            "(docs/experiments.md separates them).", "",
+            markdown_table(["pair", "size (QAT / PTQ)", "accuracy", "balanced acc.", "defective recall",
+                            "false-reject rate"], table, align=["", "right", "right", "right", "right", "right"])]
 
 
 # ---------------------------------------------------------------------------------------------

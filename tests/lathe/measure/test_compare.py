@@ -13,6 +13,7 @@ from lathe.measure.compare import (
     load_rows,
     pareto_front,
     pareto_png,
+    qat_ptq_pairs,
     ratios_to,
 )
 from lathe.measure.metrics import HEADLINE_KEYS
@@ -192,3 +193,24 @@ def test_each_variant_is_paired_with_the_reference_on_the_same_cells(tmp_path):
     md = compare_markdown(c)
     assert "## Paired against teacher (the same test cells)" in md
     assert "| pruned | -1.5 pt" in md and "not shown for accuracy" in md
+
+
+def test_qat_is_paired_with_post_training_int8_of_the_same_float_model(tmp_path):
+    qat = dict(METRICS["quantized/student"], size_bytes=160_000, accuracy=0.745)  # 0.745 vs 0.729: 10 more right
+    rows = load_rows(write_metrics(tmp_path, {**METRICS, "qat/student": qat}), [*METRICS, "qat/student"])
+    c = build_comparison(rows, "teacher")
+    [pair] = c["qat_vs_ptq"]
+    assert (pair["qat"], pair["ptq"]) == ("qat/student", "quantized/student")
+    acc = pair["paired"]["accuracy"]
+    assert acc["diff_pt"] == pytest.approx(100 * 10 / 654, abs=1e-3) and acc["ci95_pt"][0] > 0 and acc["p_value"] < 0.01
+    md = compare_markdown(c)
+    assert "## Quantization-aware against post-training INT8 (the same test cells)" in md
+    assert "| qat/student vs quantized/student | 160.0 KB / 173.0 KB | +1.5 pt" in md
+
+
+def test_a_qat_variant_without_its_post_training_twin_is_not_paired(tmp_path):
+    assert qat_ptq_pairs(["teacher", "qat/student", "quantized/pruned", "qat/pruned"]) == [
+        ("qat/pruned", "quantized/pruned")]
+    rows = load_rows(write_metrics(tmp_path), list(METRICS))
+    c = build_comparison(rows, "teacher")
+    assert c["qat_vs_ptq"] == [] and "Quantization-aware" not in compare_markdown(c)
