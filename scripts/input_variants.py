@@ -9,11 +9,11 @@ manifest stay those of `--prepared`; only each split's `images` change:
 - `ridge`: 3 channels: the prepared image, and the largest Hessian eigenvalue of the 4x source
   (positive across a dark line) at sigma 1 and 2 px, max-pooled back; one scale per channel, from train.
 
-teacher_sweep reuses `<out>/prepared-<size>` when it holds a task file, so write the variant there:
+Then train on it with teacher_sweep's --prepared:
 
-    python -m scripts.input_variants --variant ridge --prepared .lathe/sweep/prepared-64 \\
-        --raw data/raw --out .lathe/sweep-ridge/prepared-64
-    python -m scripts.teacher_sweep --name ridge --out .lathe/sweep-ridge --set ensemble.members=1
+    python -m scripts.input_variants --variant ridge --prepared data/prepared --raw data/raw \\
+        --out .lathe/sweep/prepared-ridge
+    python -m scripts.teacher_sweep --name ridge --prepared .lathe/sweep/prepared-ridge --set ensemble.members=1
 """
 
 from __future__ import annotations

@@ -63,12 +63,16 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
     ap.add_argument("--out", type=Path, default=Path(".lathe/sweep"))
+    ap.add_argument("--prepared", type=Path, default=None,
+                    help="a prepared folder to train on as it is (e.g. from scripts/input_variants.py); "
+                         "default: ingest --raw at --image-size, cached under --out")
     args = ap.parse_args()
 
     params = load_params(args.params)
     base_ingest = IngestParams.model_validate(params["ingest"])
     data = DataParams.model_validate(params["data"])
-    prepared = prepared_at(args.raw, args.out, args.image_size or base_ingest.image_size, base_ingest, data)
+    prepared = args.prepared or prepared_at(args.raw, args.out, args.image_size or base_ingest.image_size,
+                                            base_ingest, data)
     section = apply_overrides(params["train_teacher"], args.set)
     quick_eval = EvaluateParams(latency_warmup=1, latency_runs=5, throughput_runs=1)
     for seed in (int(s) for s in args.seeds.split(",")):
