@@ -120,6 +120,10 @@ class FitParams(Section):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weighting: Literal["none", "sqrt_inverse", "inverse"] = "sqrt_inverse"
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0 disables the weight EMA")
+    # Left out of model_dump() when 0, so the training records of models trained without it stay byte-identical.
+    sam_rho: float = Field(0.0, ge=0, le=10, exclude_if=lambda v: v == 0.0,
+                           description="sharpness-aware minimisation: the L2 radius of the weight perturbation "
+                                       "(Foret et al. 2021); 0 disables; each step costs two passes")
     select_on: Literal["score", "accuracy"] = Field(
         "score", description="epoch selection on val: accuracy + 0.25 * (balanced accuracy + defective recall), "
                              "or accuracy alone")

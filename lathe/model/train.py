@@ -252,6 +252,8 @@ def fit(
             loss = loss_fn(model(xb), y_train[idx], xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.sam_rho > 0:
+                sharpness_aware_gradient(model, loss_fn, xb, y_train[idx], cfg.sam_rho)
             opt.step()
             sched.step()
             if ema is not None:
@@ -273,6 +275,32 @@ def fit(
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     return result
+
+
+def sharpness_aware_gradient(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, rho: float) -> None:
+    """Replace the gradients in `model` (those of `loss_fn` on the batch at the weights w) by the gradient at
+    w + rho * g / |g|, the nearly worst point within L2 radius `rho` (SAM, Foret et al. 2021); the
+    weights are restored, and BatchNorm's running statistics are not updated by the second pass."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        steps = [p.grad * (rho / (norm + 1e-12)) for p in params]
+        for p, e in zip(params, steps, strict=True):
+            p.add_(e)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        for p in params:
+            p.grad = None
+        loss_fn(model(x), y, x).backward()
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        with torch.no_grad():
+            for p, e in zip(params, steps, strict=True):
+                p.sub_(e)
 
 
 def memory_layout(model: nn.Module) -> torch.memory_format:

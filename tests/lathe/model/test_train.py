@@ -4,7 +4,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lathe.model.train import ensemble_teacher, frozen_teacher, kd_loss, memoized_teacher, soft_loss
+from lathe.model.params import FitParams
+from lathe.model.train import (
+    ensemble_teacher,
+    frozen_teacher,
+    kd_loss,
+    memoized_teacher,
+    sharpness_aware_gradient,
+    soft_loss,
+)
 
 # kd_loss maths
 
@@ -98,3 +106,43 @@ def test_selection_on_accuracy_ignores_the_recall_terms():
     recalling = {"accuracy": 0.72, "balanced_accuracy": 0.60, "defective_recall": 0.80}
     assert selection_score(recalling) > selection_score(accurate)  # the default score favours recall
     assert selection_score(accurate, "accuracy") > selection_score(recalling, "accuracy")
+
+
+def test_sam_takes_the_gradient_at_the_perturbed_weights_and_puts_the_weights_back():
+    """L = (w . x)^2 / 2 with x = (1, 0): dL/dw1 = w1, so the gradient at w + rho * g / |g| is w1 + rho."""
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -2.0]]))
+    x, y = torch.tensor([[1.0, 0.0]]), torch.zeros(1)
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (out ** 2).sum()
+
+    loss_fn(model(x), y, x).backward()
+    assert model.weight.grad.tolist() == [[0.5, 0.0]]
+    sharpness_aware_gradient(model, loss_fn, x, y, rho=0.1)
+    assert model.weight.tolist() == [[0.5, -2.0]]  # restored exactly (the step is added and subtracted)
+    assert torch.allclose(model.weight.grad, torch.tensor([[0.6, 0.0]]))
+
+
+def test_sam_second_pass_leaves_batchnorm_running_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    x, y = torch.randn(8, 1, 6, 6), torch.tensor([0, 1] * 4)
+    model.train()
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, target)
+
+    loss_fn(model(x), y, x).backward()
+    bn = model[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    sharpness_aware_gradient(model, loss_fn, x, y, rho=0.05)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert bn.momentum == 0.1  # restored
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_sam_off_leaves_the_training_records_as_they_were():
+    assert "sam_rho" not in FitParams().model_dump()  # prune.json / lowrank.json of existing models unchanged
+    assert FitParams(sam_rho=0.05).model_dump()["sam_rho"] == 0.05
