@@ -8,6 +8,8 @@ manifest stay those of `--prepared`; only each split's `images` change:
   crack one pixel wide at 4x survives instead of being averaged away.
 - `ridge`: 3 channels: the prepared image, and the largest Hessian eigenvalue of the 4x source
   (positive across a dark line) at sigma 1 and 2 px, max-pooled back; one scale per channel, from train.
+- `subset`: the images as they are, but only `--train-fraction` of the train split (a seeded draw
+  within each class, so the class mix stays); val and test unchanged: a learning curve.
 
 Then train on it with teacher_sweep's --prepared:
 
@@ -67,13 +69,26 @@ def source_at(raw: Path, file: str, side: int) -> np.ndarray:
         return np.asarray(im.convert("L").resize((side, side), Image.Resampling.BOX))
 
 
-def build(variant: str, prepared: Path, raw: Path, out: Path) -> None:
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of round(fraction * n_c) cells of each class c (at least one), drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(idx, max(1, round(fraction * len(idx))), replace=False)
+            for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.sort(np.concatenate(keep))
+
+
+def build(variant: str, prepared: Path, raw: Path, out: Path, train_fraction: float = 1.0, seed: int = 0) -> None:
     """Write `out` (a prepared folder) with `variant`'s images for the cells of `prepared`."""
     files = {int(r["sample_id"]): r["file"] for r in csv.DictReader(open(prepared / "manifest.csv"))}
     splits = {s: load_file(str(prepared / f"{s}.safetensors")) for s in SPLITS}
     side = splits["train"]["images"].shape[-1]
     extra: dict[str, np.ndarray] = {}
+    if variant == "subset":
+        keep = stratified_subset(splits["train"]["labels"], train_fraction, seed)
+        splits["train"] = {k: v[keep] for k, v in splits["train"].items()}
     for name, split in splits.items():
+        if variant == "subset":
+            continue
         if variant == "stretch":
             split["images"] = stretch(split["images"])
             continue
@@ -100,12 +115,16 @@ def build(variant: str, prepared: Path, raw: Path, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=("stretch", "minpool", "ridge"), required=True)
+    ap.add_argument("--variant", choices=("stretch", "minpool", "ridge", "subset"), required=True)
+    ap.add_argument("--train-fraction", type=float, default=1.0, help="subset: the share of train cells kept")
+    ap.add_argument("--seed", type=int, default=0, help="subset: the draw")
     ap.add_argument("--prepared", type=Path, required=True, help="a prepared folder (ingest's output)")
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    build(args.variant, args.prepared, args.raw, args.out)
+    if not 0 < args.train_fraction <= 1:
+        ap.error("--train-fraction must be in (0, 1]")
+    build(args.variant, args.prepared, args.raw, args.out, args.train_fraction, args.seed)
 
 
 if __name__ == "__main__":

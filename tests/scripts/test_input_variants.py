@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scripts.input_variants import block_reduce, dark_line_response, stretch
+from scripts.input_variants import block_reduce, dark_line_response, stratified_subset, stretch
 
 
 def test_stretch_spreads_each_image_on_its_own_and_keeps_a_flat_one_flat():
@@ -31,3 +31,12 @@ def test_the_dark_line_response_marks_a_thin_dark_line_and_not_a_flat_or_bright_
     response = dark_line_response(image, 1.0)
     assert response[16, 10] > 20 * max(response[16, 3], 1e-3)  # the crack against flat ground
     assert response[16, 24] < 0.1 * response[16, 10]
+
+
+def test_a_train_subset_keeps_the_class_mix_is_seeded_and_keeps_every_class():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 3 + [3] * 7)
+    half = stratified_subset(labels, 0.5, seed=0)
+    assert np.bincount(labels[half]).tolist() == [30, 15, 2, 4]  # round(1.5) = 2, round(3.5) = 4
+    assert np.array_equal(half, stratified_subset(labels, 0.5, seed=0)) and np.all(np.diff(half) > 0)
+    assert not np.array_equal(half, stratified_subset(labels, 0.5, seed=1))
+    assert np.bincount(labels[stratified_subset(labels, 0.01, seed=0)]).tolist() == [1, 1, 1, 1]
