@@ -1,0 +1,74 @@
+"""Student recipe sweep: distil the pipeline's teacher into students of other shapes, then INT8 (PTQ).
+
+Not part of the pipeline. It reuses the distill and quantize stages' code on the `distill:` and
+`quantize:` params with overrides, so a row is what `distill` + `quantize` + `evaluate` would
+report for that student. Run after `make run` (it needs models/teacher and data/prepared):
+
+    python -m scripts.student_sweep --name s4 --set student.stem_stride=4 --set student.stem_kernel=5 \\
+        --set "student.widths=[24,48,64]" --set "student.blocks=[1,1,1]" --seeds 0,1,2 --threads 1
+
+Rows (float and INT8 test figures, MACs, parameters, INT8 size and p50 latency, 1 thread) are appended
+as JSON lines to --out/results.jsonl. Latency there is timed alone and briefly: compare variants in one
+`make bench`-style interleaved run before concluding on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
+from lathe.compress.distill import distill_student
+from lathe.compress.params import DistillParams, QuantizeParams
+from lathe.compress.quantize import quantize_model, write_quantized
+from lathe.compress.result import write_compressed
+from lathe.config import load_params
+from lathe.data.ingest import load_split
+from lathe.measure.evaluate import evaluate_model
+from lathe.measure.params import EvaluateParams
+from scripts.teacher_sweep import apply_overrides
+
+FIGURES = ("accuracy", "balanced_accuracy", "defective_recall", "false_reject_rate", "macs", "params", "size_bytes",
+           "latency_p50_ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--set", action="append", default=[], help="distill override, e.g. student.stem_stride=4")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--teacher", type=Path, default=Path("models/teacher"))
+    ap.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    ap.add_argument("--out", type=Path, default=Path(".lathe/student-sweep"))
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    section = apply_overrides(params["distill"], args.set)
+    quantize_cfg = QuantizeParams.model_validate(params["quantize"])
+    quick_eval = EvaluateParams(latency_warmup=50, latency_runs=300, throughput_runs=1)
+    check = load_split(args.prepared, "val")["images"][:16]
+    for seed in (int(s) for s in args.seeds.split(",")):
+        cfg = DistillParams.model_validate({**section, "seed": seed, "threads": args.threads})
+        t0 = time.perf_counter()
+        result = distill_student(args.teacher, args.prepared, cfg)
+        wall = time.perf_counter() - t0
+        float_dir = args.out / args.name / f"seed{seed}"
+        int8_dir = float_dir / "int8"
+        write_compressed(float_dir, result, check)
+        write_quantized(int8_dir, quantize_model(float_dir, args.prepared, quantize_cfg))
+        fp32 = evaluate_model(float_dir, args.prepared, quick_eval).metrics
+        int8 = evaluate_model(int8_dir, args.prepared, quick_eval).metrics
+        row = {"name": args.name, "seed": seed, "overrides": args.set, "wall_s": round(wall, 1),
+               "best_epoch": result.fit.best_epoch,
+               "fp32": {k: round(fp32[k], 4) for k in FIGURES}, "int8": {k: round(int8[k], 4) for k in FIGURES}}
+        print(json.dumps(row), flush=True)
+        with open(args.out / "results.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
