@@ -1,7 +1,7 @@
 """Other inputs for the same cells: rebuild a prepared folder's images another way, for teacher_sweep.
 
-Not part of the pipeline (docs/teacher-experiments.md, 2026-12-06). Sample ids, labels, splits and the
-manifest stay those of `--prepared`; only each split's `images` change:
+Not part of the pipeline (docs/teacher-experiments.md, 2026-12-06). Sample ids, splits and the
+manifest stay those of `--prepared`; each split's `images` change (or, for `binary`, its labels):
 
 - `stretch`: each 64 px image's 1st-99th percentile mapped to 0-255 (per-image contrast).
 - `minpool`: the source resized to 4x the side (box), then the darkest pixel of each 4x4 block, so a
@@ -10,6 +10,8 @@ manifest stay those of `--prepared`; only each split's `images` change:
   (positive across a dark line) at sigma 1 and 2 px, max-pooled back; one scale per channel, from train.
 - `subset`: the images as they are, but only `--train-fraction` of the train split (a seeded draw
   within each class, so the class mix stays); val and test unchanged: a learning curve.
+- `binary`: the images as they are, the labels folded into the packages' two outcomes (task.json's
+  `defective` classes -> "defective", the rest -> "ok"): a network trained for the gate alone.
 
 Then train on it with teacher_sweep's --prepared:
 
@@ -77,6 +79,12 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     return np.sort(np.concatenate(keep))
 
 
+def fold_to_binary(labels: np.ndarray, task: dict) -> np.ndarray:
+    """4-class label indices -> 0 (not one of task["defective"]) or 1 (one of them)."""
+    defective = [task["classes"].index(c) for c in task["defective"]]
+    return np.isin(labels, defective).astype(labels.dtype)
+
+
 def build(variant: str, prepared: Path, raw: Path, out: Path, train_fraction: float = 1.0, seed: int = 0) -> None:
     """Write `out` (a prepared folder) with `variant`'s images for the cells of `prepared`."""
     files = {int(r["sample_id"]): r["file"] for r in csv.DictReader(open(prepared / "manifest.csv"))}
@@ -86,8 +94,11 @@ def build(variant: str, prepared: Path, raw: Path, out: Path, train_fraction: fl
     if variant == "subset":
         keep = stratified_subset(splits["train"]["labels"], train_fraction, seed)
         splits["train"] = {k: v[keep] for k, v in splits["train"].items()}
+    task = json.loads((prepared / TASK_FILE).read_text())
     for name, split in splits.items():
-        if variant == "subset":
+        if variant in ("subset", "binary"):
+            if variant == "binary":
+                split["labels"] = fold_to_binary(split["labels"], task)
             continue
         if variant == "stretch":
             split["images"] = stretch(split["images"])
@@ -98,7 +109,8 @@ def build(variant: str, prepared: Path, raw: Path, out: Path, train_fraction: fl
         else:  # (N, 2, side, side) float responses, scaled below
             extra[name] = np.stack([np.stack([block_reduce(dark_line_response(s, sigma), side, "max")
                                               for sigma in (1.0, 2.0)]) for s in sources])
-    task = json.loads((prepared / TASK_FILE).read_text())
+    if variant == "binary":
+        task["classes"], task["defective"] = ["ok", "defective"], ["defective"]
     if variant == "ridge":
         scale = np.percentile(extra["train"], 99.5, axis=(0, 2, 3))[None, :, None, None]
         for name, split in splits.items():
@@ -115,7 +127,7 @@ def build(variant: str, prepared: Path, raw: Path, out: Path, train_fraction: fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=("stretch", "minpool", "ridge", "subset"), required=True)
+    ap.add_argument("--variant", choices=("stretch", "minpool", "ridge", "subset", "binary"), required=True)
     ap.add_argument("--train-fraction", type=float, default=1.0, help="subset: the share of train cells kept")
     ap.add_argument("--seed", type=int, default=0, help="subset: the draw")
     ap.add_argument("--prepared", type=Path, required=True, help="a prepared folder (ingest's output)")

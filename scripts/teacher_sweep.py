@@ -86,7 +86,8 @@ def main() -> None:
         row = {"name": args.name, "seed": seed, "image_size": image_size, "overrides": args.set,
                "wall_s": round(wall, 1), "best_epoch": result.best_epoch,
                "val_accuracy": round(result.best_val["accuracy"], 4),
-               **{k: round(m[k], 4) for k in ("accuracy", "balanced_accuracy", "defective_recall", "macs", "params")}}
+               **{k: round(m[k], 4) for k in ("accuracy", "balanced_accuracy", "defective_recall", "defective_roc_auc",
+                                                  "macs", "params")}}
         print(json.dumps(row), flush=True)
         with open(args.out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scripts.input_variants import block_reduce, dark_line_response, stratified_subset, stretch
+from scripts.input_variants import block_reduce, dark_line_response, fold_to_binary, stratified_subset, stretch
 
 
 def test_stretch_spreads_each_image_on_its_own_and_keeps_a_flat_one_flat():
@@ -40,3 +40,10 @@ def test_a_train_subset_keeps_the_class_mix_is_seeded_and_keeps_every_class():
     assert np.array_equal(half, stratified_subset(labels, 0.5, seed=0)) and np.all(np.diff(half) > 0)
     assert not np.array_equal(half, stratified_subset(labels, 0.5, seed=1))
     assert np.bincount(labels[stratified_subset(labels, 0.01, seed=0)]).tolist() == [1, 1, 1, 1]
+
+
+def test_binary_folds_the_task_defective_classes_to_one_and_the_rest_to_zero():
+    task = {"classes": ["functional", "possibly", "probably", "defective"], "defective": ["probably", "defective"]}
+    labels = np.array([0, 1, 2, 3, 3, 0], dtype=np.int64)
+    folded = fold_to_binary(labels, task)
+    assert folded.tolist() == [0, 0, 1, 1, 1, 0] and folded.dtype == labels.dtype
