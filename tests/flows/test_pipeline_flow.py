@@ -353,12 +353,16 @@ def test_a_second_run_is_refused_after_the_timeout(prefect_server: None, tmp_pat
     from flows.concurrency import PipelineBusy
 
     timeline = tmp_path / "timeline.log"
-    repo = slow_repo(tmp_path / "repo", timeline, 4.0, concurrency_limit="lathe-test-refuse",
-                     concurrency_timeout_seconds=1)
+    # The timeout also bounds the first run's own acquire call: at 1 s a loaded machine's server answered
+    # too late and refused the *first* run (CI, 2026-12-06). 3 s, with the first run holding the slot for
+    # two 6 s stages, keeps the second run's whole wait inside the first run's hold.
+    repo = slow_repo(tmp_path / "repo", timeline, 6.0, concurrency_limit="lathe-test-refuse",
+                     concurrency_timeout_seconds=3)
     first, a = in_thread(run_pipeline, repo=repo, return_state=True)
     deadline = time.monotonic() + 90
     while not (timeline.exists() and timeline.read_text()) and time.monotonic() < deadline:
         time.sleep(0.2)  # the first run holds the slot once its first stage has started
+    assert timeline.exists() and timeline.read_text(), f"the first run started no stage: {a.get('state')}"
 
     refused = run_pipeline(repo=repo, return_state=True)
     first.join(180)
