@@ -86,7 +86,7 @@ def fold_to_binary(labels: np.ndarray, task: dict) -> np.ndarray:
 
 
 def build(variant: str, prepared: Path, raw: Path, out: Path, train_fraction: float = 1.0, seed: int = 0) -> None:
-    """Write `out` (a prepared folder) with `variant`'s images for the cells of `prepared`."""
+    """Write `out` (a prepared folder) with `variant`'s images (or labels) for the cells of `prepared`."""
     files = {int(r["sample_id"]): r["file"] for r in csv.DictReader(open(prepared / "manifest.csv"))}
     splits = {s: load_file(str(prepared / f"{s}.safetensors")) for s in SPLITS}
     side = splits["train"]["images"].shape[-1]
@@ -96,9 +96,9 @@ def build(variant: str, prepared: Path, raw: Path, out: Path, train_fraction: fl
         splits["train"] = {k: v[keep] for k, v in splits["train"].items()}
     task = json.loads((prepared / TASK_FILE).read_text())
     for name, split in splits.items():
-        if variant in ("subset", "binary"):
-            if variant == "binary":
-                split["labels"] = fold_to_binary(split["labels"], task)
+        if variant == "binary":
+            split["labels"] = fold_to_binary(split["labels"], task)
+        if variant in ("subset", "binary"):  # the images stay as they are
             continue
         if variant == "stretch":
             split["images"] = stretch(split["images"])
