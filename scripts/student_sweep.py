@@ -7,9 +7,11 @@ report for that student. Run after `make run` (it needs models/teacher and data/
     python -m scripts.student_sweep --name s4 --set student.stem_stride=4 --set student.stem_kernel=5 \\
         --set "student.widths=[24,48,64]" --set "student.blocks=[1,1,1]" --seeds 0,1,2 --threads 1
 
-Rows (float and INT8 test figures, MACs, parameters, INT8 size and p50 latency, 1 thread) are appended
-as JSON lines to --out/results.jsonl. Latency there is timed alone and briefly: compare variants in one
-`make bench`-style interleaved run before concluding on speed.
+Rows (float and INT8 test figures, MACs, parameters, INT8 size and p50 latency, 1 thread; the INT8
+student against the teacher on the same test cells: agreement of their argmax classes and the paired
+differences with 95% intervals, as compare reports them) are appended as JSON lines to
+--out/results.jsonl. Latency there is timed alone and briefly: compare variants in one `make bench`-style
+interleaved run before concluding on speed.
 """
 
 from __future__ import annotations
@@ -26,12 +28,21 @@ from lathe.compress.quantize import quantize_model, write_quantized
 from lathe.compress.result import write_compressed
 from lathe.config import load_params
 from lathe.data.ingest import load_split
-from lathe.measure.evaluate import evaluate_model
+from lathe.data.contract import read_task
+from lathe.measure.evaluate import EvaluationResult, evaluate_model
+from lathe.measure.intervals import cells_of, paired
 from lathe.measure.params import EvaluateParams
 from scripts.teacher_sweep import apply_overrides
 
 FIGURES = ("accuracy", "balanced_accuracy", "defective_recall", "false_reject_rate", "macs", "params", "size_bytes",
            "latency_p50_ms")
+
+
+def against_teacher(student: EvaluationResult, teacher: EvaluationResult, defective: list[int], k: int) -> dict:
+    """Agreement of the argmax classes and the paired differences (student - teacher, points, 95% interval)."""
+    cells = [cells_of(r.labels, r.predicted, defective, k) for r in (student, teacher)]
+    return {"agreement": round(float((student.predicted == teacher.predicted).mean()), 4),
+            **{m: d.points() for m, d in paired(*cells).items()}}
 
 
 def main() -> None:
@@ -51,6 +62,8 @@ def main() -> None:
     quantize_cfg = QuantizeParams.model_validate(params["quantize"])
     quick_eval = EvaluateParams(latency_warmup=50, latency_runs=300, throughput_runs=1)
     check = load_split(args.prepared, "val")["images"][:16]
+    task = read_task(args.prepared)
+    teacher = evaluate_model(args.teacher, args.prepared, quick_eval)
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = DistillParams.model_validate({**section, "seed": seed, "threads": args.threads})
         t0 = time.perf_counter()
@@ -61,10 +74,12 @@ def main() -> None:
         write_compressed(float_dir, result, check)
         write_quantized(int8_dir, quantize_model(float_dir, args.prepared, quantize_cfg))
         fp32 = evaluate_model(float_dir, args.prepared, quick_eval).metrics
-        int8 = evaluate_model(int8_dir, args.prepared, quick_eval).metrics
+        int8_result = evaluate_model(int8_dir, args.prepared, quick_eval)
+        int8 = int8_result.metrics
         row = {"name": args.name, "seed": seed, "overrides": args.set, "wall_s": round(wall, 1),
                "best_epoch": result.fit.best_epoch,
-               "fp32": {k: round(fp32[k], 4) for k in FIGURES}, "int8": {k: round(int8[k], 4) for k in FIGURES}}
+               "fp32": {k: round(fp32[k], 4) for k in FIGURES}, "int8": {k: round(int8[k], 4) for k in FIGURES},
+               "int8_vs_teacher": against_teacher(int8_result, teacher, task.defective_indices, task.num_classes)}
         print(json.dumps(row), flush=True)
         with open(args.out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -36,7 +36,7 @@ TINY_PARAMS = {
     # every key the distill_control stage lists in dvc.yaml must be present
     "distill": {"seed": 0, "threads": 1, "epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.003,
                 "weight_decay": 0.0005, "label_smoothing": 0.05, "class_weighting": "sqrt_inverse", "ema_decay": 0.0,
-                "sam_rho": 0.0,
+                "sam_rho": 0.0, "mixup": 0.0,
                 "select_on": "score",
                 "augment": {"hflip": True, "vflip": True}, "init": "scratch",
                 "student": {"stem_channels": 4, "stem_stride": 1, "widths": [4, 8], "blocks": [1, 1]}},

