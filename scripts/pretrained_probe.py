@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
 from lathe.config import load_params
 from lathe.data.contract import DataParams, read_task
 from lathe.data.ingest import load_split
@@ -111,6 +112,16 @@ def macs_of(model: nn.Module, size: int) -> int:
     return total
 
 
+def epoch_printer(seed: int, epochs: int, t0: float) -> Callable[[dict], None]:
+    """fit's progress callback: one line per epoch with the loss, val accuracy and seconds since t0."""
+
+    def progress(row: dict) -> None:
+        print(f"  seed {seed} epoch {row['epoch']}/{epochs} loss {row['train_loss']:.4f} "
+              f"val acc {row['val_accuracy']:.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
+
+    return progress
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True)
@@ -137,12 +148,7 @@ def main() -> None:
         gen = make_deterministic(seed, args.threads)
         model = LiteNet(state, task.num_classes)
         t0 = time.perf_counter()
-
-        def progress(row: dict) -> None:
-            print(f"  seed {seed} epoch {row['epoch']}/{cfg.epochs} loss {row['train_loss']:.4f} "
-                  f"val acc {row['val_accuracy']:.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
-
-        result = fit(model, train, val, cfg, gen, task, progress=progress)
+        result = fit(model, train, val, cfg, gen, task, progress=epoch_printer(seed, cfg.epochs, t0))
         wall = time.perf_counter() - t0
         logits = predict_logits(model, to_tensor(test["images"])).numpy()
         m = quality_metrics(test["labels"], logits, task)

@@ -27,8 +27,8 @@ from lathe.compress.params import DistillParams, QuantizeParams
 from lathe.compress.quantize import quantize_model, write_quantized
 from lathe.compress.result import write_compressed
 from lathe.config import load_params
-from lathe.data.ingest import load_split
 from lathe.data.contract import read_task
+from lathe.data.ingest import load_split
 from lathe.measure.evaluate import EvaluationResult, evaluate_model
 from lathe.measure.intervals import cells_of, paired
 from lathe.measure.params import EvaluateParams
