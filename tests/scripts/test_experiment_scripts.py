@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lathe.measure.evaluate import EvaluationResult
-from scripts.pretrained_probe import STRIDE_TWO, LiteNet, macs_of
+from scripts.pretrained_probe import STRIDE_TWO, LiteNet
 from scripts.student_sweep import against_teacher
 
 
@@ -58,9 +58,17 @@ def test_litenet_refuses_weights_of_another_layout():
         LiteNet(state, num_classes=4)
 
 
-def test_macs_count_a_single_convolution_exactly():
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1, bias=False))
-    assert macs_of(net, 8) == 8 * 8 * 4 * 9
+def test_litenet_exports_to_onnx_and_onnxruntime_gives_torchs_logits(tmp_path):
+    from lathe.measure.ort import load_session, predict
+    from lathe.model.export import export_onnx, save_onnx
+
+    net = LiteNet(lite_state([8, 16, 16, 24]), num_classes=4).eval()
+    save_onnx(tmp_path / "m.onnx", export_onnx(net, 32))
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    got = predict(load_session(tmp_path / "m.onnx", 1), images)
+    with torch.no_grad():
+        want = net(torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]).numpy()
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-4)  # random weights: logits up to ~5
 
 
 def result(labels: list[int], predicted: list[int]) -> EvaluationResult:
