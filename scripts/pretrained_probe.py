@@ -68,8 +68,9 @@ class MBConv(nn.Module):
 class LiteNet(nn.Module):
     """EfficientNet-Lite built from a state dict's shapes; a new `num_classes` head; (N, 1, S, S) in [0, 1] in."""
 
-    def __init__(self, state: dict[str, torch.Tensor], num_classes: int, dropout: float = 0.2):
+    def __init__(self, state: dict[str, torch.Tensor], num_classes: int, dropout: float = 0.2, frozen_blocks: int = -1):
         super().__init__()
+        self.frozen_blocks = frozen_blocks  # stem and blocks [0, frozen_blocks) keep ImageNet's weights; -1: none
         stem = state["_conv_stem.weight"]
         self._conv_stem = nn.Conv2d(3, stem.shape[0], 3, 2, 1, bias=False)
         self._bn0 = nn.BatchNorm2d(stem.shape[0], eps=1e-3)
@@ -90,11 +91,29 @@ class LiteNet(nn.Module):
         missing, unexpected = self.load_state_dict(backbone, strict=False)
         if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
             raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+        for module in self.frozen():
+            module.requires_grad_(False)
+
+    def frozen(self) -> list[nn.Module]:
+        """The stem and the first `frozen_blocks` blocks, or nothing when frozen_blocks is -1."""
+        if self.frozen_blocks < 0:
+            return []
+        return [self._conv_stem, self._bn0, *self._blocks[: self.frozen_blocks]]
+
+    def train(self, mode: bool = True) -> LiteNet:
+        """Frozen layers stay in eval mode: their BatchNorm keeps ImageNet's running statistics."""
+        super().train(mode)
+        for module in self.frozen():
+            module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.expand(-1, 3, -1, -1) - 0.5) / 0.5  # grey -> RGB, [-1, 1] as the TF Lite models expect
-        x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
-        x = nn.functional.relu6(self._bn1(self._conv_head(self._blocks(x))))
+        k = len(self._blocks) if self.frozen_blocks < 0 else self.frozen_blocks
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen_blocks < 0):
+            x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+            x = self._blocks[:k](x)
+        x = nn.functional.relu6(self._bn1(self._conv_head(self._blocks[k:](x))))
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
 
 
@@ -115,6 +134,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--set", action="append", default=[], help="fit override, e.g. lr=0.0005")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--frozen-blocks", type=int, default=-1,
+                    help="keep the stem and the first K of the 16 blocks at ImageNet's weights (-1: fine-tune all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
@@ -134,10 +155,11 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = FitParams.model_validate({**section, "seed": seed, "threads": args.threads})
         gen = make_deterministic(seed, args.threads)
-        model = LiteNet(state, task.num_classes)
+        model = LiteNet(state, task.num_classes, frozen_blocks=args.frozen_blocks)
         run_dir = args.out / args.name / f"seed{seed}"
         saved = run_dir / FILES.weights
-        row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set}
+        row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set,
+               "frozen_blocks": args.frozen_blocks}
         if args.evaluate:
             model.load_state_dict(load_file(str(saved)))
         else:

@@ -58,6 +58,20 @@ def test_litenet_refuses_weights_of_another_layout():
         LiteNet(state, num_classes=4)
 
 
+def test_litenet_frozen_blocks_keep_imagenets_weights_and_statistics_through_a_training_step():
+    state = lite_state([8, 16, 16, 24])
+    net = LiteNet(state, num_classes=4, frozen_blocks=2).train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net(torch.rand(4, 1, 32, 32)).sum().backward()
+    opt.step()
+    got = net.state_dict()
+    frozen = ("_conv_stem.", "_bn0.", "_blocks.0.", "_blocks.1.")
+    assert all(torch.equal(got[k], v) for k, v in state.items() if k.startswith(frozen))  # BN statistics too
+    assert not torch.equal(got["_blocks.2._project_conv.weight"], state["_blocks.2._project_conv.weight"])
+    assert not torch.equal(got["_blocks.2._bn1.running_mean"], state["_blocks.2._bn1.running_mean"])
+    assert all(p.grad is None for m in net.frozen() for p in m.parameters())
+
+
 def test_litenet_exports_to_onnx_and_onnxruntime_gives_torchs_logits(tmp_path):
     from lathe.measure.ort import load_session, predict
     from lathe.model.export import export_onnx, save_onnx
