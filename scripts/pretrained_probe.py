@@ -38,7 +38,7 @@ from lathe.measure.params import EvaluateParams
 from lathe.model.export import export_onnx, save_onnx
 from lathe.model.params import FitParams
 from lathe.model.teacher import FILES
-from lathe.model.train import fit
+from lathe.model.train import fit, to_tensor
 from scripts.teacher_sweep import apply_overrides, prepared_at
 
 # EfficientNet-B0/Lite0 stride-2 blocks (the first of stages 2, 3, 4 and 6); every other block keeps the size
@@ -107,12 +107,58 @@ class LiteNet(nn.Module):
             module.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, S, S) in [0, 1] -> the output of the frozen layers, or of every block if none are frozen."""
         x = (x.expand(-1, 3, -1, -1) - 0.5) / 0.5  # grey -> RGB, [-1, 1] as the TF Lite models expect
         k = len(self._blocks) if self.frozen_blocks < 0 else self.frozen_blocks
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen_blocks < 0):
-            x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
-            x = self._blocks[:k](x)
+            return self._blocks[:k](nn.functional.relu6(self._bn0(self._conv_stem(x))))
+
+    def memoize_frozen(self, inputs: torch.Tensor, batch_size: int = 64) -> None:
+        """Compute the frozen layers' output for every row of `inputs` once; later batches made only of
+        those rows (no augmentation) look it up by the rows' bytes instead of recomputing it.
+        (lathe.model.train.memoized_teacher's idea: the frozen layers at full resolution are most of an epoch's time.)"""
+        if self.frozen_blocks < 0:
+            raise ValueError("nothing is frozen: there is no fixed output to memoize")
+        self._memo: dict[bytes, torch.Tensor] = {}
+        for module in self.frozen():
+            module.eval()  # a new module is in training mode: BatchNorm would use, and update, batch statistics
+        with torch.no_grad():
+            for i in range(0, len(inputs), batch_size):
+                chunk = inputs[i : i + batch_size]
+                for row, out in zip(chunk, self.trunk(chunk)):
+                    self._memo[row.numpy().tobytes()] = out.clone()
+
+    @torch.no_grad()
+    def adapt_frozen_statistics(self, inputs: torch.Tensor, batch_size: int = 64) -> None:
+        """Re-estimate the frozen layers' BatchNorm statistics on `inputs` (AdaBN, Li et al. 2016): ImageNet's
+        means and variances do not describe EL images; the weights stay ImageNet's. Cumulative averages over
+        every batch in order (momentum None), so the result depends on the inputs alone."""
+        norms = [m for m in self.frozen() if isinstance(m, nn.BatchNorm2d)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        for module in self.frozen():
+            module.train()
+        for i in range(0, len(inputs), batch_size):
+            self.trunk(inputs[i : i + batch_size])
+        for module in self.frozen():
+            module.eval()
+        for m in norms:
+            m.momentum = 0.1
+
+    def forget_frozen(self) -> None:
+        """Drop the memo (export traces the network with symbolic tensors, which have no bytes to look up)."""
+        self._memo = {}
+
+    def frozen_output(self, x: torch.Tensor) -> torch.Tensor:
+        memo = getattr(self, "_memo", None)
+        rows = [memo.get(r.numpy().tobytes()) for r in x] if memo else [None]
+        return self.trunk(x) if any(r is None for r in rows) else torch.stack(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self._blocks) if self.frozen_blocks < 0 else self.frozen_blocks
+        x = self.frozen_output(x)
         x = nn.functional.relu6(self._bn1(self._conv_head(self._blocks[k:](x))))
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
 
@@ -136,6 +182,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--frozen-blocks", type=int, default=-1,
                     help="keep the stem and the first K of the 16 blocks at ImageNet's weights (-1: fine-tune all)")
+    ap.add_argument("--memoize-frozen", action="store_true",
+                    help="compute the frozen layers' output of each training cell once (needs --frozen-blocks)")
+    ap.add_argument("--adapt-frozen", action="store_true",
+                    help="re-estimate the frozen layers' BatchNorm statistics on the training cells first (AdaBN)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
@@ -159,14 +209,19 @@ def main() -> None:
         run_dir = args.out / args.name / f"seed{seed}"
         saved = run_dir / FILES.weights
         row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set,
-               "frozen_blocks": args.frozen_blocks}
+               "frozen_blocks": args.frozen_blocks, "adapt_frozen": args.adapt_frozen}
         if args.evaluate:
             model.load_state_dict(load_file(str(saved)))
         else:
             t0 = time.perf_counter()
+            if args.adapt_frozen:
+                model.adapt_frozen_statistics(to_tensor(train["images"]))
+            if args.memoize_frozen:
+                model.memoize_frozen(torch.cat([to_tensor(train["images"]), to_tensor(val["images"])]))
             result = fit(model, train, val, cfg, gen, task, progress=epoch_printer(seed, cfg.epochs, t0))
             row |= {"wall_s": round(time.perf_counter() - t0, 1), "best_epoch": result.best_epoch,
                     "val_accuracy": round(result.best_val["accuracy"], 4)}
+            model.forget_frozen()
             run_dir.mkdir(parents=True, exist_ok=True)
             save_file(model.state_dict(), str(saved))
         save_onnx(run_dir / FILES.onnx, export_onnx(model, args.image_size))

@@ -72,6 +72,45 @@ def test_litenet_frozen_blocks_keep_imagenets_weights_and_statistics_through_a_t
     assert all(p.grad is None for m in net.frozen() for p in m.parameters())
 
 
+def test_litenet_memoized_frozen_layers_give_the_logits_of_a_fresh_pass_and_are_used():
+    net = LiteNet(lite_state([8, 16, 16, 24]), num_classes=4, frozen_blocks=2).eval()
+    seen, unseen = torch.rand(6, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        fresh = net(seen[:3])
+        net.memoize_frozen(seen, batch_size=4)
+        assert torch.allclose(net(seen[:3]), fresh, atol=1e-5)
+        net._conv_stem.weight.zero_()  # a memo hit never reaches the stem again; a miss does
+        assert torch.allclose(net(seen[:3]), fresh, atol=1e-5)
+        # one unseen row: the whole batch goes through the (now zeroed) stem again
+        assert not torch.allclose(net(torch.cat([seen[:2], unseen]))[:2], fresh[:2], atol=1e-3)
+    with pytest.raises(ValueError, match="nothing is frozen"):
+        LiteNet(lite_state([8, 16]), num_classes=4).memoize_frozen(seen)
+
+
+def test_litenet_memoizes_with_imagenets_statistics_even_from_a_new_network_in_training_mode():
+    state = lite_state([8, 16, 16, 24])
+    net = LiteNet(state, num_classes=4, frozen_blocks=2)  # new modules are in training mode
+    x = torch.rand(6, 1, 32, 32)
+    net.memoize_frozen(x)
+    assert torch.equal(net.state_dict()["_blocks.1._bn1.running_mean"], state["_blocks.1._bn1.running_mean"])
+    with torch.no_grad():
+        assert torch.allclose(net.frozen_output(x), net.eval().trunk(x), atol=1e-5)  # what inference computes
+
+
+def test_litenet_adapts_the_frozen_statistics_to_the_inputs_and_keeps_the_weights():
+    state = lite_state([8, 16, 16, 24])
+    net = LiteNet(state, num_classes=4, frozen_blocks=2)
+    x = torch.rand(10, 1, 32, 32) * 0.2 + 0.7  # bright cells: far from the random ImageNet-like statistics
+    net.adapt_frozen_statistics(x, batch_size=5)  # equal batches: the average of batch means is the mean
+    got = net.state_dict()
+    with torch.no_grad():
+        stem = net._conv_stem((x.expand(-1, 3, -1, -1) - 0.5) / 0.5)
+    assert torch.allclose(got["_bn0.running_mean"], stem.mean(dim=(0, 2, 3)), atol=1e-4)  # cumulative: all 10 cells
+    assert torch.equal(got["_blocks.1._project_conv.weight"], state["_blocks.1._project_conv.weight"])
+    assert torch.equal(got["_blocks.2._bn1.running_mean"], state["_blocks.2._bn1.running_mean"])  # not frozen: untouched
+    assert all(not m.training for m in net.frozen()) and net._bn0.momentum == 0.1
+
+
 def test_litenet_exports_to_onnx_and_onnxruntime_gives_torchs_logits(tmp_path):
     from lathe.measure.ort import load_session, predict
     from lathe.model.export import export_onnx, save_onnx
