@@ -109,12 +109,15 @@ class LiteNet(nn.Module):
             module.eval()
         return self
 
+    def trunk_blocks(self) -> int:
+        """How many blocks `trunk` runs: the frozen ones, or all of them when none are frozen."""
+        return len(self._blocks) if self.frozen_blocks < 0 else self.frozen_blocks
+
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> the output of the frozen layers, or of every block if none are frozen."""
         x = (x.expand(-1, 3, -1, -1) - 0.5) / 0.5  # grey -> RGB, [-1, 1] as the TF Lite models expect
-        k = len(self._blocks) if self.frozen_blocks < 0 else self.frozen_blocks
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen_blocks < 0):
-            return self._blocks[:k](nn.functional.relu6(self._bn0(self._conv_stem(x))))
+            return self._blocks[: self.trunk_blocks()](nn.functional.relu6(self._bn0(self._conv_stem(x))))
 
     def memoize_frozen(self, inputs: torch.Tensor, batch_size: int = 64) -> None:
         """Compute the frozen layers' output for every row of `inputs` once; later batches made only of
@@ -159,9 +162,8 @@ class LiteNet(nn.Module):
         return self.trunk(x) if any(r is None for r in rows) else torch.stack(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = len(self._blocks) if self.frozen_blocks < 0 else self.frozen_blocks
         x = self.frozen_output(x)
-        x = nn.functional.relu6(self._bn1(self._conv_head(self._blocks[k:](x))))
+        x = nn.functional.relu6(self._bn1(self._conv_head(self._blocks[self.trunk_blocks() :](x))))
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
 
 
