@@ -30,18 +30,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lathe.compress.params import DistillParams, QuantizeParams
+from lathe.compress.quantize import quantize_model, write_quantized
 from lathe.config import load_params
 from lathe.data.contract import DataParams, read_task
 from lathe.data.ingest import load_split
 from lathe.data.params import IngestParams
 from lathe.determinism import make_deterministic
-from lathe.measure.evaluate import evaluate_model
+from lathe.measure.evaluate import EvaluationResult, evaluate_model
 from lathe.measure.params import EvaluateParams
 from lathe.model.export import export_onnx, save_onnx
 from lathe.model.params import FitParams
 from lathe.model.teacher import FILES
-from lathe.model.train import fit, to_tensor
+from lathe.model.train import LossFn, class_weights, fit, kd_loss, to_tensor
+from scripts.student_sweep import FIGURES, against_teacher, twin_teacher
 from scripts.teacher_sweep import apply_overrides, prepared_at
+
+# Figures that compare latencies: enough runs for a p50 (1 thread, batch 1, as the bench measures)
+LATENCY_EVAL = EvaluateParams(threads=1, latency_warmup=20, latency_runs=200, throughput_runs=1)
 
 # EfficientNet-B0/Lite0 stride-2 blocks (the first of stages 2, 3, 4 and 6); every other block keeps the size
 STRIDE_TWO = {1, 3, 5, 11}
@@ -70,28 +76,40 @@ class MBConv(nn.Module):
 class LiteNet(nn.Module):
     """EfficientNet-Lite built from a state dict's shapes; a new `num_classes` head; (N, 1, S, S) in [0, 1] in."""
 
-    def __init__(self, state: dict[str, torch.Tensor], num_classes: int, dropout: float = 0.2, frozen_blocks: int = -1):
+    def __init__(self, state: dict[str, torch.Tensor], num_classes: int, dropout: float = 0.2, frozen_blocks: int = -1,
+                 keep_blocks: int | None = None, head_channels: int | None = None):
+        """`keep_blocks`: keep only the first K of the 16 blocks (a truncated, smaller network); `head_channels`:
+        the 1x1 head's width (default: ImageNet's 1280, with its weights; any other width, or a truncated
+        network, gets a new head initialised at random)."""
         super().__init__()
+        if keep_blocks is not None and frozen_blocks > keep_blocks:
+            raise ValueError(f"frozen_blocks {frozen_blocks} is more than the {keep_blocks} blocks kept")
         self.frozen_blocks = frozen_blocks  # stem and blocks [0, frozen_blocks) keep ImageNet's weights; -1: none
         stem = state["_conv_stem.weight"]
         self._conv_stem = nn.Conv2d(3, stem.shape[0], 3, 2, 1, bias=False)
         self._bn0 = nn.BatchNorm2d(stem.shape[0], eps=1e-3)
         blocks, cin, i = [], stem.shape[0], 0
-        while f"_blocks.{i}._depthwise_conv.weight" in state:
+        while f"_blocks.{i}._depthwise_conv.weight" in state and (keep_blocks is None or i < keep_blocks):
             dw = state[f"_blocks.{i}._depthwise_conv.weight"]
             cout = state[f"_blocks.{i}._project_conv.weight"].shape[0]
             blocks.append(MBConv(cin, dw.shape[0], cout, dw.shape[-1], 2 if i in STRIDE_TWO else 1,
                                  f"_blocks.{i}._expand_conv.weight" in state))
             cin, i = cout, i + 1
         self._blocks = nn.Sequential(*blocks)
-        head = state["_conv_head.weight"]
-        self._conv_head = nn.Conv2d(cin, head.shape[0], 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(head.shape[0], eps=1e-3)
+        imagenet_head = state["_conv_head.weight"]
+        head = head_channels or imagenet_head.shape[0]
+        self._conv_head = nn.Conv2d(cin, head, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(head, eps=1e-3)
         self._dropout = nn.Dropout(dropout)
-        self._fc = nn.Linear(head.shape[0], num_classes)
-        backbone = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        missing, unexpected = self.load_state_dict(backbone, strict=False)
-        if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+        self._fc = nn.Linear(head, num_classes)
+        # Weights not taken: ImageNet's classifier; its 1x1 head when the width in or out changed; cut-off blocks
+        new = ("_fc.",) if self._conv_head.weight.shape == imagenet_head.shape else ("_fc.", "_conv_head.", "_bn1.")
+        in_state = sum(k.startswith("_blocks.") and k.endswith("._depthwise_conv.weight") for k in state)
+        skipped = new + tuple(f"_blocks.{j}." for j in range(len(blocks), in_state))
+        missing, unexpected = self.load_state_dict({k: v for k, v in state.items() if not k.startswith(skipped)},
+                                                   strict=False)
+        missing = [k for k in missing if not k.startswith(new)]
+        if unexpected or missing:
             raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
         for module in self.frozen():
             module.requires_grad_(False)
@@ -167,6 +185,20 @@ class LiteNet(nn.Module):
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
 
 
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the wrapped network's logits averaged over the cell and its horizontal,
+    vertical and both-way flips. An EL cell's busbars and cracks have no preferred side, so the four
+    views are equally likely cells; 4x the MACs, for a teacher that is never shipped."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, S, S) -> (N, classes)
+        views = (x, x.flip(-1), x.flip(-2), x.flip(-2, -1))
+        return torch.stack([self.net(v) for v in views]).mean(dim=0)
+
+
 def epoch_printer(seed: int, epochs: int, t0: float) -> Callable[[dict], None]:
     """fit's progress callback: one line per epoch with the loss, val accuracy and seconds since t0."""
 
@@ -175,6 +207,27 @@ def epoch_printer(seed: int, epochs: int, t0: float) -> Callable[[dict], None]:
               f"val acc {row['val_accuracy']:.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
 
     return progress
+
+
+def teacher_loss(teacher_dir: Path, prepared: Path, train: dict, threads: int, params: dict) -> LossFn:
+    """Distillation from an ONNX network at the same resolution: the distill stage's loss (its temperature,
+    alpha, class weighting, smoothing) against that network's logits of each training cell, computed once."""
+    cfg = DistillParams.model_validate(params["distill"])
+    teacher = twin_teacher(teacher_dir, prepared, train, threads)  # the cells' own twins: the same images
+    weights = class_weights(train["labels"], read_task(prepared).num_classes, cfg.class_weighting)
+    return kd_loss(teacher, cfg.temperature, cfg.alpha, weights, cfg.label_smoothing)
+
+
+def int8_figures(run_dir: Path, prepared: Path, params: dict, teacher: EvaluationResult | None) -> dict:
+    """The quantize stage's PTQ of run_dir/model.onnx into run_dir/int8, its test figures (p50 at 1 thread)
+    and, given the teacher's evaluation, the paired differences against it."""
+    write_quantized(run_dir / "int8", quantize_model(run_dir, prepared, QuantizeParams.model_validate(params["quantize"])))
+    result = evaluate_model(run_dir / "int8", prepared, LATENCY_EVAL)
+    row = {"int8": {k: round(result.metrics[k], 4) for k in FIGURES}}
+    if teacher is not None:
+        task = read_task(prepared)
+        row["int8_vs_teacher"] = against_teacher(result, teacher, task.defective_indices, task.num_classes)
+    return row
 
 
 def main() -> None:
@@ -190,6 +243,14 @@ def main() -> None:
                     help="compute the frozen layers' output of each training cell once (needs --frozen-blocks)")
     ap.add_argument("--adapt-frozen", action="store_true",
                     help="re-estimate the frozen layers' BatchNorm statistics on the training cells first (AdaBN)")
+    ap.add_argument("--tta", action="store_true",
+                    help="evaluate the logits averaged over the four flips (exported to <run>/tta/)")
+    ap.add_argument("--truncate", type=int, help="keep only the first K blocks (a smaller network)")
+    ap.add_argument("--head-channels", type=int, help="the 1x1 head's width (a new head; default ImageNet's 1280)")
+    ap.add_argument("--distill-from", type=Path,
+                    help="a folder with the model.onnx of a network at --image-size to distil from (the distill params)")
+    ap.add_argument("--int8", action="store_true",
+                    help="also quantize (the quantize params' PTQ) and report INT8 figures, against --distill-from")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
@@ -206,14 +267,18 @@ def main() -> None:
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     quick_eval = EvaluateParams(threads=args.threads, latency_warmup=1, latency_runs=5, throughput_runs=1)
     task = read_task(prepared)
+    teacher = evaluate_model(args.distill_from, prepared, LATENCY_EVAL) if args.distill_from and args.int8 else None
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = FitParams.model_validate({**section, "seed": seed, "threads": args.threads})
         gen = make_deterministic(seed, args.threads)
-        model = LiteNet(state, task.num_classes, frozen_blocks=args.frozen_blocks)
+        model = LiteNet(state, task.num_classes, frozen_blocks=args.frozen_blocks, keep_blocks=args.truncate,
+                        head_channels=args.head_channels)
         run_dir = args.out / args.name / f"seed{seed}"
         saved = run_dir / FILES.weights
         row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set,
-               "frozen_blocks": args.frozen_blocks, "adapt_frozen": args.adapt_frozen}
+               "frozen_blocks": args.frozen_blocks, "adapt_frozen": args.adapt_frozen, "tta": args.tta,
+               "truncate": args.truncate, "head_channels": args.head_channels,
+               "distill_from": str(args.distill_from) if args.distill_from else None}
         if args.evaluate:
             model.load_state_dict(load_file(str(saved)))
         else:
@@ -222,17 +287,22 @@ def main() -> None:
                 model.adapt_frozen_statistics(to_tensor(train["images"]))
             if args.memoize_frozen:
                 model.memoize_frozen(torch.cat([to_tensor(train["images"]), to_tensor(val["images"])]))
-            result = fit(model, train, val, cfg, gen, task, progress=epoch_printer(seed, cfg.epochs, t0))
+            loss = teacher_loss(args.distill_from, prepared, train, args.threads, params) if args.distill_from else None
+            result = fit(model, train, val, cfg, gen, task, loss, progress=epoch_printer(seed, cfg.epochs, t0))
             row |= {"wall_s": round(time.perf_counter() - t0, 1), "best_epoch": result.best_epoch,
                     "val_accuracy": round(result.best_val["accuracy"], 4)}
             model.forget_frozen()
             run_dir.mkdir(parents=True, exist_ok=True)
             save_file(model.state_dict(), str(saved))
-        save_onnx(run_dir / FILES.onnx, export_onnx(model, args.image_size))
-        m = evaluate_model(run_dir, prepared, quick_eval).metrics
+        onnx_dir = run_dir / "tta" if args.tta else run_dir
+        onnx_dir.mkdir(exist_ok=True)
+        save_onnx(onnx_dir / FILES.onnx, export_onnx(FlipAverage(model) if args.tta else model, args.image_size))
+        m = evaluate_model(onnx_dir, prepared, quick_eval).metrics
         row |= {k: round(m[k], 4) for k in ("accuracy", "balanced_accuracy", "defective_recall", "defective_roc_auc")}
         row["macs"] = m["macs"]
         row["params"] = sum(p.numel() for p in model.parameters())
+        if args.int8:
+            row |= int8_figures(run_dir, prepared, params, teacher)
         print(json.dumps(row), flush=True)
         with open(args.out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -165,3 +165,40 @@ def test_same_cells_refuses_a_teacher_split_of_other_cells_or_order(tmp_path):
     same_cells(a, {"sample_ids": np.array([1, 2, 3])}, tmp_path)
     with pytest.raises(ValueError, match="same cells"):
         same_cells(a, {"sample_ids": np.array([2, 1, 3])}, tmp_path)
+
+
+def test_litenet_truncated_keeps_the_first_blocks_weights_and_gets_a_new_head_of_the_width_asked():
+    state = lite_state([8, 16, 16, 24])
+    net = LiteNet(state, num_classes=4, keep_blocks=2, head_channels=12, frozen_blocks=2).eval()
+    assert len(net._blocks) == 2 and net._conv_head.weight.shape == (12, 16, 1, 1) and net._fc.in_features == 12
+    got = net.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items() if k.startswith(("_conv_stem.", "_bn0.", "_blocks.0.",
+                                                                                 "_blocks.1.")))
+    assert not any(k.startswith(("_blocks.2.", "_blocks.3.")) for k in got)
+    assert net(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+    with pytest.raises(ValueError, match="more than the 2 blocks"):
+        LiteNet(state, num_classes=4, keep_blocks=2, frozen_blocks=3)
+    state["_blocks.3._extra.weight"] = torch.zeros(1)  # a cut-off block's keys are skipped, whatever they hold;
+    LiteNet(state, num_classes=4, keep_blocks=2)
+    with pytest.raises(ValueError, match="unexpected"):  # a kept block's are not
+        LiteNet(state | {"_blocks.1._extra.weight": torch.zeros(1)}, num_classes=4, keep_blocks=2)
+
+
+def test_flip_average_gives_one_answer_for_a_cell_and_its_flips_and_exports(tmp_path):
+    from lathe.measure.ort import load_session, predict
+    from lathe.model.export import export_onnx, save_onnx
+    from scripts.pretrained_probe import FlipAverage
+
+    net = LiteNet(lite_state([8, 16, 16, 24]), num_classes=4).eval()
+    tta = FlipAverage(net).eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        plain, averaged = net(x), tta(x)
+        assert not torch.allclose(plain, net(x.flip(-1)), atol=1e-3)  # the network alone is not flip-invariant
+        for flipped in (x.flip(-1), x.flip(-2), x.flip(-2, -1)):
+            assert torch.allclose(tta(flipped), averaged, atol=1e-5)
+    save_onnx(tmp_path / "m.onnx", export_onnx(tta, 32))
+    images = (x[:, 0].numpy() * 255).round().astype(np.uint8)
+    with torch.no_grad():
+        want = tta(torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]).numpy()
+    assert np.allclose(predict(load_session(tmp_path / "m.onnx", 1), images), want, rtol=1e-4, atol=1e-4)
