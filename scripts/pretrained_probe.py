@@ -38,11 +38,15 @@ from lathe.data.ingest import load_split
 from lathe.data.params import IngestParams
 from lathe.determinism import make_deterministic
 from lathe.measure.evaluate import EvaluationResult, evaluate_model
+from lathe.measure.ort import load_session, predict
 from lathe.measure.params import EvaluateParams
 from lathe.model.export import export_onnx, save_onnx
 from lathe.model.params import FitParams
 from lathe.model.teacher import FILES
 from lathe.model.train import LossFn, class_weights, fit, kd_loss, to_tensor
+from lathe.ship.gates import THRESHOLD_SPLIT, choose_threshold, p_defective, rates_at
+from lathe.ship.params import TargetParams
+from lathe.ship.profile import load_profile
 from scripts.student_sweep import FIGURES, against_teacher, twin_teacher
 from scripts.teacher_sweep import apply_overrides, prepared_at
 
@@ -218,6 +222,20 @@ def teacher_loss(teacher_dir: Path, prepared: Path, train: dict, threads: int, p
     return kd_loss(teacher, cfg.temperature, cfg.alpha, weights, cfg.label_smoothing)
 
 
+def operating_points(onnx_dir: Path, prepared: Path, test: EvaluationResult, targets: dict[str, TargetParams],
+                     threads: int) -> dict:
+    """Per target, test recall and false-reject rate at the threshold chosen on val for the target's
+    recall, as the package stage chooses it: how far a network is from a profile's gates."""
+    task, val = read_task(prepared), load_split(prepared, THRESHOLD_SPLIT)
+    p_val = p_defective(predict(load_session(onnx_dir / FILES.onnx, threads), val["images"]), task.defective_indices)
+    points = {}
+    for name, target in targets.items():
+        t = choose_threshold(p_val, val["labels"], task.defective_indices, target.defective_recall_target)
+        rates = rates_at(test.p_defective, test.labels, task.defective_indices, t)
+        points[name] = {k: rates[k] for k in ("defective_recall", "false_reject_rate")}
+    return points
+
+
 def int8_figures(run_dir: Path, prepared: Path, params: dict, teacher: EvaluationResult | None) -> dict:
     """The quantize stage's PTQ of run_dir/model.onnx into run_dir/int8, its test figures (p50 at 1 thread)
     and, given the teacher's evaluation, the paired differences against it."""
@@ -252,6 +270,8 @@ def main() -> None:
                     help="a folder with the model.onnx of a network at --image-size to distil from (the distill params)")
     ap.add_argument("--int8", action="store_true",
                     help="also quantize (the quantize params' PTQ) and report INT8 figures, against --distill-from")
+    ap.add_argument("--profile", type=Path, default=Path("profiles/plant.yaml"),
+                    help="targets whose recall the reported operating points are chosen for (on val)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
@@ -267,7 +287,7 @@ def main() -> None:
     state = torch.load(args.weights, weights_only=True, map_location="cpu")
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     quick_eval = EvaluateParams(threads=args.threads, latency_warmup=1, latency_runs=5, throughput_runs=1)
-    task = read_task(prepared)
+    task, targets = read_task(prepared), load_profile(args.profile)
     teacher = evaluate_model(args.distill_from, prepared, LATENCY_EVAL) if args.distill_from and args.int8 else None
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = FitParams.model_validate({**section, "seed": seed, "threads": args.threads})
@@ -298,10 +318,12 @@ def main() -> None:
         onnx_dir = run_dir / "tta" if args.tta else run_dir
         onnx_dir.mkdir(exist_ok=True)
         save_onnx(onnx_dir / FILES.onnx, export_onnx(FlipAverage(model) if args.tta else model, args.image_size))
-        m = evaluate_model(onnx_dir, prepared, quick_eval).metrics
+        evaluated = evaluate_model(onnx_dir, prepared, quick_eval)
+        m = evaluated.metrics
         row |= {k: round(m[k], 4) for k in ("accuracy", "balanced_accuracy", "defective_recall", "defective_roc_auc")}
         row["macs"] = m["macs"]
         row["params"] = sum(p.numel() for p in model.parameters())
+        row["operating_points"] = operating_points(onnx_dir, prepared, evaluated, targets, args.threads)
         if args.int8:
             row |= int8_figures(run_dir, prepared, params, teacher)
         print(json.dumps(row), flush=True)
