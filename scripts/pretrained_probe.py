@@ -30,7 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lathe.compress.params import DistillParams, QuantizeParams
+from lathe.compress.params import DistillParams, QatParams, QuantizeParams
+from lathe.compress.qat import QatNet, convert, export_qat_onnx, prepare_qat
 from lathe.compress.quantize import quantize_model, write_quantized
 from lathe.config import load_params
 from lathe.data.contract import DataParams, read_task
@@ -124,6 +125,12 @@ class LiteNet(nn.Module):
             return []
         return [self._conv_stem, self._bn0, *self._blocks[: self.frozen_blocks]]
 
+    def unfreeze(self) -> None:
+        """Every layer trainable (BatchNorm statistics too) and no memo: the network as an ordinary one."""
+        self.forget_frozen()
+        self.frozen_blocks = -1
+        self.requires_grad_(True)
+
     def train(self, mode: bool = True) -> LiteNet:
         """Frozen layers stay in eval mode: their BatchNorm keeps ImageNet's running statistics."""
         super().train(mode)
@@ -213,10 +220,9 @@ def epoch_printer(seed: int, epochs: int, t0: float) -> Callable[[dict], None]:
     return progress
 
 
-def teacher_loss(teacher_dir: Path, prepared: Path, train: dict, threads: int, params: dict) -> LossFn:
-    """Distillation from an ONNX network at the same resolution: the distill stage's loss (its temperature,
-    alpha, class weighting, smoothing) against that network's logits of each training cell, computed once."""
-    cfg = DistillParams.model_validate(params["distill"])
+def teacher_loss(teacher_dir: Path, prepared: Path, train: dict, threads: int, cfg: DistillParams | QatParams) -> LossFn:
+    """Distillation from an ONNX network at the same resolution: `cfg`'s loss (temperature, alpha, class
+    weighting, smoothing) against that network's logits of each training cell, computed once."""
     teacher = twin_teacher(teacher_dir, prepared, train, threads)  # the cells' own twins: the same images
     weights = class_weights(train["labels"], read_task(prepared).num_classes, cfg.class_weighting)
     return kd_loss(teacher, cfg.temperature, cfg.alpha, weights, cfg.label_smoothing)
@@ -236,17 +242,35 @@ def operating_points(onnx_dir: Path, prepared: Path, test: EvaluationResult, tar
     return points
 
 
-def int8_figures(run_dir: Path, prepared: Path, params: dict, teacher: EvaluationResult | None) -> dict:
-    """The quantize stage's PTQ of run_dir/model.onnx into run_dir/int8, its test figures (p50 at 1 thread)
-    and, given the teacher's evaluation, the paired differences against it."""
-    write_quantized(run_dir / "int8", quantize_model(run_dir, prepared, QuantizeParams.model_validate(params["quantize"])))
-    result = evaluate_model(run_dir / "int8", prepared, LATENCY_EVAL)
-    row = {"int8": {k: round(result.metrics[k], 4) for k in FIGURES}}
+def int8_figures(int8_dir: Path, prepared: Path, teacher: EvaluationResult | None, key: str) -> dict:
+    """An INT8 model's test figures (p50 at 1 thread) under `key` and, given the teacher's evaluation, the
+    paired differences against it and the teacher's own figures (FP32: the size and speed ratios)."""
+    result = evaluate_model(int8_dir, prepared, LATENCY_EVAL)
+    row = {key: {k: round(result.metrics[k], 4) for k in FIGURES}}
     if teacher is not None:
         task = read_task(prepared)
-        row["int8_vs_teacher"] = against_teacher(result, teacher, task.defective_indices, task.num_classes)
-        row["teacher"] = {k: round(teacher.metrics[k], 4) for k in FIGURES}  # FP32: the size and speed ratios
+        row[f"{key}_vs_teacher"] = against_teacher(result, teacher, task.defective_indices, task.num_classes)
+        row["teacher"] = {k: round(teacher.metrics[k], 4) for k in FIGURES}
     return row
+
+
+def post_training_int8(run_dir: Path, prepared: Path, params: dict) -> Path:
+    """The quantize stage's PTQ (its params) of run_dir/model.onnx, written to run_dir/int8."""
+    write_quantized(run_dir / "int8", quantize_model(run_dir, prepared, QuantizeParams.model_validate(params["quantize"])))
+    return run_dir / "int8"
+
+
+def quantization_aware_int8(model: LiteNet, run_dir: Path, prepared: Path, cfg: QatParams,
+                            loss: LossFn | None, progress: Callable[[dict], None]) -> Path:
+    """The qat stage's fine-tuning (torchao PT2E, its params; distilled when `loss` is given) of the trained
+    network, every layer trainable (the exporter cannot trace the frozen layers' no-grad region), to run_dir/qat."""
+    model.unfreeze()
+    gen = make_deterministic(cfg.seed, cfg.threads)
+    train, val, task = load_split(prepared, "train"), load_split(prepared, "val"), read_task(prepared)
+    net = QatNet(prepare_qat(model, task.image_size, task.channels))
+    fit(net, train, val, cfg, gen, task, loss, progress=progress)
+    save_onnx(run_dir / "qat" / FILES.onnx, export_qat_onnx(convert(net), task.image_size, task.channels, {}))
+    return run_dir / "qat"
 
 
 def main() -> None:
@@ -270,6 +294,8 @@ def main() -> None:
                     help="a folder with the model.onnx of a network at --image-size to distil from (the distill params)")
     ap.add_argument("--int8", action="store_true",
                     help="also quantize (the quantize params' PTQ) and report INT8 figures, against --distill-from")
+    ap.add_argument("--qat", action="store_true",
+                    help="also fine-tune under simulated INT8 (the qat params; distilled from --distill-from)")
     ap.add_argument("--profile", type=Path, default=Path("profiles/plant.yaml"),
                     help="targets whose recall the reported operating points are chosen for (on val)")
     ap.add_argument("--threads", type=int, default=1)
@@ -288,7 +314,7 @@ def main() -> None:
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     quick_eval = EvaluateParams(threads=args.threads, latency_warmup=1, latency_runs=5, throughput_runs=1)
     task, targets = read_task(prepared), load_profile(args.profile)
-    teacher = evaluate_model(args.distill_from, prepared, LATENCY_EVAL) if args.distill_from and args.int8 else None
+    teacher = evaluate_model(args.distill_from, prepared, LATENCY_EVAL) if args.distill_from and (args.int8 or args.qat) else None
     for seed in (int(s) for s in args.seeds.split(",")):
         cfg = FitParams.model_validate({**section, "seed": seed, "threads": args.threads})
         gen = make_deterministic(seed, args.threads)
@@ -308,7 +334,8 @@ def main() -> None:
                 model.adapt_frozen_statistics(to_tensor(train["images"]))
             if args.memoize_frozen:
                 model.memoize_frozen(torch.cat([to_tensor(train["images"]), to_tensor(val["images"])]))
-            loss = teacher_loss(args.distill_from, prepared, train, args.threads, params) if args.distill_from else None
+            distill_cfg = DistillParams.model_validate(params["distill"])
+            loss = teacher_loss(args.distill_from, prepared, train, args.threads, distill_cfg) if args.distill_from else None
             result = fit(model, train, val, cfg, gen, task, loss, progress=epoch_printer(seed, cfg.epochs, t0))
             row |= {"wall_s": round(time.perf_counter() - t0, 1), "best_epoch": result.best_epoch,
                     "val_accuracy": round(result.best_val["accuracy"], 4)}
@@ -325,7 +352,13 @@ def main() -> None:
         row["params"] = sum(p.numel() for p in model.parameters())
         row["operating_points"] = operating_points(onnx_dir, prepared, evaluated, targets, args.threads)
         if args.int8:
-            row |= int8_figures(run_dir, prepared, params, teacher)
+            row |= int8_figures(post_training_int8(run_dir, prepared, params), prepared, teacher, "int8")
+        if args.qat:
+            qat_cfg = QatParams.model_validate({**params["qat"], "seed": seed, "threads": args.threads})
+            loss = teacher_loss(args.distill_from, prepared, train, args.threads, qat_cfg) if args.distill_from else None
+            qat_dir = quantization_aware_int8(model, run_dir, prepared, qat_cfg, loss,
+                                              epoch_printer(seed, qat_cfg.epochs, time.perf_counter()))
+            row |= int8_figures(qat_dir, prepared, teacher, "qat")
         print(json.dumps(row), flush=True)
         with open(args.out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
