@@ -59,6 +59,8 @@ class QuantizeParams(Section):
     per_channel: bool = True
     activation_type: Literal["quint8", "qint8"] = Field("quint8", description="quint8 fuses residual convs here (measured)")
     weight_type: Literal["qint8", "quint8"] = "qint8"
+    bias_correction: bool = Field(True, description="cancel the mean shift of weight rounding in each conv's bias "
+                                                    "(lathe.compress.bias_correction)")
 
     @model_validator(mode="after")
     def _supported_types(self) -> QuantizeParams:

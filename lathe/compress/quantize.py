@@ -19,6 +19,9 @@ The static path (`quantize_static_int8`), all inside one temporary folder:
 3. `quantize_static(QuantFormat.QDQ, ...)` reading those ranges from a calibration cache file
    (its documented `calibration_cache_path`). For MinMax this gives byte-for-byte the model that
    `quantize_static` calibrating by itself gives (a test checks it).
+4. With `quantize.bias_correction` (default), each quantized conv's int32 bias is moved to cancel the
+   mean shift that rounding its weights causes on the calibration images
+   (`lathe.compress.bias_correction`; measured there: +7.5 points on a 224 px EfficientNet-Lite0).
 
 Determinism: with the same model, images and settings the result is byte-identical, also across
 processes and PYTHONHASHSEED values (checked). onnxruntime 1.31 writes no temp paths, random names
@@ -46,6 +49,7 @@ from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_d
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from lathe.compress.bias_correction import correct_conv_biases
 from lathe.compress.calibration import (
     CALIBRATION_BATCH,
     CALIBRATION_SPLIT,
@@ -226,6 +230,10 @@ def quantize_static_int8(model_path: Path, images: np.ndarray, cfg: QuantizePara
                 )
         except Exception as exc:
             raise LatheError(f"{model_path}: onnxruntime quantize_static failed: {type(exc).__name__}: {exc}") from exc
+        if cfg.bias_correction:
+            proto = onnx.load(str(out))
+            correct_conv_biases(proto, onnx.load(str(pre)), reader.batches())
+            onnx.save(proto, str(out))
         return _finish(out, metadata)
 
 
@@ -278,7 +286,7 @@ def quantize_model(model_dir: Path, prepared_dir: Path, cfg: QuantizeParams) -> 
         },
         "quantization": {
             "format": "QDQ", "quant_pre_process": True, "per_channel": cfg.per_channel, "reduce_range": REDUCE_RANGE,
-            "range_bits": RANGE_BITS,
+            "range_bits": RANGE_BITS, "bias_correction": cfg.bias_correction,
             "activation_type": cfg.activation_type, "weight_type": cfg.weight_type, "op_types": QUANTIZABLE_OPS,
         },
         "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
