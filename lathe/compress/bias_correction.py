@@ -22,7 +22,7 @@ the corrected model's bytes are the same on every machine unless a mean straddle
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,12 +79,12 @@ def snap_nearest(values: np.ndarray, bits: int = MEAN_BITS) -> np.ndarray:
     return np.ldexp(np.round(m * 2.0**bits) / 2.0**bits, e)
 
 
-def channel_means(float_model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]]
+def channel_means(model: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]]
                   ) -> dict[str, np.ndarray]:
-    """Per-channel means over images and positions of the (N, C, H, W) `tensors` of `float_model`,
+    """Per-channel means over images and positions of the (N, C, H, W) `tensors` of `model`,
     run by onnxruntime (1 thread) on `feeds`; snapped to MEAN_BITS significant bits."""
     probe = onnx.ModelProto()
-    probe.CopyFrom(float_model)
+    probe.CopyFrom(model)
     have = {out.name for out in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in have)
     options = ort.SessionOptions()
@@ -118,6 +118,40 @@ def weight_rounding_shift(dequantized: np.ndarray, original: np.ndarray, input_m
     return np.concatenate([delta[g * out_per_group:(g + 1) * out_per_group] @ means[g] for g in range(groups)])
 
 
+def move_bias(model: onnx.ModelProto, conv: QuantizedConv, shift: np.ndarray) -> None:
+    """Add `shift` (C_out,), in the units of the conv's output, to its int32 bias, in whole steps of the
+    bias's scale (clipped to int32)."""
+    inits = {init.name: init for init in model.graph.initializer}
+    bias_scale = numpy_helper.to_array(inits[conv.bias_scale]).astype(np.float64)
+    bias = numpy_helper.to_array(inits[conv.bias_q]).astype(np.int64)
+    moved = np.clip(bias + np.round(shift / bias_scale).astype(np.int64), INT32.min, INT32.max)
+    inits[conv.bias_q].CopyFrom(numpy_helper.from_array(moved.astype(np.int32), conv.bias_q))
+
+
+def correct_conv_output_means(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
+                              batches: Callable[[], Iterable[dict[str, np.ndarray]]]) -> list[str]:
+    """Conv by conv in graph order, move each quantized conv's bias so that its output's per-channel
+    mean on the calibration images (`batches()`, read once per conv and once for the float model)
+    equals the float model's, measured on the INT8 chain as corrected so far. In place; returns the
+    corrected Conv names.
+
+    Catches what the weight-only correction cannot: shifts from activation rounding and clipping,
+    and from upstream layers. Measured on a 224 px Lite0 student (after the weight-only correction):
+    agreement with float on test 92% -> 97%, logits 13.3 -> 18.0 dB; on the 64 px pipeline models
+    no gain (+-0.3 dB), hence off by default. Costs one calibration pass per conv.
+    """
+    float_outputs = {node.name: node.output[0] for node in float_model.graph.node if node.op_type == "Conv"}
+    convs = [c for c in quantized_convs(qdq) if c.node.name in float_outputs]
+    if not convs:
+        return []
+    # by node name: in the INT8 graph a conv followed by Relu/Clip writes the activation's tensor name
+    targets = channel_means(float_model, [float_outputs[c.node.name] for c in convs], batches())
+    for conv in convs:
+        reached = channel_means(qdq, [conv.node.output[0]], batches())[conv.node.output[0]]
+        move_bias(qdq, conv, targets[float_outputs[conv.node.name]] - reached)
+    return [c.node.name for c in convs]
+
+
 def correct_conv_biases(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
                         feeds: Iterable[dict[str, np.ndarray]]) -> list[str]:
     """Correct, in place, the int32 biases of `qdq`'s quantized convs for their weight rounding.
@@ -149,9 +183,5 @@ def correct_conv_biases(qdq: onnx.ModelProto, float_model: onnx.ModelProto,
             weight_q = weight_q - zero_point.reshape((-1,) + (1,) * (weight_q.ndim - 1))
         dequantized = weight_q * scale.reshape((-1,) + (1,) * (weight_q.ndim - 1))
         groups = next((a.i for a in source.attribute if a.name == "group"), 1)
-        shift = weight_rounding_shift(dequantized, original, means[source.input[0]], groups)
-        bias_scale = numpy_helper.to_array(inits[conv.bias_scale]).astype(np.float64)
-        bias = numpy_helper.to_array(inits[conv.bias_q]).astype(np.int64)
-        corrected = np.clip(bias - np.round(shift / bias_scale).astype(np.int64), INT32.min, INT32.max)
-        inits[conv.bias_q].CopyFrom(numpy_helper.from_array(corrected.astype(np.int32), conv.bias_q))
+        move_bias(qdq, conv, -weight_rounding_shift(dequantized, original, means[source.input[0]], groups))
     return [c.node.name for c in convs]

@@ -61,6 +61,9 @@ class QuantizeParams(Section):
     weight_type: Literal["qint8", "quint8"] = "qint8"
     bias_correction: bool = Field(True, description="cancel the mean shift of weight rounding in each conv's bias "
                                                     "(lathe.compress.bias_correction)")
+    sequential_bias_correction: bool = Field(
+        False, description="then match each conv's output mean to the float model's, conv by conv on the INT8 "
+                           "chain: one calibration pass per conv; helps deep depthwise networks at high resolution")
 
     @model_validator(mode="after")
     def _supported_types(self) -> QuantizeParams:

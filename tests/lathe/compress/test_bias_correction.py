@@ -6,7 +6,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lathe.compress.bias_correction import (
     MEAN_BITS,
+    channel_means,
     correct_conv_biases,
+    correct_conv_output_means,
     quantized_convs,
     snap_nearest,
     weight_rounding_shift,
@@ -134,3 +136,33 @@ def test_a_float_model_that_does_not_match_the_quantized_one_is_refused_naming_t
     w2.CopyFrom(numpy_helper.from_array(np.zeros((CHANNELS, 1, 5, 5), np.float32), "w2"))
     with pytest.raises(LatheError, match="'depthwise'.*float one"):
         correct_conv_biases(qdq, other, [{"x": to_input(images)}])
+
+
+def conv_mean_gaps(float_model, quantized: bytes, images) -> dict[str, float]:
+    """Per conv: mean over channels of |E[float output] - E[INT8 chain output]| (before activation rounding)."""
+    q = onnx.load_from_string(quantized)
+    float_names = {n.name: n.output[0] for n in float_model.graph.node}
+    pairs = {c.node.name: (float_names[c.node.name], c.node.output[0]) for c in quantized_convs(q)}
+    f = channel_means(float_model, [a for a, _ in pairs.values()], [{"x": to_input(images)}])
+    got = channel_means(q, [b for _, b in pairs.values()], [{"x": to_input(images)}])
+    return {name: float(np.abs(f[a] - got[b]).mean()) for name, (a, b) in pairs.items()}
+
+
+def test_sequential_correction_matches_each_conv_output_mean_on_the_calibration_images(tmp_path):
+    model_path = tmp_path / "edges.onnx"
+    float_model = edge_model()
+    onnx.save(float_model, str(model_path))
+    calibration = bright_smooth(64, 1)
+    weights_only = quantize_static_int8(model_path, calibration, TINY)
+    both = quantize_static_int8(model_path, calibration, TINY.model_copy(update={"sequential_bias_correction": True}))
+    assert not TINY.sequential_bias_correction  # off by default
+    before, after = conv_mean_gaps(float_model, weights_only, calibration), conv_mean_gaps(float_model, both, calibration)
+    # measured: edges 0.00058 -> 0, depthwise 0.00135 -> 0.00004
+    assert sum(after.values()) < 0.5 * sum(before.values()), (before, after)
+    # a fixed point: correcting again moves no bias by more than one step (a wrong sign or unit would)
+    q = onnx.load_from_string(both)
+    assert correct_conv_output_means(q, float_model, lambda: [{"x": to_input(calibration)}]) == ["edges", "depthwise"]
+    first = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(both).graph.initializer
+             if t.data_type == TensorProto.INT32}
+    again = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.data_type == TensorProto.INT32}
+    assert all(np.abs(again[k].astype(np.int64) - first[k]).max() <= 1 for k in first)
