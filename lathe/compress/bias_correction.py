@@ -10,7 +10,7 @@ first order.
 
 Measured on ELPV (AMD EPYC, 654 test cells): the first depthwise conv of an EfficientNet-Lite0 at
 224 px, alone at 7 bits, took the logits from 33 dB to 8 dB SQNR; corrected, back to 34 dB. Whole
-network, full INT8: test accuracy .696 -> .771 (float .797); the pipeline's 64 px models gain
+network, full INT8: test accuracy .696 -> .766 (float .797; three seeds .764 against .791); the 64 px models gain
 2-5 dB logit SQNR and agree with float on 98-99% of test cells instead of 95-98%.
 
 Only Conv nodes whose weight and bias both come from DequantizeLinear (what onnxruntime's QDQ
