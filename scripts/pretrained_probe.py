@@ -20,7 +20,8 @@ Each row also holds the test operating points at val-chosen thresholds for --pro
 Beyond the teacher: `--frozen-blocks K --memoize-frozen` (ImageNet's first K blocks kept and computed once),
 `--tta` (logits averaged over flips), `--truncate K --head-channels C` (a smaller network: the first K
 blocks and a new head), `--distill-from DIR` (the distill params' loss against DIR/model.onnx at the same
-size), `--int8` / `--qat` (the quantize stage's PTQ / the qat stage's fine-tune, paired against DIR).
+size), `--int8` / `--qat` (the quantize stage's PTQ / the qat stage's fine-tune, paired against DIR),
+`--average` (the saved --seeds runs of --name as one network, their softmax averaged: an ensemble to distil from).
 """
 
 from __future__ import annotations
@@ -222,6 +223,18 @@ class FlipAverage(nn.Module):
         return torch.stack([self.net(v) for v in views]).mean(dim=0)
 
 
+class SoftmaxAverage(nn.Module):
+    """Several networks as one (an ensemble): the log of their softmax outputs averaged. Its argmax and softmax
+    are the ensemble's, and a distillation loss can take it as a teacher's logits (`--distill-from`)."""
+
+    def __init__(self, nets: list[nn.Module]):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, S, S) -> (N, classes)
+        return torch.stack([net(x).softmax(dim=1) for net in self.nets]).mean(dim=0).log()
+
+
 def epoch_printer(seed: int, epochs: int, t0: float) -> Callable[[dict], None]:
     """fit's progress callback: one line per epoch with the loss, val accuracy and seconds since t0."""
 
@@ -264,6 +277,22 @@ def int8_figures(int8_dir: Path, prepared: Path, teacher: EvaluationResult | Non
         row[f"{key}_vs_teacher"] = against_teacher(result, teacher, task.defective_indices, task.num_classes)
         row["teacher"] = {k: round(teacher.metrics[k], 4) for k in FIGURES}
     return row
+
+
+def scores(onnx_dir: Path, prepared: Path, cfg: EvaluateParams, targets: dict[str, TargetParams]) -> dict:
+    """onnx_dir/model.onnx's test figures (through onnxruntime, as the evaluate stage computes them), its MACs,
+    and its operating points for `targets`."""
+    evaluated = evaluate_model(onnx_dir, prepared, cfg)
+    m = evaluated.metrics
+    return {**{k: round(m[k], 4) for k in ("accuracy", "balanced_accuracy", "defective_recall", "defective_roc_auc")},
+            "macs": m["macs"], "operating_points": operating_points(onnx_dir, prepared, evaluated, targets, cfg.threads)}
+
+
+def append_row(out: Path, row: dict) -> None:
+    """Print a run's JSON line and append it to out/results.jsonl."""
+    print(json.dumps(row), flush=True)
+    with open(out / "results.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def post_training_int8(run_dir: Path, prepared: Path, params: dict) -> Path:
@@ -323,6 +352,9 @@ def main() -> None:
     ap.add_argument("--raw", type=Path, default=Path("data/raw"))
     ap.add_argument("--out", type=Path, default=Path(".lathe/pretrained"))
     ap.add_argument("--evaluate", action="store_true", help="score the saved weights of --name/--seeds, no training")
+    ap.add_argument("--average", action="store_true",
+                    help="export the softmax average of --name's saved --seeds runs to --out/<name>/average/ and score "
+                         "it, no training (an ensemble to distil from with --distill-from)")
     args = ap.parse_args()
     try:  # first: a refused weights file should not wait for the data to be prepared
         state, weights_sha256 = load_pretrained(PRETRAINED_NAME, args.weights)
@@ -338,21 +370,39 @@ def main() -> None:
     quick_eval = EvaluateParams(threads=args.threads, latency_warmup=1, latency_runs=5, throughput_runs=1)
     task, targets = read_task(prepared), load_profile(args.profile)
     teacher = evaluate_model(args.distill_from, prepared, LATENCY_EVAL) if args.distill_from and (args.int8 or args.qat) else None
-    for seed in (int(s) for s in args.seeds.split(",")):
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    def network() -> LiteNet:
+        return LiteNet(state, task.num_classes, frozen_blocks=args.frozen_blocks, keep_blocks=args.truncate,
+                       head_channels=args.head_channels)
+
+    def saved_network(seed: int) -> LiteNet:
+        model = network()
+        model.load_state_dict(load_file(str(args.out / args.name / f"seed{seed}" / FILES.weights)))
+        return model.eval()
+
+    def described(seed: int | str) -> dict:
+        return {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set,
+                "pretrained": PRETRAINED_NAME, "pretrained_sha256": weights_sha256,
+                "frozen_blocks": args.frozen_blocks, "adapt_frozen": args.adapt_frozen, "tta": args.tta,
+                "truncate": args.truncate, "head_channels": args.head_channels,
+                "distill_from": str(args.distill_from) if args.distill_from else None}
+
+    if args.average:
+        average_dir = args.out / args.name / "average"
+        average_dir.mkdir(parents=True, exist_ok=True)
+        save_onnx(average_dir / FILES.onnx, export_onnx(SoftmaxAverage([saved_network(s) for s in seeds]), args.image_size))
+        append_row(args.out, described(f"average of {args.seeds}") | scores(average_dir, prepared, quick_eval, targets))
+        return
+    for seed in seeds:
         cfg = FitParams.model_validate({**section, "seed": seed, "threads": args.threads})
         gen = make_deterministic(seed, args.threads)
-        model = LiteNet(state, task.num_classes, frozen_blocks=args.frozen_blocks, keep_blocks=args.truncate,
-                        head_channels=args.head_channels)
         run_dir = args.out / args.name / f"seed{seed}"
-        saved = run_dir / FILES.weights
-        row = {"name": args.name, "seed": seed, "image_size": args.image_size, "overrides": args.set,
-               "pretrained": PRETRAINED_NAME, "pretrained_sha256": weights_sha256,
-               "frozen_blocks": args.frozen_blocks, "adapt_frozen": args.adapt_frozen, "tta": args.tta,
-               "truncate": args.truncate, "head_channels": args.head_channels,
-               "distill_from": str(args.distill_from) if args.distill_from else None}
+        row = described(seed)
         if args.evaluate:
-            model.load_state_dict(load_file(str(saved)))
+            model = saved_network(seed)
         else:
+            model = network()
             t0 = time.perf_counter()
             if args.adapt_frozen:
                 model.adapt_frozen_statistics(to_tensor(train["images"]))
@@ -367,16 +417,12 @@ def main() -> None:
                     "val_accuracy": round(result.best_val["accuracy"], 4)}
             model.forget_frozen()
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_file(model.state_dict(), str(saved))
+            save_file(model.state_dict(), str(run_dir / FILES.weights))
         onnx_dir = run_dir / "tta" if args.tta else run_dir
         onnx_dir.mkdir(exist_ok=True)
         save_onnx(onnx_dir / FILES.onnx, export_onnx(FlipAverage(model) if args.tta else model, args.image_size))
-        evaluated = evaluate_model(onnx_dir, prepared, quick_eval)
-        m = evaluated.metrics
-        row |= {k: round(m[k], 4) for k in ("accuracy", "balanced_accuracy", "defective_recall", "defective_roc_auc")}
-        row["macs"] = m["macs"]
+        row |= scores(onnx_dir, prepared, quick_eval, targets)
         row["params"] = sum(p.numel() for p in model.parameters())
-        row["operating_points"] = operating_points(onnx_dir, prepared, evaluated, targets, args.threads)
         if args.int8:
             row |= int8_figures(post_training_int8(run_dir, prepared, params), prepared, teacher, "int8")
         if args.qat:
@@ -385,9 +431,7 @@ def main() -> None:
             qat_dir, row["qat_check_vs_torch"] = quantization_aware_int8(
                 model, run_dir, prepared, qat_cfg, loss, epoch_printer(seed, qat_cfg.epochs, time.perf_counter()))
             row |= int8_figures(qat_dir, prepared, teacher, "qat")
-        print(json.dumps(row), flush=True)
-        with open(args.out / "results.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_row(args.out, row)
 
 
 if __name__ == "__main__":

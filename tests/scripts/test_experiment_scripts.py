@@ -204,6 +204,30 @@ def test_flip_average_gives_one_answer_for_a_cell_and_its_flips_and_exports(tmp_
     assert np.allclose(predict(load_session(tmp_path / "m.onnx", 1), images), want, rtol=1e-4, atol=1e-4)
 
 
+def test_softmax_average_is_the_log_of_the_members_mean_distribution_and_exports(tmp_path):
+    from lathe.measure.ort import load_session, predict
+    from lathe.model.export import export_onnx, save_onnx
+    from scripts.pretrained_probe import SoftmaxAverage
+
+    state, members = lite_state([8, 16, 16, 24]), []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # the new head differs per member; the backbone is the state's
+        members.append(LiteNet(state, num_classes=4).eval())
+    average = SoftmaxAverage(members).eval()
+    x = torch.rand(5, 1, 32, 32)
+    with torch.no_grad():
+        p1, p2 = (m(x).softmax(dim=1) for m in members)
+        got = average(x)
+    assert not torch.allclose(p1, p2, atol=1e-3)  # two different members, or the test would show nothing
+    assert torch.allclose(got.exp(), (p1 + p2) / 2, atol=1e-6)
+    assert torch.allclose(got.softmax(dim=1), got.exp(), atol=1e-6)  # already normalised: a teacher's logits as they are
+    save_onnx(tmp_path / "m.onnx", export_onnx(average, 32))
+    images = (x[:, 0].numpy() * 255).round().astype(np.uint8)
+    with torch.no_grad():
+        want = average(torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]).numpy()
+    assert np.allclose(predict(load_session(tmp_path / "m.onnx", 1), images), want, rtol=1e-4, atol=1e-4)
+
+
 def test_a_frozen_litenet_fine_tunes_under_simulated_int8_and_onnxruntime_agrees_with_torch(tmp_path):
     from lathe.compress.params import QatParams
     from lathe.data.ingest import load_split
