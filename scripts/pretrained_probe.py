@@ -377,8 +377,14 @@ def main() -> None:
                        head_channels=args.head_channels)
 
     def saved_network(seed: int) -> LiteNet:
-        model = network()
-        model.load_state_dict(load_file(str(args.out / args.name / f"seed{seed}" / FILES.weights)))
+        saved, model = args.out / args.name / f"seed{seed}" / FILES.weights, network()
+        if not saved.is_file():
+            raise SystemExit(f"pretrained_probe: {saved}: no saved run (train --name {args.name} --seeds {seed} first)")
+        try:
+            model.load_state_dict(load_file(str(saved)))
+        except (RuntimeError, OSError, ValueError) as exc:  # another layout (--truncate, --head-channels) or not weights
+            raise SystemExit(f"pretrained_probe: {saved}: not the weights of this network: "
+                             f"{str(exc).splitlines()[0]}") from None
         return model.eval()
 
     def described(seed: int | str) -> dict:
@@ -389,9 +395,9 @@ def main() -> None:
                 "distill_from": str(args.distill_from) if args.distill_from else None}
 
     if args.average:
-        average_dir = args.out / args.name / "average"
+        average, average_dir = SoftmaxAverage([saved_network(s) for s in seeds]), args.out / args.name / "average"
         average_dir.mkdir(parents=True, exist_ok=True)
-        save_onnx(average_dir / FILES.onnx, export_onnx(SoftmaxAverage([saved_network(s) for s in seeds]), args.image_size))
+        save_onnx(average_dir / FILES.onnx, export_onnx(average, args.image_size))
         append_row(args.out, described(f"average of {args.seeds}") | scores(average_dir, prepared, quick_eval, targets))
         return
     for seed in seeds:

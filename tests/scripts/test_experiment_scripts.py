@@ -245,3 +245,33 @@ def test_a_frozen_litenet_fine_tunes_under_simulated_int8_and_onnxruntime_agrees
     assert "failed" not in check and check["argmax_agreement"] >= 0.9, check
     images = load_split(prepared, "test")["images"]
     assert predict(load_session(qat_dir / "model.onnx", 1), images).shape == (len(images), 4)
+
+
+def test_the_probe_refuses_a_missing_or_foreign_saved_run_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from lathe.data.raw import generate_raw
+    from tests.tiny import ROOT
+
+    generate_raw(tmp_path / "raw", per_class_type=6, size=32)
+    out = tmp_path / "out"
+
+    def average() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "scripts.pretrained_probe", "--name", "r", "--seeds", "0",
+                               "--image-size", "32", "--average", "--raw", str(tmp_path / "raw"), "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    saved = out / "r" / "seed0" / "weights.safetensors"
+    proc = average()
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"pretrained_probe: {saved}: no saved run (train --name r --seeds 0 first)"
+    saved.parent.mkdir(parents=True)
+    save_file({"_fc.weight": torch.zeros(2, 2)}, str(saved))  # weights, but of another network
+    proc = average()
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"pretrained_probe: {saved}: not the weights of this network: ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (out / "r" / "average").exists()
