@@ -23,8 +23,11 @@ without VNNI, so the INT8 model computes the same bits on every x86 CPU).
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
 
 from lathe.compress.distill import check_fits, load_model_dir
 from lathe.compress.params import QatParams
@@ -182,9 +186,53 @@ def prepare_qat(model: nn.Module, image_size: int, channels: int) -> torch.fx.Gr
         exported = torch.export.export(model, example, dynamic_shapes={"x": {0: batch}}, strict=True)
     except Exception as exc:  # torch raises many types here; the message says which layer
         raise LatheError(f"cannot export the network for QAT: {type(exc).__name__}: {exc}") from exc
-    prepared = prepare_qat_pt2e(exported.module(), qat_quantizer())
+    with conv_bn_passes_for_present_convs():
+        prepared = prepare_qat_pt2e(exported.module(), qat_quantizer())
     swap_calls(prepared, TORCH_SQRT, exact_sqrt)
     return prepared
+
+
+# torchao 0.18 fuses (prepare) and folds (convert) conv-BatchNorm once per conv kind: conv1d, conv2d,
+# conv_transpose1d and conv_transpose2d, each by tracing its pattern graphs with torch.export (3 graphs
+# per kind to fuse, 24 to fold), ~0.25 s apiece whatever the network. Our networks have conv2d only, so
+# three quarters of that tracing matches nothing: 24 s of the tiny qat stage's 45 s, measured.
+# `conv_bn_passes_for_present_convs` skips the kinds absent from the graph; the INT8 model is byte for
+# byte the same (the tiny reference's committed digest covers it; the real qat model kept its md5).
+CONV_OPS = {F.conv1d: torch.ops.aten.conv1d, F.conv2d: torch.ops.aten.conv2d,
+            F.conv_transpose1d: torch.ops.aten.conv_transpose1d, F.conv_transpose2d: torch.ops.aten.conv_transpose2d}
+CONV_BN_PASSES = ("_fuse_conv_bn_qat_helper", "_fold_conv_bn_qat_helper")  # in torchao.quantization.pt2e.qat_utils
+
+
+def has_conv_kind(graph: torch.fx.GraphModule, conv_fn: Callable[..., Any]) -> bool:
+    """Whether `graph` calls the aten op of `conv_fn` (any overload); an unknown `conv_fn` counts as present."""
+    packet = CONV_OPS.get(conv_fn)
+    return packet is None or any(n.op == "call_function" and getattr(n.target, "overloadpacket", None) is packet
+                                 for n in graph.graph.nodes)
+
+
+def skip_absent_conv_kinds(conv_bn_pass: Callable[..., torch.fx.GraphModule]) -> Callable[..., torch.fx.GraphModule]:
+    """A torchao conv-BatchNorm pass, `(graph, conv_fn, ...) -> graph`, that returns the graph untouched when
+    it has no conv of that kind (the pass would trace its patterns and match nothing)."""
+    @functools.wraps(conv_bn_pass)
+    def run_if_present(graph: torch.fx.GraphModule, conv_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return conv_bn_pass(graph, conv_fn, *args, **kwargs) if has_conv_kind(graph, conv_fn) else graph
+    return run_if_present
+
+
+@contextmanager
+def conv_bn_passes_for_present_convs() -> Iterator[None]:
+    """While in force, torchao's conv-BatchNorm fuse and fold passes skip conv kinds the graph lacks.
+    Restored on exit; with a torchao that no longer has these passes, nothing is changed."""
+    from torchao.quantization.pt2e import qat_utils
+
+    originals = {name: getattr(qat_utils, name) for name in CONV_BN_PASSES if hasattr(qat_utils, name)}
+    try:
+        for name, original in originals.items():
+            setattr(qat_utils, name, skip_absent_conv_kinds(original))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(qat_utils, name, original)
 
 
 def swap_calls(graph: torch.fx.GraphModule, old: Any, new: Any) -> int:
@@ -236,7 +284,8 @@ def convert(net: QatNet) -> torch.fx.GraphModule:
 
     net.eval()
     swap_calls(net.graph, exact_sqrt, TORCH_SQRT)
-    converted = convert_pt2e(net.graph)
+    with conv_bn_passes_for_present_convs():
+        converted = convert_pt2e(net.graph)
     allow_exported_model_train_eval(converted)  # export_onnx calls .eval() (its replacement returns None)
     converted.eval()  # the exported way: moves the graph's dropout and BatchNorm ops to eval
     for module in converted.modules():  # ... and, as nn.Module.eval would, the flags torch.onnx.export reads

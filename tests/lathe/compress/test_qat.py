@@ -7,20 +7,26 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from torch.nn import functional as F  # noqa: N812
 
 from lathe.compress.distill import distill_student
 from lathe.compress.params import DistillParams, QatParams
 from lathe.compress.qat import (
+    CONV_BN_PASSES,
+    CONV_OPS,
     RECORD_FILE,
     SOURCE_SHA_KEY,
     TEACHER_SHA_KEY,
     TORCH_SQRT,
     QatNet,
     check_against_torch,
+    conv_bn_passes_for_present_convs,
     convert,
+    has_conv_kind,
     prepare_qat,
     qat_finetune,
     quantize_biases,
+    skip_absent_conv_kinds,
     write_qat,
 )
 from lathe.compress.quant_inspect import runtime_node_types
@@ -128,6 +134,33 @@ def test_training_takes_batchnorm_std_from_exact_sqrt_and_convert_folds_it(input
     converted = convert(net)
     assert calls(converted, exact_sqrt) == 0 and calls(converted, TORCH_SQRT) == 0
     assert not any(n.target is torch.ops.aten.batch_norm.default for n in converted.graph.nodes)
+
+
+def test_conv_bn_passes_run_only_for_the_conv_kinds_the_graph_has(inputs):
+    """torchao fuses and folds conv-BatchNorm per conv kind, tracing that kind's patterns each time; our
+    graphs have conv2d alone and the other kinds' passes are skipped. (That the fold still happens is the
+    test above; that the INT8 bytes are unchanged, tests/tiny_digest.json.)"""
+    from torchao.quantization.pt2e import qat_utils
+
+    graph = prepare_qat(load_model(inputs / "student"), 16, 1)
+    assert [fn for fn in CONV_OPS if has_conv_kind(graph, fn)] == [F.conv2d]
+
+    seen = []
+
+    def recording_pass(g, conv_fn, *args, **kwargs):
+        seen.append(conv_fn)
+        return g
+
+    wrapped = skip_absent_conv_kinds(recording_pass)
+    assert all(wrapped(graph, fn, (), is_cuda=False) is graph for fn in CONV_OPS)
+    assert seen == [F.conv2d]
+
+    # the pinned torchao still has both passes (an upgrade that renames them would lose the speed-up)
+    originals = [getattr(qat_utils, name) for name in CONV_BN_PASSES]
+    with conv_bn_passes_for_present_convs():
+        patched = [getattr(qat_utils, name) for name in CONV_BN_PASSES]
+        assert [p.__wrapped__ for p in patched] == originals
+    assert [getattr(qat_utils, name) for name in CONV_BN_PASSES] == originals  # restored on exit
 
 
 def test_exact_sqrt_is_ieee_sqrt_where_torch_sqrt_is_not():
