@@ -36,6 +36,7 @@ import stages  # noqa: F401  the pipeline's numeric pins (lathe.determinism): be
 
 # isort: split
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -382,7 +383,7 @@ def main() -> None:
             raise SystemExit(f"pretrained_probe: {saved}: no saved run (train --name {args.name} --seeds {seed} first)")
         try:
             model.load_state_dict(load_file(str(saved)))
-        except (RuntimeError, OSError, ValueError) as exc:  # another layout (--truncate, --head-channels) or not weights
+        except (RuntimeError, OSError, ValueError, SafetensorError) as exc:  # another layout (--truncate, ...) or not weights
             raise SystemExit(f"pretrained_probe: {saved}: not the weights of this network: "
                              f"{str(exc).splitlines()[0]}") from None
         return model.eval()

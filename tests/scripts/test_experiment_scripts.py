@@ -254,6 +254,7 @@ def test_the_probe_refuses_a_missing_or_foreign_saved_run_in_one_line(tmp_path):
     from safetensors.torch import save_file
 
     from lathe.data.raw import generate_raw
+    from lathe.model.teacher import FILES
     from tests.tiny import ROOT
 
     generate_raw(tmp_path / "raw", per_class_type=6, size=32)
@@ -264,14 +265,17 @@ def test_the_probe_refuses_a_missing_or_foreign_saved_run_in_one_line(tmp_path):
                                "--image-size", "32", "--average", "--raw", str(tmp_path / "raw"), "--out", str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
 
-    saved = out / "r" / "seed0" / "weights.safetensors"
+    saved = out / "r" / "seed0" / FILES.weights
     proc = average()
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"pretrained_probe: {saved}: no saved run (train --name r --seeds 0 first)"
     saved.parent.mkdir(parents=True)
     save_file({"_fc.weight": torch.zeros(2, 2)}, str(saved))  # weights, but of another network
-    proc = average()
-    assert proc.returncode == 1
-    assert proc.stderr.startswith(f"pretrained_probe: {saved}: not the weights of this network: ")
-    assert len(proc.stderr.strip().splitlines()) == 1
+    foreign = average()
+    saved.write_bytes(b"not a safetensors file")
+    garbage = average()
+    for proc in (foreign, garbage):
+        assert proc.returncode == 1
+        assert proc.stderr.startswith(f"pretrained_probe: {saved}: not the weights of this network: "), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
     assert not (out / "r" / "average").exists()
