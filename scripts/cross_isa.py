@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 PROBE = ROOT / "scripts" / "numerics_probe.py"
-COMPARED = ("train", "train_odd", "svd", "onnx", "ort_float", "int8_model", "ort_int8", "qat_train", "qat_model")
-# What must agree across every x86-64 machine with AVX2 (ort_float may not: onnxruntime's float
-# kernels differ between AVX-512 and AVX2 in the last bit; nothing that enters an output's bytes uses them).
-MUST_AGREE = ("train", "train_odd", "svd", "onnx", "int8_model", "ort_int8", "qat_train", "qat_model")
+
+from scripts.numerics_probe import HASHES as COMPARED  # noqa: E402
+from scripts.numerics_probe import MUST_AGREE  # noqa: E402
 
 
 def run(cpu: str | None) -> dict:

@@ -4,7 +4,9 @@ One short run of each: teacher-architecture training (fused AdamW, distillation 
 through oneDNN), a pruned-shape network's training (NCHW), an SVD (lowrank), ONNX export, onnxruntime float inference, static INT8
 quantization (calibration included), INT8 inference, and an epoch of quantization-aware training
 (torchao's fake quantizers, BatchNorm's running std through lathe.determinism.exact_sqrt) exported to
-INT8 ONNX. Prints one JSON line of sha256 prefixes
+INT8 ONNX, and an epoch of the experiments' pretrained teacher (EfficientNet-Lite0 on its ImageNet weights,
+lathe.model.lite: depthwise convolutions, ReLU6, its first blocks frozen and memoized) with its ONNX export.
+Prints one JSON line of sha256 prefixes
 (plus the kernels in use), so two runs agree exactly when every byte agrees.
 
     python scripts/numerics_probe.py                      # here, with the pins (stages/__init__)
@@ -28,7 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import stages  # noqa: E402,F401  (pins the numeric platform before torch is imported)
+# Every hash the probe prints, and those that must agree on every x86-64 machine with AVX2 (ort_float may
+# not: onnxruntime's float kernels differ between AVX-512 and AVX2 in the last bit; nothing that enters an
+# output's bytes uses them). tests/test_determinism.py and scripts/cross_isa.py compare these.
+HASHES = ("train", "train_odd", "svd", "onnx", "ort_float", "int8_model", "ort_int8", "qat_train", "qat_model",
+          "lite_train", "lite_onnx")
+MUST_AGREE = tuple(k for k in HASHES if k != "ort_float")
+LITE_SIZE = 64  # px: Lite0 halves the size five times; at 64 its last blocks still see 2x2
 
 
 def digest(data: bytes) -> str:
@@ -91,6 +99,7 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
         q.write_bytes(q_bytes)
         out["ort_int8"] = digest(predict(load_session(q, threads=1), x).tobytes())
     out.update(probe_qat(result.model, x, y, fit_cfg, task))
+    out.update(probe_lite(images, epochs, task))
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
 
@@ -112,12 +121,42 @@ def probe_qat(model: object, x: object, y: object, fit_cfg: object, task: object
     return {"qat_train": fake, "qat_model": digest(export_qat_onnx(convert(net), size, 1, {}))}
 
 
+def probe_lite(images: int, epochs: int, task: object) -> dict[str, str]:
+    """`epochs` of EfficientNet-Lite0 on its ImageNet weights (checked against the pinned sha256), the first 8
+    of its 16 blocks frozen and memoized as the experiments train it (docs/teacher-experiments.md), on
+    LITE_SIZE px cells; then the whole network exported to ONNX."""
+    import numpy as np
+
+    from lathe.determinism import make_deterministic
+    from lathe.model.export import export_onnx
+    from lathe.model.lite import IMAGENET_WEIGHTS, LiteNet
+    from lathe.model.params import FitParams
+    from lathe.model.pretrained import load_pretrained
+    from lathe.model.train import fit, to_tensor
+
+    state, _ = load_pretrained(IMAGENET_WEIGHTS)
+    gen = make_deterministic(0, 2)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (images, LITE_SIZE, LITE_SIZE), dtype=np.uint8)
+    y = rng.integers(0, task.num_classes, images).astype(np.int64)  # type: ignore[attr-defined]
+    net = LiteNet(state, task.num_classes, frozen_blocks=8)  # type: ignore[attr-defined]
+    net.memoize_frozen(to_tensor(x))
+    cfg = FitParams(seed=0, threads=2, epochs=epochs, batch_size=16, lr=0.001)
+    lite_task = task.model_copy(update={"image_size": LITE_SIZE})  # type: ignore[attr-defined]
+    trained = fit(net, {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, cfg, gen, lite_task).model
+    trained.forget_frozen()
+    return {"lite_train": digest(b"".join(v.contiguous().numpy().tobytes() for v in trained.state_dict().values())),
+            "lite_onnx": digest(export_onnx(trained, LITE_SIZE, 1))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args(argv)
+    import stages  # noqa: F401  pins the numeric platform before probe() imports torch (not at import: tests read HASHES)
+
     print(json.dumps(probe(args.images, args.epochs, args.size), sort_keys=True))
     return 0
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from lathe.determinism import PINS, cpu_flags, cpu_model
+from scripts.numerics_probe import HASHES
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "scripts" / "numerics_probe.py"
-BYTES = ("train", "train_odd", "svd", "onnx", "ort_float", "int8_model", "ort_int8", "qat_train", "qat_model")
 
 
 def probe(**env: str) -> dict:
@@ -32,7 +32,7 @@ def probe(**env: str) -> dict:
 
 
 def hashes(result: dict) -> dict:
-    return {k: result[k] for k in BYTES}
+    return {k: result[k] for k in HASHES}
 
 
 @pytest.fixture(scope="module")
