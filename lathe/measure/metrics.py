@@ -81,15 +81,18 @@ def binary_defect_metrics(y_true: np.ndarray, y_pred: np.ndarray, defective: Seq
 
 def roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve: the chance a random positive scores above a random negative, ties
-    counting half (Mann-Whitney); 0.5 when either side is empty."""
-    from scipy.stats import rankdata
-
+    counting half (Mann-Whitney); 0.5 when either side is empty. Counted exactly: for each positive, the
+    negatives below it and those level with it, by binary search in the sorted negatives (no scipy: its
+    import cost ~1 s of every evaluate stage)."""
     pos = np.asarray(positive, dtype=bool)
+    s = np.asarray(score, dtype=np.float64)
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if not n_pos or not n_neg:
         return 0.5
-    ranks = rankdata(np.asarray(score, dtype=np.float64))  # average ranks for ties
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    negatives = np.sort(s[~pos])
+    below = np.searchsorted(negatives, s[pos], side="left")  # (n_pos,) negatives scoring strictly lower
+    level = np.searchsorted(negatives, s[pos], side="right") - below  # (n_pos,) ties
+    return float((int(below.sum()) + int(level.sum()) / 2) / (n_pos * n_neg))
 
 
 def pr_curve(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
