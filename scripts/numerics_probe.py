@@ -43,6 +43,11 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def weights_digest(model: object) -> str:
+    """digest of every tensor of the model's state dict, in order (weights and BatchNorm statistics)."""
+    return digest(b"".join(v.contiguous().numpy().tobytes() for v in model.state_dict().values()))  # type: ignore[attr-defined]
+
+
 def probe(images: int, epochs: int, size: int) -> dict[str, object]:
     import numpy as np
     import torch
@@ -79,8 +84,8 @@ def probe(images: int, epochs: int, size: int) -> dict[str, object]:
               gen, task).model
     out: dict[str, object] = {
         "aten": torch.backends.cpu.get_cpu_capability(), "numerics": numerics_record(),
-        "train": digest(b"".join(v.contiguous().numpy().tobytes() for v in state.values())),
-        "train_odd": digest(b"".join(v.contiguous().numpy().tobytes() for v in odd.state_dict().values())),
+        "train": weights_digest(result.model),
+        "train_odd": weights_digest(odd),
     }
     weight = [v for v in state.values() if v.dim() == 4][-1]
     conv = weight.double().reshape(weight.shape[0], -1)  # as lathe.compress.lowrank.weight_matrix
@@ -117,7 +122,7 @@ def probe_qat(model: object, x: object, y: object, fit_cfg: object, task: object
     net = QatNet(prepare_qat(copy.deepcopy(model), size, 1))  # type: ignore[arg-type]
     trained = fit(net, {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, fit_cfg,  # type: ignore[arg-type]
                   make_deterministic(0, 2), task).model
-    fake = digest(b"".join(v.contiguous().numpy().tobytes() for v in trained.state_dict().values()))
+    fake = weights_digest(trained)
     return {"qat_train": fake, "qat_model": digest(export_qat_onnx(convert(net), size, 1, {}))}
 
 
@@ -145,7 +150,7 @@ def probe_lite(images: int, epochs: int, task: object) -> dict[str, str]:
     lite_task = task.model_copy(update={"image_size": LITE_SIZE})  # type: ignore[attr-defined]
     trained = fit(net, {"images": x, "labels": y}, {"images": x[:16], "labels": y[:16]}, cfg, gen, lite_task).model
     trained.forget_frozen()
-    return {"lite_train": digest(b"".join(v.contiguous().numpy().tobytes() for v in trained.state_dict().values())),
+    return {"lite_train": weights_digest(trained),
             "lite_onnx": digest(export_onnx(trained, LITE_SIZE, 1))}
 
 
