@@ -23,7 +23,7 @@ from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, LatheError
 from lathe.io import sha256_file
 from lathe.model.arch import build_model, count_params
-from lathe.model.params import ArchSpec
+from lathe.model.params import ArchSpec, LiteSpec
 from lathe.model.teacher import FILES, ONNX_CHECK, check_trainable, load_model, spec_for_task
 from lathe.model.train import (
     Progress,
@@ -60,13 +60,13 @@ def train_control(student: nn.Module, train: dict[str, np.ndarray], val: dict[st
     return fit(student, train, val, cfg, gen, task, progress=progress)
 
 
-def load_model_dir(model_dir: Path, role: str = "model") -> tuple[nn.Module, ArchSpec, int]:
+def load_model_dir(model_dir: Path, role: str = "model") -> tuple[nn.Module, ArchSpec | LiteSpec, int]:
     """A model folder's network (eval mode), its ArchSpec and image size; missing files are named."""
     model = load_model(model_dir, role)  # raises naming the folder, arch.json or weights if absent or bad
     return model, model.spec, model.image_size
 
 
-def check_fits(spec: ArchSpec, name: str, channels: int, teacher_classes: int | None = None) -> None:
+def check_fits(spec: ArchSpec | LiteSpec, name: str, channels: int, teacher_classes: int | None = None) -> None:
     """`spec` (a params key like distill.student, or an arch.json path) must fit the data and the teacher."""
     key = f"{name}: spec" if name.endswith(".json") else name
     if spec.in_channels != channels:
@@ -115,12 +115,14 @@ def make_student(cfg: DistillParams, task: Task, init_dir: Path | None) -> Stude
     if init_dir is None:
         spec = spec_for_task(cfg.student, task, STUDENT_KEY)
         return Student(build_model(spec, image_size), spec, STUDENT_KEY)
-    model, spec, size = load_model_dir(init_dir, "pruned model")
+    model, loaded, size = load_model_dir(init_dir, "pruned model")
     source = str(Path(init_dir) / FILES.arch)
+    if not isinstance(loaded, ArchSpec):
+        raise LatheError(f"{source}: a student starts from a resnet_like network, not {loaded.family}")
     if size != image_size:
         raise LatheError(f"{source}: built for {size} px images but the prepared data is {image_size} px")
     log.info("student starts from %s (%d params); %s is ignored", init_dir, count_params(model), STUDENT_KEY)
-    return Student(model, spec, source, sha256_file(Path(init_dir) / FILES.weights))
+    return Student(model, loaded, source, sha256_file(Path(init_dir) / FILES.weights))
 
 
 def _record(mode: str, cfg: DistillParams, student: Student, result: TrainResult) -> dict:

@@ -6,7 +6,8 @@ repeated to three channels and scaled to [-1, 1] inside), and can keep its first
 weights and statistics, computed once per cell (`memoize_frozen`). `FlipAverage` and `SoftmaxAverage` make one
 network of several views or several networks, for a teacher that is never shipped.
 
-So far used by the experiments (scripts/pretrained_probe.py, docs/teacher-experiments.md); no stage yet.
+Used by the experiments (scripts/pretrained_probe.py, docs/teacher-experiments.md) and, as `lite_network`, by the
+train_teacher stage when `train_teacher.arch.family` is efficientnet_lite.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IMAGENET_WEIGHTS = "efficientnet-lite0-imagenet"  # its key in lathe.model.pretrained.PRETRAINED
+from lathe.model.params import IMAGENET_WEIGHTS, LiteSpec  # noqa: F401  (IMAGENET_WEIGHTS: the scripts' name for it)
 
 # EfficientNet-B0/Lite0 stride-2 blocks (the first of stages 2, 3, 4 and 6); every other block keeps the size
 STRIDE_TWO = {1, 3, 5, 11}
@@ -42,6 +43,10 @@ class MBConv(nn.Module):
 
 class LiteNet(nn.Module):
     """EfficientNet-Lite built from a state dict's shapes; a new `num_classes` head; (N, 1, S, S) in [0, 1] in."""
+
+    # Set when built as a pipeline model (`lite_network`): what its arch.json says, as ResNetLike has them
+    spec: LiteSpec | None = None
+    image_size: int | None = None
 
     def __init__(self, state: dict[str, torch.Tensor], num_classes: int, dropout: float = 0.2, frozen_blocks: int = -1,
                  keep_blocks: int | None = None, head_channels: int | None = None):
@@ -106,7 +111,7 @@ class LiteNet(nn.Module):
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, S, S) in [0, 1] -> the output of the frozen layers, or of every block if none are frozen."""
-        x = (x.expand(-1, 3, -1, -1) - 0.5) / 0.5  # grey -> RGB, [-1, 1] as the TF Lite models expect
+        x = (x.expand(-1, 3, -1, -1) - 0.5) / 0.5  # grey -> RGB (RGB stays), [-1, 1] as the TF Lite models expect
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen_blocks < 0):
             return self._blocks[: self.trunk_blocks()](nn.functional.relu6(self._bn0(self._conv_stem(x))))
 
@@ -156,6 +161,14 @@ class LiteNet(nn.Module):
         x = self.frozen_output(x)
         x = nn.functional.relu6(self._bn1(self._conv_head(self._blocks[self.trunk_blocks() :](x))))
         return self._fc(self._dropout(x.mean(dim=(2, 3))))
+
+
+def lite_network(spec: LiteSpec, image_size: int, state: dict[str, torch.Tensor], frozen_blocks: int = -1) -> LiteNet:
+    """A pipeline model of `spec` for `image_size` px cells, its layers shaped (and, but for a new head, filled)
+    by `state`: ImageNet's weights to train from, or a trained model's own to rebuild it."""
+    net = LiteNet(state, spec.num_classes, dropout=spec.dropout, frozen_blocks=frozen_blocks)
+    net.spec, net.image_size = spec, image_size
+    return net
 
 
 class FlipAverage(nn.Module):

