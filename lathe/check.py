@@ -34,7 +34,8 @@ from lathe.data.contract import DataParams
 from lathe.data.params import IngestParams, ValidateParams
 from lathe.errors import DataError, LatheError
 from lathe.measure.params import BenchParams, CompareParams, EvaluateParams
-from lathe.model.params import TrainParams, arch_mismatches
+from lathe.model.params import LiteSpec, TrainParams, arch_mismatches
+from lathe.model.pretrained import check_weights_file, installed_weights, pretrained_source
 from lathe.ship.params import ALL_VARIANTS, TARGET_NAME, PackageParams, TargetParams
 from lathe.ship.signing import ENV_SIGNING_KEY, signing_key_path
 
@@ -231,6 +232,7 @@ class _Checker:
         if self.value("package", "private_key") is not None:
             self.signing_key(self.value("package", "private_key"))
         self.architectures_fit_the_data()
+        self.pretrained_teacher()
         for name in self.targets:
             gate = self.value(f"targets.{name}", "gates", "min_defective_recall")
             aim = self.value(f"targets.{name}", "defective_recall_target")
@@ -256,6 +258,24 @@ class _Checker:
                                                     if spec is not None else []):
                 self.problem(f"{section}.{key}.{field_name}", f"{said}, but the data has {value} ({origin}); "
                              "drop it: it comes from the data")
+
+    def pretrained_teacher(self) -> None:
+        """A teacher grown from ImageNet weights: the pinned file must be there and be the pinned one (checked by
+        size and sha256, as train_teacher checks it, not read), and the stages that do not take it are named."""
+        spec = self.value("train_teacher", "arch")
+        if not isinstance(spec, LiteSpec):
+            return
+        try:
+            source = pretrained_source(spec.weights)
+            path = installed_weights(source)
+            check_weights_file(path, source)
+        except LatheError as exc:
+            self.problem("train_teacher.arch.weights", str(exc))
+        else:
+            self.report.facts.append(f"teacher weights {spec.weights} (sha256 {source.sha256[:12]}, {source.license})")
+        self.warn("train_teacher.arch.family", "efficientnet_lite: prune and lowrank take resnet_like teachers only "
+                  "and will stop the full pipeline at prune; train_teacher, quantize@teacher, evaluate@teacher run "
+                  '(README "The teacher")')
 
     def signing_key(self, private_key: str) -> None:
         key = signing_key_path(private_key, self.root)

@@ -105,9 +105,12 @@ class LiteSpec(Section):
                                                        "lathe.model.pretrained.PRETRAINED)")
     frozen_blocks: int = Field(8, ge=-1, le=16, description="the stem and the first K of the 16 blocks keep "
                                "ImageNet's weights and statistics while training; -1 trains every layer")
+    # Not the bytes of a run without it: oneDNN's blocking over the batch makes the frozen layers' last bits depend
+    # on the batch they run in (measured: 32 cells at once vs 8 at a time differ at 1 thread), and the memo's
+    # batches are not training's. Deterministic either way; part of the recipe, so it is in the model's spec.
     memoize_frozen: bool = Field(True, description="compute the frozen layers' output once per cell instead of every "
-                                 "epoch: a third of the time per epoch at 224 px; the same weights (the frozen layers run "
-                                 "in eval mode either way; tests/lathe/model/test_lite_teacher.py)")
+                                 "epoch (a third of the time per epoch at 224 px); used for the cells no augmentation "
+                                 "altered")
     dropout: float = Field(0.2, ge=0, lt=1)
 
     @model_validator(mode="after")

@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lathe.errors import ConfigError, DataError
 from lathe.io import printable, sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_TENSORS = 5000  # a backbone's state dict: EfficientNet-Lite0's has 296 entries
 
@@ -96,6 +98,8 @@ def load_failure(exc: Exception) -> str:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A flat str -> tensor dict from `path`, read weights-only (no code runs); DataError otherwise."""
+    import torch  # here, not at the top: `lathe check` checks the file's anchor without torch
+
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # an unpickling refusal, a truncated zip, garbage: all the same verdict

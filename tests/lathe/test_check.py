@@ -167,13 +167,36 @@ def test_a_gate_above_its_recall_target_is_a_warning_not_a_problem(tmp_path):
     assert [w.where for w in report.warnings] == ["params.yaml: targets.tiny-gw.gates.min_defective_recall"]
 
 
+def lite_teacher_params(**arch) -> dict:
+    params = tiny_params()
+    params["train_teacher"] = {**params["train_teacher"], "arch": {"family": "efficientnet_lite", **arch}}
+    return params
+
+
+def test_an_imagenet_teacher_has_its_pinned_weights_checked_and_the_stages_that_refuse_it_named(tmp_path):
+    report = check_repo(make_repo(tmp_path / "repo", lite_teacher_params()))
+    assert report.ok, report.problems
+    assert [w.where for w in report.warnings] == ["params.yaml: train_teacher.arch.family"]
+    assert "prune and lowrank take resnet_like teachers only" in report.warnings[0].message
+    assert any(f.startswith("teacher weights efficientnet-lite0-imagenet (sha256 579344248a93") for f in report.facts)
+
+
+def test_an_imagenet_teacher_with_unknown_weights_is_one_line(tmp_path):
+    problems = problems_of(make_repo(tmp_path / "repo", lite_teacher_params(weights="resnet50-imagenet")))
+    assert problems == ["params.yaml: train_teacher.arch.weights: unknown pretrained weights 'resnet50-imagenet'; "
+                        "known: efficientnet-lite0-imagenet"]
+
+
 def test_did_you_mean_is_quiet_when_nothing_is_close():
     assert did_you_mean("quantise", ["quantize", "ingest"]) == " (did you mean 'quantize'?)"
     assert did_you_mean("zzz", ["quantize", "ingest"]) == ""
 
 
-def test_the_check_imports_no_torch_onnxruntime_or_great_expectations(repo):
-    """A fresh interpreter, as `lathe check` starts: the heavy libraries stay out, and it is quick."""
+@pytest.mark.parametrize("params", [tiny_params(), lite_teacher_params()], ids=["resnet_like", "efficientnet_lite"])
+def test_the_check_imports_no_torch_onnxruntime_or_great_expectations(tmp_path, params):
+    """A fresh interpreter, as `lathe check` starts: the heavy libraries stay out, and it is quick (also
+    when it hashes an ImageNet teacher's 18.8 MB weights file)."""
+    repo = make_repo(tmp_path / "repo", params)
     code = (
         "import json, sys, time; from pathlib import Path; t = time.monotonic(); "
         "from lathe.check import check_repo; r = check_repo(Path(sys.argv[1])); "

@@ -27,8 +27,13 @@ from tests.tiny import TINY_PARAMS, make_prepared
 FROZEN = 8  # LiteSpec's default: the stem and the first 8 of the 16 blocks keep ImageNet's weights
 
 
+NO_AUGMENT = {"hflip": False, "vflip": False, "rot180": False, "brightness": 0.0, "contrast": 0.0, "max_shift_px": 0}
+
+
 def lite_cfg(**arch) -> TrainParams:
-    return TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 1, "arch": {"family": "efficientnet_lite", **arch}})
+    """ELPV's teacher settings in small: no augmentation (params.yaml), so every batch is made of memoized cells."""
+    return TrainParams(**{**TINY_PARAMS["train_teacher"], "epochs": 1, "augment": NO_AUGMENT,
+                          "arch": {"family": "efficientnet_lite", **arch}})
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def written(prepared, tmp_path_factory):
     model, result, size = train_teacher(prepared, lite_cfg())
     out = tmp_path_factory.mktemp("lite") / "teacher"
     summary = write_model_dir(out, model, model.spec, size, result, load_split(prepared, "val")["images"])
-    return {"model": model, "out": out, "summary": summary, "size": size}
+    return {"model": model, "out": out, "summary": summary, "size": size, "prepared": prepared}
 
 
 def test_params_tell_the_families_apart_and_a_resnet_like_arch_needs_no_family():
@@ -94,13 +99,25 @@ def test_the_frozen_blocks_kept_imagenets_weights_and_the_rest_trained(written):
     assert trained["_fc.weight"].shape == (4, 1280)  # a new head for the data's 4 classes
 
 
-def test_two_trainings_give_the_same_weights_and_memoizing_the_frozen_layers_changes_none(written, prepared):
+def test_two_trainings_give_the_same_weights(written):
     """Weights only: the export of the same weights is byte-stable (scripts/numerics_probe.py hashes a Lite0's ONNX)."""
     first = load_file(str(written["out"] / FILES.weights))
-    for memo in (True, False):
-        model, _, _ = train_teacher(prepared, lite_cfg(memoize_frozen=memo))
-        state = model.state_dict()
-        assert state.keys() == first.keys() and all(torch.equal(state[k], first[k]) for k in first), memo
+    model, _, _ = train_teacher(written["prepared"], lite_cfg())
+    state = model.state_dict()
+    assert state.keys() == first.keys() and all(torch.equal(state[k], first[k]) for k in first)
+
+
+def test_memoized_training_runs_the_frozen_layers_once_per_cell(prepared, monkeypatch):
+    rows: list[int] = []
+    trunk = LiteNet.trunk
+    monkeypatch.setattr(LiteNet, "trunk", lambda self, x: rows.append(len(x)) or trunk(self, x))
+    cfg = lite_cfg().model_copy(update={"epochs": 2})
+    train_teacher(prepared, cfg)
+    cells = len(load_split(prepared, "train")["labels"]) + len(load_split(prepared, "val")["labels"])
+    assert sum(rows) == cells  # the memo pass only: no epoch recomputes them
+    rows.clear()
+    train_teacher(prepared, cfg.model_copy(update={"arch": cfg.arch.model_copy(update={"memoize_frozen": False})}))
+    assert sum(rows) == 2 * cells  # without the memo: every train and val cell, every epoch
 
 
 def test_a_student_distils_from_the_lite_teacher(written, prepared):
