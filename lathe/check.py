@@ -29,7 +29,7 @@ import yaml
 from pydantic import ValidationError
 
 from lathe.compress.params import DistillParams, LowRankParams, PruneParams, QatParams, QuantizeParams
-from lathe.config import Section, _field_names, did_you_mean, load_params
+from lathe.config import Section, _field_names, did_you_mean, error_path, load_params, tag_message
 from lathe.data.contract import DataParams
 from lathe.data.params import IngestParams, ValidateParams
 from lathe.errors import DataError, LatheError
@@ -114,7 +114,7 @@ def model_problems(raw: Any, key: str, model: type[Section], source: str) -> tup
     except ValidationError as exc:
         out = []
         for err in exc.errors():
-            loc = tuple(str(p) for p in err["loc"])
+            loc = error_path(model, err["loc"])[0]
             where = f"{source}: {'.'.join((key, *loc))}"
             if err["type"] == "extra_forbidden":
                 allowed = sorted(_field_names(model, err["loc"][:-1]))
@@ -127,6 +127,8 @@ def model_problems(raw: Any, key: str, model: type[Section], source: str) -> tup
                                           f"{did_you_mean(err.get('input'), expected)}"))
             elif err["type"] == "missing":
                 out.append(Problem(where, "required key is missing"))
+            elif tag_message(err):
+                out.append(Problem(where, str(tag_message(err))))
             else:
                 msg = err["msg"].removeprefix("Value error, ")
                 got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError
 
 from lathe.errors import ConfigError
 
@@ -68,9 +68,9 @@ def parse_section(params: dict, name: str, model: type[S], source: str = "params
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in (name, *err["loc"]))
-            got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
-            msg = err["msg"]
+            key = ".".join((name, *error_path(model, err["loc"])[0]))
+            got = f" (got {err['input']!r})" if err["type"] not in ("missing", "union_tag_invalid") and "input" in err else ""
+            msg = tag_message(err) or err["msg"]
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(sorted(_field_names(model, err["loc"][:-1])))
                 msg = f"unknown key; allowed keys here: {allowed}"
@@ -79,16 +79,46 @@ def parse_section(params: dict, name: str, model: type[S], source: str = "params
         raise ConfigError(f"{source}: invalid section '{name}':\n" + "\n".join(lines)) from None
 
 
+def _tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """tag -> model of a tagged union (`Annotated[A, Tag("a")] | ...`); empty for any other annotation."""
+    members = {}
+    for arg in get_args(annotation):
+        base, *meta = get_args(arg) or (arg,)
+        for tag in (m for m in meta if isinstance(m, Tag)):
+            if isinstance(base, type) and issubclass(base, BaseModel):
+                members[tag.tag] = base
+    return members
+
+
+def error_path(model: type[BaseModel], loc: tuple) -> tuple[tuple[str, ...], type[BaseModel]]:
+    """A validation error's location as a params key path (without the tags pydantic puts in it for a tagged
+    union: `arch.resnet_like.widht` is the user's `arch.widht`) and the model its last key lives in."""
+    current, path, parts, i = model, [], [str(p) for p in loc], 0
+    while i < len(parts):
+        path.append(parts[i])
+        ann = getattr(current.model_fields.get(parts[i]), "annotation", None)
+        members = _tagged_members(ann)
+        if i + 1 < len(parts) and parts[i + 1] in members:
+            current, i = members[parts[i + 1]], i + 2
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            current, i = ann, i + 1
+        else:  # a list index, a dict key or a plain value: the rest of the path is not in models
+            return (*path, *parts[i + 1 :]), current
+    return tuple(path), current
+
+
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     """The allowed keys of the (possibly nested) model at `loc`."""
-    current: type[BaseModel] = model
-    for part in loc:
-        field = current.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return list(current.model_fields)
-        current = ann
-    return list(current.model_fields)
+    return list(error_path(model, loc)[1].model_fields)
+
+
+def tag_message(err: Any) -> str | None:
+    """A tagged union's refusal of its tag, in params words ("family 'vgg' is not one of ..."); None otherwise."""
+    if err["type"] != "union_tag_invalid":
+        return None
+    ctx = err.get("ctx") or {}
+    what = str(ctx.get("discriminator", "tag")).removesuffix("()").removesuffix("_of")
+    return f"{what} {ctx.get('tag')!r} is not one of {str(ctx.get('expected_tags', '')).replace(chr(39), '')}"
 
 
 def load_section(path: Path, name: str, model: type[S]) -> S:

@@ -181,6 +181,19 @@ def test_an_imagenet_teacher_has_its_pinned_weights_checked_and_the_stages_that_
     assert any(f.startswith("teacher weights efficientnet-lite0-imagenet (sha256 579344248a93") for f in report.facts)
 
 
+@pytest.mark.parametrize(("arch", "said"), [
+    ({"family": "resnet"}, "params.yaml: train_teacher.arch: family 'resnet' is not one of resnet_like, efficientnet_lite"),
+    ({"family": "efficientnet_lite", "widths": [8]},
+     "params.yaml: train_teacher.arch.widths: unknown key (did you mean 'weights'?); allowed: dropout, family, "
+     "frozen_blocks, in_channels, "
+     "memoize_frozen, num_classes, weights"),
+])
+def test_a_family_mistake_is_one_line_naming_the_users_key(tmp_path, arch, said):
+    params = tiny_params()
+    params["train_teacher"] = {**params["train_teacher"], "arch": arch}
+    assert problems_of(make_repo(tmp_path / "repo", params)) == [said]
+
+
 def test_an_imagenet_teacher_with_unknown_weights_is_one_line(tmp_path):
     problems = problems_of(make_repo(tmp_path / "repo", lite_teacher_params(weights="resnet50-imagenet")))
     assert problems == ["params.yaml: train_teacher.arch.weights: unknown pretrained weights 'resnet50-imagenet'; "

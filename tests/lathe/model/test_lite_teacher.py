@@ -59,8 +59,9 @@ def test_params_tell_the_families_apart_and_a_resnet_like_arch_needs_no_family()
 
 
 @pytest.mark.parametrize(("arch", "said"), [
-    ({"family": "vgg"}, "train_teacher.arch: Input tag 'vgg'"),
-    ({"family": "efficientnet_lite", "widths": [8]}, "train_teacher.arch.efficientnet_lite.widths: unknown key"),
+    ({"family": "vgg"}, "train_teacher.arch: family 'vgg' is not one of resnet_like, efficientnet_lite"),
+    ({"family": "efficientnet_lite", "widths": [8]}, "train_teacher.arch.widths: unknown key; allowed keys here: dropout, "),
+    ({"widht": [8]}, "train_teacher.arch.widht: unknown key; allowed keys here: blocks, "),  # the tag stays out of the key
     ({"family": "efficientnet_lite", "in_channels": 2}, "in_channels 2: an ImageNet network takes grey (1) or RGB (3)"),
 ])
 def test_a_wrong_arch_is_refused_naming_the_key(arch, said):
