@@ -210,8 +210,9 @@ def load_model(model_dir: Path, role: str = "model") -> nn.Module:
         raise LatheError(f"{exc.filename}: {role} file missing") from exc
     except SafetensorError as exc:
         raise LatheError(f"{weights}: unreadable safetensors file ({exc})") from exc
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise LatheError(f"{model_dir}: cannot rebuild the {role} from {arch.name} + {weights.name} ({exc})") from exc
+    except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as exc:  # the weights' own shapes build a LiteNet
+        reason = printable(" ".join(str(exc).split()), 300)  # torch's size-mismatch list spans lines: one line here
+        raise LatheError(f"{model_dir}: cannot rebuild the {role} from {arch.name} + {weights.name} ({reason})") from exc
     return model
 
 

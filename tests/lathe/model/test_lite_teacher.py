@@ -144,6 +144,27 @@ def test_an_arch_file_of_an_unknown_family_is_refused_in_one_line(written, tmp_p
     assert message.startswith(f"{tmp_path / FILES.arch}: unknown family {family!r}") and "\n" not in message
 
 
+@pytest.mark.parametrize("broken", ["no stem", "0-d stem", "other depthwise shape", "foreign key"])
+def test_lite_weights_that_do_not_build_the_network_are_refused_in_one_line(written, tmp_path, broken):
+    """A LiteNet is shaped by its weights file, so a hostile file must not reach a traceback either."""
+    state = load_file(str(written["out"] / FILES.weights))
+    if broken == "no stem":
+        del state["_conv_stem.weight"]
+    elif broken == "0-d stem":
+        state["_conv_stem.weight"] = torch.tensor(1.0)
+    elif broken == "other depthwise shape":
+        state["_blocks.0._depthwise_conv.weight"] = torch.zeros(3)
+    else:
+        state["evil"] = torch.zeros(1)
+    save_file(state, str(tmp_path / FILES.weights))
+    (tmp_path / FILES.arch).write_bytes((written["out"] / FILES.arch).read_bytes())
+    with pytest.raises(LatheError) as exc:
+        load_model(tmp_path)
+    message = str(exc.value)
+    assert message.startswith(f"{tmp_path}: cannot rebuild the model from arch.json + weights.safetensors (")
+    assert "\n" not in message and len(message) < 500
+
+
 def test_an_arch_file_without_a_family_is_a_resnet_like_one(tmp_path):
     """Model folders written before families existed."""
     spec = ArchSpec(**TINY_PARAMS["train_teacher"]["arch"])
