@@ -127,8 +127,8 @@ def model_problems(raw: Any, key: str, model: type[Section], source: str) -> tup
                                           f"{did_you_mean(err.get('input'), expected)}"))
             elif err["type"] == "missing":
                 out.append(Problem(where, "required key is missing"))
-            elif tag_message(err):
-                out.append(Problem(where, str(tag_message(err))))
+            elif (wrong_tag := tag_message(err)) is not None:
+                out.append(Problem(where, wrong_tag))
             else:
                 msg = err["msg"].removeprefix("Value error, ")
                 got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""

@@ -185,8 +185,7 @@ def test_an_imagenet_teacher_has_its_pinned_weights_checked_and_the_stages_that_
     ({"family": "resnet"}, "params.yaml: train_teacher.arch: family 'resnet' is not one of resnet_like, efficientnet_lite"),
     ({"family": "efficientnet_lite", "widths": [8]},
      "params.yaml: train_teacher.arch.widths: unknown key (did you mean 'weights'?); allowed: dropout, family, "
-     "frozen_blocks, in_channels, "
-     "memoize_frozen, num_classes, weights"),
+     "frozen_blocks, in_channels, memoize_frozen, num_classes, weights"),
 ])
 def test_a_family_mistake_is_one_line_naming_the_users_key(tmp_path, arch, said):
     params = tiny_params()
