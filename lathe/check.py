@@ -263,7 +263,7 @@ class _Checker:
 
     def pretrained_teacher(self) -> None:
         """A teacher grown from ImageNet weights: the pinned file must be there and be the pinned one (checked by
-        size and sha256, as train_teacher checks it, not read), and the stages that do not take it are named."""
+        size and sha256, as train_teacher checks it, not read), and the one setting that does not take it is named."""
         spec = self.value("train_teacher", "arch")
         if not isinstance(spec, LiteSpec):
             return
@@ -275,9 +275,10 @@ class _Checker:
             self.problem("train_teacher.arch.weights", str(exc))
         else:
             self.report.facts.append(f"teacher weights {spec.weights} (sha256 {source.sha256[:12]}, {source.license})")
-        self.warn("train_teacher.arch.family", "efficientnet_lite: prune and lowrank take resnet_like teachers only "
-                  "and will stop the full pipeline at prune; train_teacher, quantize@teacher, evaluate@teacher run "
-                  '(README "The teacher")')
+        if self.value("distill", "init") == "pruned":
+            self.warn("distill.init", "pruned: the student starts from models/pruned, which an efficientnet_lite "
+                      "teacher makes an EfficientNet; the distill stage takes resnet_like students only and will stop "
+                      'there; use init: scratch (README "The teacher")')
 
     def signing_key(self, private_key: str) -> None:
         key = signing_key_path(private_key, self.root)

@@ -6,26 +6,30 @@ padding) followed by a 1x1 conv r -> Cout (weights U_r sqrt(S_r), the original b
 becomes two Linears the same way. r is the smallest rank holding `energy` of the squared singular
 values, and a layer is factorised only if that saves parameters: r (Cin K K + Cout) < Cout Cin K K.
 
-The result is an `ArchSpec` with `ranks` (layer name -> rank): `build_model` rebuilds it by code and
-`lathe.model.teacher.load_model` loads it like any other model folder.
+A factorised ResNet is an `ArchSpec` with `ranks` (layer name -> rank), which `build_model` rebuilds by code;
+a factorised EfficientNet-Lite keeps its `LiteSpec`, its factor pairs being in its weights
+(`lathe.model.lite.factor_ranks`). Either loads with `lathe.model.teacher.load_model` like any other model
+folder. Depthwise convs (an MBConv's) are left whole: one KxK filter per channel has nothing to factor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from lathe.compress.params import LowRankParams
-from lathe.compress.prune import load_data, load_source
+from lathe.compress.prune import Prunable, described, is_factorised, load_data, load_source
 from lathe.compress.result import Compressed
 from lathe.data.contract import Task
 from lathe.determinism import make_deterministic
 from lathe.errors import LatheError
-from lathe.model.arch import ResNetLike, build_model, count_macs, count_params, factor_shape
+from lathe.model.arch import ResNetLike, count_macs, count_params, factor_shape
+from lathe.model.teacher import rebuild_network
 from lathe.model.train import Progress, fit, predict_logits, score, to_tensor
 
 RECORD = "lowrank.json"  # what factorisation did, beside FILES.summary
@@ -85,7 +89,9 @@ def plan_layer(name: str, layer: nn.Module, cfg: LowRankParams) -> LayerPlan:
     energy_kept = float((s[:rank] ** 2).sum() / (s ** 2).sum()) if float((s ** 2).sum()) > 0 else 1.0
     before, after = rows * cols, rank * (rows + cols)
     reason = ""
-    if rows < cfg.min_channels:
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        reason = f"grouped conv ({layer.groups} groups): one filter per group of channels, nothing to factor"
+    elif rows < cfg.min_channels:
         reason = f"{rows} output channels < lowrank.min_channels {cfg.min_channels}"
     elif after >= before:
         reason = f"rank {rank} saves nothing ({after} >= {before} weights)"
@@ -98,29 +104,31 @@ def plan_ranks(model: nn.Module, cfg: LowRankParams) -> list[LayerPlan]:
     return [plan_layer(name, m, cfg) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def factorize(model: ResNetLike, ranks: dict[str, int]) -> ResNetLike:
+def factorize(model: Prunable, ranks: dict[str, int]) -> Prunable:
     """A new network whose named layers are rank-r factor pairs from the truncated SVD of `model`'s
     weights; every other tensor is copied. At full rank the outputs equal the original's (float32)."""
-    if model.spec.ranks:
-        raise LatheError("lowrank: the input model is already factorised (its arch.json has 'ranks')")
-    spec = model.spec.model_copy(update={"ranks": dict(sorted(ranks.items()))})
-    new = build_model(spec, model.image_size)
+    if is_factorised(model):
+        raise LatheError("lowrank: the input model is already factorised (some of its layers are factor pairs)")
     state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in ranks}
     for name in ranks:
         for key, value in factor_weights(model.get_submodule(name), ranks[name]).items():
             state[f"{name}.{key}"] = value
-    new.load_state_dict(state)
-    return new.eval()
+    # A ResNet's spec names its factorised layers; a LiteNet reads them from the weights' keys
+    spec, size = described(model)
+    if isinstance(model, ResNetLike):
+        spec = model.spec.model_copy(update={"ranks": dict(sorted(ranks.items()))})
+    return cast(Prunable, rebuild_network(spec, size, state))
 
 
 def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in scores.items()}
 
 
-def lowrank(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: LowRankParams,
+def lowrank(model: Prunable, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: LowRankParams,
             gen: torch.Generator, task: Task, progress: Progress | None = None) -> Compressed:
     """Factorise `model` (left untouched) by the energy rule, then fine-tune; returns the model and a record."""
-    size, in_ch = model.image_size, model.spec.in_channels
+    spec, size = described(model)
+    in_ch = spec.in_channels
     plans = plan_ranks(model, cfg)
     ranks = {p.name: p.rank for p in plans if p.factorised}
     if not ranks:
@@ -150,7 +158,7 @@ def lowrank(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.n
         "finetune": cfg.finetune.model_dump(),
         "history": result.history,
     }
-    return Compressed(model=factored, spec=factored.spec, image_size=size, fit=result, record=record, record_file=RECORD)
+    return Compressed(model=factored, spec=described(factored)[0], image_size=size, fit=result, record=record, record_file=RECORD)
 
 
 def lowrank_teacher(teacher_dir: Path, prepared_dir: Path, cfg: LowRankParams,

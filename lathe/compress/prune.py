@@ -2,8 +2,11 @@
 
 Channels are physically removed, never masked: torch-pruning's DependencyGraph groups every layer a
 channel couples (residual adds, batch norms, the next convs' inputs, the classifier's input), so one
-decision shrinks all of them. The pruned network is read back as a JSON-able `ArchSpec`
-(`lathe.model.arch.spec_of`), rebuilt by code and fine-tuned with `lathe.model.train.fit`.
+decision shrinks all of them. A pruned ResNet is read back as a JSON-able `ArchSpec`
+(`lathe.model.arch.spec_of`); a pruned EfficientNet-Lite keeps its `LiteSpec` and rebuilds from its weights'
+shapes (`lathe.model.lite.LiteNet`): the expansion channels of each MBConv block (its 1x1 expansion, depthwise
+conv and their BatchNorms) are a group, and so are the residual-coupled channels of each stage. Either is
+rebuilt by code and fine-tuned with `lathe.model.train.fit`.
 
 Unstructured (masked) pruning is deliberately not offered: zeroed weights leave a dense ONNX file
 exactly as large and as slow as before.
@@ -16,6 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -28,9 +32,10 @@ from lathe.data.contract import TASK_FILE, Task, read_task
 from lathe.data.ingest import load_split
 from lathe.determinism import make_deterministic
 from lathe.errors import ConfigError, DataError, LatheError
-from lathe.model.arch import ResNetLike, build_model, count_macs, count_params, spec_macs, spec_of
-from lathe.model.params import ArchSpec
-from lathe.model.teacher import FILES, check_trainable, load_model
+from lathe.model.arch import LowRankConv, LowRankLinear, ResNetLike, count_macs, count_params, spec_of
+from lathe.model.lite import LiteNet
+from lathe.model.params import ArchSpec, LiteSpec
+from lathe.model.teacher import FILES, check_trainable, load_model, rebuild_network
 from lathe.model.train import Progress, TrainResult, fit, predict_logits, score, to_tensor
 
 RECORD = "prune.json"  # what pruning did, beside FILES.summary
@@ -38,6 +43,7 @@ BISECTION_STEPS = 40  # resolution 1e-12 on the removed-channel fraction: finer 
 
 RoundHook = Callable[[dict], None]
 GroupKey = tuple[str, ...]  # names of the convs whose output channels one group sets
+Prunable = ResNetLike | LiteNet  # the families a teacher can be (lathe.model.params.TeacherSpec)
 
 # One registry from params names to torch-pruning Importance objects (convention 4: swappable).
 # Magnitude importance scores a channel by sum |w|^p of its weights in each coupled layer (the
@@ -65,31 +71,110 @@ class ChannelGroup:
     root: str  # the conv leading the group, e.g. "stem.0"
     convs: GroupKey  # every conv whose output channels the group sets (coupled by residual adds)
     channels: int  # current size
+    inputs: GroupKey = ()  # every dense (groups 1) conv or linear whose input channels the group sets
 
 
-def dependency_graph(model: ResNetLike) -> tp.DependencyGraph:
+@dataclass(frozen=True)
+class MacTerm:
+    """One conv or linear layer's MACs per image as a function of the groups' channel counts:
+    outputs x inputs per output x positions (kernel area x output pixels; 1 for a linear)."""
+
+    out_key: GroupKey | None  # the group setting its output channels, or None: fixed at `outputs`
+    outputs: int
+    in_key: GroupKey | None  # the group setting its input channels, or None: fixed at `inputs` (depthwise: 1)
+    inputs: int
+    positions: int
+
+    def macs(self, counts: dict[GroupKey, int]) -> int:
+        outputs = self.outputs if self.out_key is None else counts[self.out_key]
+        inputs = self.inputs if self.in_key is None else counts[self.in_key]
+        return outputs * inputs * self.positions
+
+
+def classifier(model: Prunable) -> nn.Module:
+    """The final Linear: its outputs are the classes, never pruned."""
+    return model._fc if isinstance(model, LiteNet) else model.head
+
+
+def described(model: Prunable) -> tuple[ArchSpec | LiteSpec, int]:
+    """`model`'s spec and input size, as its arch.json records them (a LiteNet built outside `lite_network`
+    has neither, and is no pipeline model)."""
+    if model.spec is None or model.image_size is None:
+        raise LatheError(f"{type(model).__name__} has no spec: a pipeline model is built by lite_network or build_model")
+    return model.spec, model.image_size
+
+
+def is_factorised(model: nn.Module) -> bool:
+    """Whether any layer of `model` is a low-rank factor pair (lathe.compress.lowrank's output)."""
+    return any(isinstance(m, (LowRankConv, LowRankLinear)) for m in model.modules())
+
+
+def dependency_graph(model: Prunable) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of `model`, traced in eval mode (no BN statistic updates)."""
     model.eval()
-    example = torch.zeros(1, model.spec.in_channels, model.image_size, model.image_size)
+    spec, size = described(model)
+    example = torch.zeros(1, spec.in_channels, size, size)
     return tp.DependencyGraph().build_dependency(model, example_inputs=example)
 
 
-def _groups(graph: tp.DependencyGraph, model: ResNetLike) -> list[tuple[ChannelGroup, tp.Group]]:
+def _groups(graph: tp.DependencyGraph, model: Prunable) -> list[tuple[ChannelGroup, tp.Group]]:
     """Every prunable group (the classifier's outputs excepted) with its torch-pruning group."""
     names = {m: n for n, m in model.named_modules()}
     out = []
-    for group in graph.get_all_groups(ignored_layers=[model.head], root_module_types=[nn.Conv2d, nn.Linear]):
+    for group in graph.get_all_groups(ignored_layers=[classifier(model)], root_module_types=[nn.Conv2d, nn.Linear]):
         convs = sorted({names[dep.target.module] for dep, _ in group
                         if isinstance(dep.target.module, nn.Conv2d) and graph.is_out_channel_pruning_fn(dep.handler)})
+        inputs = sorted({names[dep.target.module] for dep, _ in group if graph.is_in_channel_pruning_fn(dep.handler)
+                         and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+                         and getattr(dep.target.module, "groups", 1) == 1})
         root = names[group[0].dep.target.module]
-        out.append((ChannelGroup(root, tuple(convs), len(group[0].idxs)), group))
+        out.append((ChannelGroup(root, tuple(convs), len(group[0].idxs), tuple(inputs)), group))
     return out
 
 
-def channel_groups(model: ResNetLike) -> list[ChannelGroup]:
+def channel_groups(model: Prunable) -> list[ChannelGroup]:
     """The coupled channel groups of `model` (traced on a copy, so `model` is untouched), in graph order."""
     work = copy.deepcopy(model)
     return [info for info, _ in _groups(dependency_graph(work), work)]
+
+
+def mac_terms(model: Prunable, groups: list[ChannelGroup]) -> list[MacTerm]:
+    """Every conv and linear layer of `model` as a `MacTerm` of `groups`' counts (one forward pass, eval mode).
+    Summed at the current counts they give `count_macs(model)`; at other counts, the MACs the network would
+    have pruned to them (the output positions do not depend on the widths)."""
+    out_key = {conv: g.convs for g in groups for conv in g.convs}
+    in_key = {layer: g.convs for g in groups for layer in g.inputs}
+    positions: dict[str, int] = {}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def record(module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            kernel = module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
+            positions[name] = out[0].numel() // out.shape[1] * kernel
+        return record
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    spec, size = described(model)
+    try:
+        model.eval()(torch.zeros(1, spec.in_channels, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    terms = []
+    for name, m in layers.items():
+        outputs, inputs = (m.out_channels, m.in_channels // m.groups) if isinstance(m, nn.Conv2d) \
+            else (m.out_features, m.in_features)
+        terms.append(MacTerm(out_key.get(name), outputs, in_key.get(name), inputs, positions[name]))
+    return terms
+
+
+def macs_for_counts(model: Prunable, groups: list[ChannelGroup], counts: dict[GroupKey, int],
+                    terms: list[MacTerm] | None = None) -> int:
+    """MACs per image of `model` pruned to `counts` channels per group, without pruning it: the sum of its
+    `mac_terms` (pass `terms` to reuse them; they equal `spec_macs` of a ResNet's pruned spec, tested)."""
+    return sum(t.macs(counts) for t in (terms if terms is not None else mac_terms(model, groups)))
 
 
 def kept_channels(initial: int, removed: float, round_to: int) -> int:
@@ -106,12 +191,7 @@ def plan_counts(initial: dict[GroupKey, int], removed: float, round_to: int) -> 
     return {key: kept_channels(n, removed, round_to) for key, n in initial.items()}
 
 
-def spec_for_counts(model: ResNetLike, groups: list[ChannelGroup], counts: dict[GroupKey, int]) -> ArchSpec:
-    """The spec `model` would have after pruning its groups to `counts` (nothing is pruned)."""
-    return spec_of(model, {conv: counts[g.convs] for g in groups for conv in g.convs})
-
-
-def check_ratio_reachable(model: ResNetLike, groups: list[ChannelGroup], cfg: PruneParams) -> None:
+def check_ratio_reachable(model: Prunable, groups: list[ChannelGroup], cfg: PruneParams) -> None:
     """Refuse a ratio that would empty a layer (channels) or that no layer widths reach (MACs)."""
     if cfg.target == "channels":
         for g in groups:
@@ -122,9 +202,10 @@ def check_ratio_reachable(model: ResNetLike, groups: list[ChannelGroup], cfg: Pr
                     f"lower prune.ratio below {1 - 0.5 / g.channels:.3f}"
                 )
         return
-    macs = count_macs(model, model.image_size, model.spec.in_channels)
+    spec, size = described(model)
+    macs = count_macs(model, size, spec.in_channels)
     floor_counts = {g.convs: kept_channels(g.channels, 1.0, cfg.round_to) for g in groups}
-    floor_macs = spec_macs(spec_for_counts(model, groups, floor_counts), model.image_size)
+    floor_macs = macs_for_counts(model, groups, floor_counts)
     if floor_macs > (1 - cfg.ratio) * macs:
         raise ConfigError(
             f"prune.ratio = {cfg.ratio} (target macs) asks for at most {(1 - cfg.ratio) * macs:,.0f} MACs, but even "
@@ -134,7 +215,7 @@ def check_ratio_reachable(model: ResNetLike, groups: list[ChannelGroup], cfg: Pr
         )
 
 
-def search_counts(model: ResNetLike, groups: list[ChannelGroup], initial: dict[GroupKey, int],
+def search_counts(model: Prunable, groups: list[ChannelGroup], initial: dict[GroupKey, int],
                   target_macs: float, round_to: int) -> dict[GroupKey, int]:
     """Kept channels per group whose MACs come closest to `target_macs`, never above the current widths.
 
@@ -146,11 +227,12 @@ def search_counts(model: ResNetLike, groups: list[ChannelGroup], initial: dict[G
     """
     current = {g.convs: g.channels for g in groups}
     cache: dict[tuple, int] = {}
+    terms = mac_terms(model, groups)
 
     def macs(counts: dict[GroupKey, int]) -> int:
         key = tuple(sorted(counts.items()))
         if key not in cache:
-            cache[key] = spec_macs(spec_for_counts(model, groups, counts), model.image_size)
+            cache[key] = macs_for_counts(model, groups, counts, terms)
         return cache[key]
 
     def uniform(removed: float) -> dict[GroupKey, int]:
@@ -178,11 +260,11 @@ def search_counts(model: ResNetLike, groups: list[ChannelGroup], initial: dict[G
         counts = moves[max(movable, key=lambda k: counts[k] / initial[k])]  # first in graph order on ties
 
 
-def prune_to_counts(model: ResNetLike, counts: dict[GroupKey, int], importance: tp.importance.Importance) -> ResNetLike:
+def prune_to_counts(model: Prunable, counts: dict[GroupKey, int], importance: tp.importance.Importance) -> Prunable:
     """A copy of `model` with every group pruned to `counts` channels, the least important going first.
 
-    The pruned layers are rebuilt from their read-back spec and the weights loaded into it, so the
-    result is exactly what `build_model(spec)` + weights.safetensors gives later.
+    The pruned network is rebuilt from its spec (a ResNet's read back from its layers) and its weights, so the
+    result is exactly what `load_model` gives later from arch.json + weights.safetensors.
     """
     work = copy.deepcopy(model)
     graph = dependency_graph(work)
@@ -196,16 +278,20 @@ def prune_to_counts(model: ResNetLike, counts: dict[GroupKey, int], importance: 
         plans.append((group[0].dep.target.module, group[0].dep.handler, sorted(drop.tolist())))
     for module, handler, idxs in plans:
         graph.get_pruning_group(module, handler, idxs).prune()
-    rebuilt = build_model(spec_of(work), work.image_size)
-    rebuilt.load_state_dict(work.state_dict())
-    return rebuilt.eval()
+    return cast(Prunable, rebuild_network(spec_after(work), described(work)[1], work.state_dict()))
+
+
+def spec_after(model: Prunable) -> ArchSpec | LiteSpec:
+    """The spec a (pruned) network is written with: a ResNet's read back from its layers; an EfficientNet-Lite's
+    is its teacher's, since its layer widths are its weights' shapes."""
+    return spec_of(model) if isinstance(model, ResNetLike) else described(model)[0]
 
 
 def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in scores.items()}
 
 
-def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: PruneParams,
+def prune(model: Prunable, train: dict[str, np.ndarray], val: dict[str, np.ndarray], cfg: PruneParams,
           gen: torch.Generator, task: Task, progress: Progress | None = None,
           on_round: RoundHook | None = None) -> Compressed:
     """Remove `cfg.ratio` of `model`'s MACs or channels in `cfg.steps` rounds, fine-tuning after each;
@@ -216,9 +302,10 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
     (1 - ratio * k / steps) x the input model's (target 'macs'). Within a group the channels with the
     lowest `cfg.importance` go. `progress` gets each fine-tune epoch, `on_round` each pruning round.
     """
-    if model.spec.ranks:
+    if is_factorised(model):
         raise LatheError("prune: the input model is low-rank factorised; prune an unfactorised model")
-    size, in_ch = model.image_size, model.spec.in_channels
+    source_spec, size = described(model)
+    in_ch = source_spec.in_channels
     importance = make_importance(cfg.importance)
     groups = channel_groups(model)
     check_ratio_reachable(model, groups, cfg)
@@ -227,7 +314,8 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
     x_val = to_tensor(val["images"])
     teacher_val = score(predict_logits(model, x_val), val["labels"], task)
 
-    current, rounds = model, []
+    current: Prunable = model
+    rounds = []
     history: list[dict] = []
     counts = dict(initial)
     last = TrainResult(model=model)
@@ -261,7 +349,7 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
         row.update(best_epoch=offset + last.best_epoch, best_val=_rounded(last.best_val))
         rounds.append(row)
 
-    spec = spec_of(current)
+    spec = spec_after(current)
     result = TrainResult(model=current, history=history, best_epoch=rounds[-1]["best_epoch"], best_val=last.best_val)
     macs, params = rounds[-1]["macs"], rounds[-1]["params"]
     record = {
@@ -283,27 +371,29 @@ def prune(model: ResNetLike, train: dict[str, np.ndarray], val: dict[str, np.nda
     return Compressed(model=current, spec=spec, image_size=size, fit=result, record=record, record_file=RECORD)
 
 
-def load_source(model_dir: Path, role: str = "teacher") -> ResNetLike:
-    """Rebuild the model to compress from its folder; every failure names the folder or file."""
+def load_source(model_dir: Path, role: str = "teacher") -> Prunable:
+    """Rebuild the model to compress from its folder (a ResNet or an EfficientNet-Lite); every failure names the
+    folder or file."""
     model = load_model(model_dir, role)
-    if not isinstance(model, ResNetLike):
-        raise LatheError(f"{Path(model_dir) / FILES.arch}: not a resnet_like model")
+    if not isinstance(model, (ResNetLike, LiteNet)):  # load_model's families are these two today
+        raise LatheError(f"{Path(model_dir) / FILES.arch}: not a model lathe can compress ({type(model).__name__})")
     return model
 
 
-def load_data(prepared_dir: Path, model: ResNetLike,
+def load_data(prepared_dir: Path, model: Prunable,
               model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Task]:
     """The train and val splits and the task, checked against the model's classes and input size."""
     task = read_task(prepared_dir)
-    if (task.num_classes, task.channels) != (model.spec.num_classes, model.spec.in_channels):
+    spec, size = described(model)
+    if (task.num_classes, task.channels) != (spec.num_classes, spec.in_channels):
         raise DataError(f"{Path(prepared_dir) / TASK_FILE}: {task.num_classes} classes, {task.channels} channel(s), "
-                        f"but {model_dir} was built for {model.spec.num_classes} and {model.spec.in_channels}")
+                        f"but {model_dir} was built for {spec.num_classes} and {spec.in_channels}")
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     check_trainable(train, val, task.num_classes)
     side = int(train["images"].shape[-1])
-    if side != model.image_size:
+    if side != size:
         raise DataError(f"{Path(prepared_dir) / 'train.safetensors'}: images are {side} px but {model_dir} was "
-                        f"built for {model.image_size} px; rerun it on the same ingest.image_size")
+                        f"built for {size} px; rerun it on the same ingest.image_size")
     return train, val, task
 
 

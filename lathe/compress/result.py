@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from lathe.io import write_json
-from lathe.model.params import ArchSpec
+from lathe.model.params import ArchSpec, LiteSpec
 from lathe.model.teacher import write_model_dir
 from lathe.model.train import TrainResult
 
@@ -25,7 +25,7 @@ class Compressed:
     """A compressed, trained network and the record of how it was made."""
 
     model: nn.Module
-    spec: ArchSpec
+    spec: ArchSpec | LiteSpec
     image_size: int
     fit: TrainResult  # the training that produced the kept weights (for pruning: every round's epochs)
     record: dict  # the content of record_file

@@ -160,16 +160,13 @@ def build_model(spec: ArchSpec, image_size: int) -> ResNetLike:
     return ResNetLike(spec, image_size)
 
 
-def spec_of(model: ResNetLike, out_channels: dict[str, int] | None = None) -> ArchSpec:
-    """The spec of a (possibly pruned in place) network, read back from its layer shapes.
-
-    `out_channels` overrides conv output widths by layer name, to describe a candidate pruning
-    without performing it. Block output widths must agree within a stage (residual adds couple them).
-    """
+def spec_of(model: ResNetLike) -> ArchSpec:
+    """The spec of a (possibly pruned in place) network, read back from its layer shapes. Block output widths
+    must agree within a stage (residual adds couple them). A candidate pruning is priced without a spec
+    (`lathe.compress.prune.macs_for_counts`)."""
     if model.spec.ranks:
         raise ValueError("spec_of cannot read a low-rank factorised network")
     outs = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    outs.update(out_channels or {})
     blocks = list(model.features)
     widths, mids, projection, j = [], [], [], 0
     for stage, count in enumerate(model.spec.blocks):

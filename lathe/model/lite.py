@@ -15,16 +15,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lathe.model.arch import apply_ranks
 from lathe.model.params import IMAGENET_WEIGHTS, LiteSpec  # noqa: F401  (IMAGENET_WEIGHTS: the scripts' name for it)
 
 # EfficientNet-B0/Lite0 stride-2 blocks (the first of stages 2, 3, 4 and 6); every other block keeps the size
 STRIDE_TWO = {1, 3, 5, 11}
+# The first block of each of its 7 stages: no shortcut there, even where pruning left its input and output
+# equally wide (the ImageNet network's own blocks 0, 8 and 15 keep the size and have none)
+FIRST_OF_STAGE = {0, 1, 3, 5, 8, 11, 15}
+
+
+def factor_ranks(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{layer: rank} of the layers `state` holds as low-rank factor pairs (`<layer>.0.weight` then
+    `<layer>.1.weight`, as `lathe.model.arch.apply_ranks` names them): a factorised network's own weights."""
+    return {key.removesuffix(".0.weight"): int(value.shape[0]) for key, value in state.items()
+            if key.endswith(".0.weight") and key.removesuffix("0.weight") + "1.weight" in state}
+
+
+def out_channels(state: dict[str, torch.Tensor], layer: str) -> int:
+    """Output channels of a conv/linear layer in `state`, whole or as a factor pair."""
+    whole = state.get(f"{layer}.weight")
+    return int((whole if whole is not None else state[f"{layer}.1.weight"]).shape[0])
+
+
+def has_layer(state: dict[str, torch.Tensor], layer: str) -> bool:
+    return f"{layer}.weight" in state or f"{layer}.1.weight" in state
 
 
 class MBConv(nn.Module):
     """Inverted residual: optional 1x1 expansion, depthwise kxk, 1x1 projection; identity shortcut when shapes keep."""
 
-    def __init__(self, cin: int, mid: int, cout: int, kernel: int, stride: int, expand: bool):
+    def __init__(self, cin: int, mid: int, cout: int, kernel: int, stride: int, expand: bool, shortcut: bool = True):
         super().__init__()
         if expand:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
@@ -33,7 +54,7 @@ class MBConv(nn.Module):
         self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
         self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
         self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
-        self.expand, self.residual = expand, stride == 1 and cin == cout
+        self.expand, self.residual = expand, shortcut and stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
@@ -42,7 +63,10 @@ class MBConv(nn.Module):
 
 
 class LiteNet(nn.Module):
-    """EfficientNet-Lite built from a state dict's shapes; a new `num_classes` head; (N, 1, S, S) in [0, 1] in."""
+    """EfficientNet-Lite built from a state dict's shapes; a new `num_classes` head; (N, 1, S, S) in [0, 1] in.
+
+    The shapes may be a pruned network's (narrower layers; `lathe.compress.prune`), and layers may be low-rank
+    factor pairs (`factor_ranks`; `lathe.compress.lowrank`): a compressed network rebuilds from its weights alone."""
 
     # Set when built as a pipeline model (`lite_network`): what its arch.json says, as ResNetLike has them
     spec: LiteSpec | None = None
@@ -57,25 +81,28 @@ class LiteNet(nn.Module):
         if keep_blocks is not None and frozen_blocks > keep_blocks:
             raise ValueError(f"frozen_blocks {frozen_blocks} is more than the {keep_blocks} blocks kept")
         self.frozen_blocks = frozen_blocks  # stem and blocks [0, frozen_blocks) keep ImageNet's weights; -1: none
-        stem = state["_conv_stem.weight"]
-        self._conv_stem = nn.Conv2d(3, stem.shape[0], 3, 2, 1, bias=False)
-        self._bn0 = nn.BatchNorm2d(stem.shape[0], eps=1e-3)
-        blocks, cin, i = [], stem.shape[0], 0
+        stem = out_channels(state, "_conv_stem")
+        self._conv_stem = nn.Conv2d(3, stem, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(stem, eps=1e-3)
+        blocks, cin, i = [], stem, 0
         while f"_blocks.{i}._depthwise_conv.weight" in state and (keep_blocks is None or i < keep_blocks):
             dw = state[f"_blocks.{i}._depthwise_conv.weight"]
-            cout = state[f"_blocks.{i}._project_conv.weight"].shape[0]
+            cout = out_channels(state, f"_blocks.{i}._project_conv")
             blocks.append(MBConv(cin, dw.shape[0], cout, dw.shape[-1], 2 if i in STRIDE_TWO else 1,
-                                 f"_blocks.{i}._expand_conv.weight" in state))
+                                 has_layer(state, f"_blocks.{i}._expand_conv"), shortcut=i not in FIRST_OF_STAGE))
             cin, i = cout, i + 1
         self._blocks = nn.Sequential(*blocks)
-        imagenet_head = state["_conv_head.weight"]
-        head = head_channels or imagenet_head.shape[0]
+        head = head_channels or out_channels(state, "_conv_head")
         self._conv_head = nn.Conv2d(cin, head, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(head, eps=1e-3)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(head, num_classes)
+        ranks = factor_ranks(state)
+        if ranks:  # a factorised network's own weights: every layer is in them, the classifier too
+            apply_ranks(self, ranks)
         # Weights not taken: ImageNet's classifier; its 1x1 head when the width in or out changed; cut-off blocks
-        new = ("_fc.",) if self._conv_head.weight.shape == imagenet_head.shape else ("_fc.", "_conv_head.", "_bn1.")
+        same_head = not ranks and self._conv_head.weight.shape == state["_conv_head.weight"].shape
+        new = () if ranks else ("_fc.",) if same_head else ("_fc.", "_conv_head.", "_bn1.")
         in_state = sum(k.startswith("_blocks.") and k.endswith("._depthwise_conv.weight") for k in state)
         skipped = new + tuple(f"_blocks.{j}." for j in range(len(blocks), in_state))
         missing, unexpected = self.load_state_dict({k: v for k, v in state.items() if not k.startswith(skipped)},

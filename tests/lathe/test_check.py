@@ -173,12 +173,15 @@ def lite_teacher_params(**arch) -> dict:
     return params
 
 
-def test_an_imagenet_teacher_has_its_pinned_weights_checked_and_the_stages_that_refuse_it_named(tmp_path):
+def test_an_imagenet_teacher_has_its_pinned_weights_checked_and_a_pruned_student_start_named(tmp_path):
     report = check_repo(make_repo(tmp_path / "repo", lite_teacher_params()))
-    assert report.ok, report.problems
-    assert [w.where for w in report.warnings] == ["params.yaml: train_teacher.arch.family"]
-    assert "prune and lowrank take resnet_like teachers only" in report.warnings[0].message
+    assert report.ok and report.warnings == [], (report.problems, report.warnings)  # every stage takes it
     assert any(f.startswith("teacher weights efficientnet-lite0-imagenet (sha256 579344248a93") for f in report.facts)
+    params = lite_teacher_params()
+    params["distill"] = {**params["distill"], "init": "pruned"}
+    report = check_repo(make_repo(tmp_path / "pruned-start", params))
+    assert report.ok and [w.where for w in report.warnings] == ["params.yaml: distill.init"]
+    assert "takes resnet_like students only" in report.warnings[0].message
 
 
 @pytest.mark.parametrize(("arch", "said"), [

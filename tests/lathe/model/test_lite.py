@@ -18,8 +18,9 @@ def test_litenet_is_built_from_the_weights_shapes_and_keeps_every_backbone_weigh
     assert net._fc.out_features == 4
     kernels = [b._depthwise_conv.kernel_size[0] for b in net._blocks]
     assert kernels == [3, 5, 3, 5]
-    # an identity shortcut only where the shape is kept: block 0 (8 -> 8) and block 2 (16 -> 16), both stride 1
-    assert [b.residual for b in net._blocks] == [True, False, True, False]
+    # an identity shortcut only where the shape is kept inside a stage: block 2 (16 -> 16, stride 1). Not block 0
+    # (8 -> 8 here), the first of its stage: it has none in the ImageNet network (32 -> 16), nor once pruned to equal widths
+    assert [b.residual for b in net._blocks] == [False, False, True, False]
     assert [b._depthwise_conv.stride[0] for b in net._blocks] == [2 if i in STRIDE_TWO else 1 for i in range(4)]
     out = net(torch.rand(2, 1, 32, 32))  # grey in, 4 logits out
     assert out.shape == (2, 4)
