@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def body() -> None:
         from lathe.ship.build import PackageInputs, build_package
+        from lathe.ship.gates import measured_failures
 
         params = load_params(args.params)
         targets = parse_targets(params, str(args.params))
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         res = build_package(args.target, targets[args.target], cfg, params, inputs, args.out_dir, args.archive)
         log.info("%s: chose %s (package %s, manifest sha256 %s) -> %s, %s (sha256 %s)", args.target, res.variant,
                  res.package_id, res.manifest_sha256[:16], args.out_dir, args.archive, res.archive_sha256[:16])
+        for failure in measured_failures(next(c for c in res.candidates if c.variant == res.variant)):
+            log.warning("%s: %s fails %s on this machine (not the target device; the choice does not depend on it, "
+                        "and the model card's measured section shows it)", args.target, res.variant, failure)
 
     run("package", body)
 

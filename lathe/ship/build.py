@@ -109,7 +109,8 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, params
     """Choose the variant for `target`, build the package folder and archive, swap them in.
 
     `params` is the whole params.yaml (recorded in the manifest). Raises LatheError (nothing
-    written) when the tree is dirty without permission, the key is missing, or no variant passes.
+    written) when the tree is dirty without permission, the key is missing, or no variant passes the gates
+    that do not depend on the machine (`lathe.ship.gates.select`).
     """
     from lathe.data.contract import read_task
 
@@ -141,8 +142,9 @@ def build_package(target: str, profile: TargetParams, cfg: PackageParams, params
                                                 splits, profile, task.defective_indices)
     chosen = select(candidates, profile.selection)
     if chosen is None:
-        raise LatheError(f"no variant passes every gate of target '{target}'; the previous package is left "
-                         f"as it was.\n\n{gate_table(target, candidates)}\n")
+        raise LatheError(f"no variant passes every gate of target '{target}' (but latency, which is measured here "
+                         f"and does not decide); the previous package is left as it was.\n\n"
+                         f"{gate_table(target, candidates)}\n")
 
     # 3. lineage
     model_dir = Path(inputs.models_dir) / chosen.variant

@@ -82,12 +82,13 @@ def _pct_ci(figures: dict, key: str) -> str:
 
 def selection_lines(profile: TargetParams, chosen: Candidate, candidates: list[Candidate]) -> list[str]:
     """The card's "Selection" section: policy, its ranking, and the candidates passing every gate not
-    measured on the machine (the latency gate's verdicts are in the measured section: another machine
-    may time a candidate the package did not choose on the other side of the limit)."""
+    measured on the machine, among which the choice is made (the latency gate's verdicts are in the measured
+    section: another machine may time a candidate, the chosen one too, on the other side of the limit)."""
     policy = profile.selection
     passing = [c.variant for c in candidates if passes_unmeasured_gates(c)]
     lines = ["## Selection", "",
-             (f"Policy `{policy}`: the best by {rank_rule(policy)} among the variants passing every gate; "
+             (f"Policy `{policy}`: the best by {rank_rule(policy)} among the variants passing every gate but the "
+              f"latency measured on the build machine, which is reported and does not decide; "
               f"chosen: **{chosen.variant}**. Passing every gate but the measured latency: {len(passing)} of "
               f"{len(candidates)} evaluated variants ({', '.join(passing)}); their latency verdicts are in the "
               "last section.")]

@@ -27,7 +27,8 @@ class GateParams(Section):
     """A target's acceptance gates in plant terms; a gate left null is not checked (but reported)."""
 
     max_size_bytes: int | None = Field(None, ge=1, description="whole model on disk, bytes")
-    max_latency_p50_ms: float | None = Field(None, gt=0, description="batch-1 p50 as the evaluate stage measured it here")
+    max_latency_p50_ms: float | None = Field(None, gt=0, description="batch-1 p50 as the evaluate stage measured it here; "
+                                              "judged and reported, it does not decide the choice")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="4-class argmax accuracy on the test split")
     min_defective_recall: float | None = Field(
         None, ge=0, le=1, description="test-split defective recall at the package's threshold (1 - escape rate)")

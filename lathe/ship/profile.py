@@ -13,7 +13,15 @@ from pathlib import Path
 
 from lathe.config import load_params
 from lathe.data.contract import read_task
-from lathe.ship.gates import Candidate, evaluate_candidates, gate_table, load_gate_splits, select
+from lathe.ship.gates import (
+    Candidate,
+    evaluate_candidates,
+    gate_table,
+    load_gate_splits,
+    measured_failures,
+    passes_unmeasured_gates,
+    select,
+)
 from lathe.ship.params import TargetParams, parse_targets
 
 
@@ -23,6 +31,7 @@ class TargetVerdict:
     profile: TargetParams
     candidates: list[Candidate]
     chosen: Candidate | None  # the package stage's choice under this profile; None when no variant passes
+    # (latency apart: measured on this machine, it is reported but does not decide; lathe.ship.gates.select)
 
 
 def load_profile(path: Path) -> dict[str, TargetParams]:
@@ -59,12 +68,14 @@ def closest(candidates: list[Candidate]) -> Candidate:
 def verdict_line(v: TargetVerdict) -> str:
     """One line per target: the choice, or the closest variant and what it misses."""
     if v.chosen is not None:
-        passing = [c.variant for c in v.candidates if c.passed]
-        return (f"{v.target}: PASS - {len(passing)} of {len(v.candidates)} variants pass every gate; "
-                f"policy {v.profile.selection} chooses {v.chosen.variant}")
+        passing = [c.variant for c in v.candidates if passes_unmeasured_gates(c)]
+        slow = measured_failures(v.chosen)
+        return (f"{v.target}: PASS - {len(passing)} of {len(v.candidates)} variants pass every gate (latency apart); "
+                f"policy {v.profile.selection} chooses {v.chosen.variant}"
+                + (f"; measured on this machine it misses {'; '.join(slow)}" if slow else ""))
     best = closest(v.candidates)
     t = best.threshold.test
-    return (f"{v.target}: FAIL - no variant passes every gate; closest {best.variant} (threshold {best.threshold.value} "
+    return (f"{v.target}: FAIL - no variant passes every gate (latency apart); closest {best.variant} (threshold {best.threshold.value} "
             f"on val): test defective recall {t['defective_recall']:.3f} "
             f"({t.get('defective_recall_ci95_low', 0):.3f}-{t.get('defective_recall_ci95_high', 0):.3f}), "
             f"false-reject rate {t['false_reject_rate']:.3f} "

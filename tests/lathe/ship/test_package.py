@@ -22,6 +22,7 @@ from lathe.ship.gates import (
     choice_problems,
     choose_threshold,
     gate_table,
+    measured_failures,
     rates_at,
     select,
     selection_row,
@@ -96,6 +97,19 @@ def test_select_smallest_breaks_size_ties_by_accuracy_never_by_latency():
     # equal size and accuracy: the name decides, whatever the latencies
     tie = [cand("b", 100, 0.1), cand("a", 100, 0.9)]
     assert select(tie, "smallest").variant == "a"
+
+
+def test_select_lets_no_latency_measured_here_decide_which_variant_ships():
+    """The chosen variant is part of the package's identity; a p50 on the build machine is not the target's."""
+    gates = GateParams(max_size_bytes=1000, max_latency_p50_ms=0.5, min_accuracy=0.7)
+    slow_small, fast_big = cand("slow_small", 100, 0.9, gates=gates), cand("fast_big", 900, 0.1, gates=gates)
+    assert not slow_small.passed and fast_big.passed
+    assert select([slow_small, fast_big]).variant == "slow_small"  # on a faster machine it would pass: same choice
+    assert measured_failures(slow_small) == ["max_latency_p50_ms: 0.900 ms > 0.500 ms"] and measured_failures(fast_big) == []
+    assert select([cand("bad", 100, 0.1, acc=0.5, gates=gates)]) is None  # the other gates still decide
+    rows = [selection_row(c) for c in (slow_small, fast_big)]  # as manifest.selection lists them; verify reads them
+    assert choice_problems("smallest", "slow_small", rows) == []
+    assert "picks slow_small" in " ".join(choice_problems("smallest", "fast_big", rows))
 
 
 def test_select_fastest_ranks_by_p50_then_size_then_accuracy_then_name():

@@ -51,7 +51,7 @@ def test_the_verdict_names_the_closest_variant_and_every_gate_it_misses():
     line = verdict_line(verdict)
 
     assert closest([far, near]) is near
-    assert line == ("line-pc: FAIL - no variant passes every gate; closest teacher (threshold 0.1164 on val): test "
+    assert line == ("line-pc: FAIL - no variant passes every gate (latency apart); closest teacher (threshold 0.1164 on val): test "
                     "defective recall 0.956 (0.926-0.976), false-reject rate 0.591 (0.551-0.641); misses "
                     "max_false_reject_rate 0.591 > 0.2")
 
@@ -60,5 +60,5 @@ def test_a_target_with_a_passing_variant_names_the_policys_choice():
     good = candidate("quantized/teacher", 0.80, 0.96, 0.15)
     verdict = TargetVerdict("line-pc", PLANT, [good, candidate("student", 0.70, 0.91, 0.45)], chosen=good)
 
-    assert verdict_line(verdict) == ("line-pc: PASS - 1 of 2 variants pass every gate; policy smallest chooses "
-                                     "quantized/teacher")
+    assert verdict_line(verdict) == ("line-pc: PASS - 1 of 2 variants pass every gate (latency apart); policy "
+                                     "smallest chooses quantized/teacher")
