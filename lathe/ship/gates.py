@@ -172,7 +172,8 @@ def choice_problems(policy: str, chosen: str, rows: list[dict], metrics_test: di
 
     Empty when: the rows name each variant once, `passed` agrees with `failed`, the chosen variant
     is listed, passed every gate not measured on the machine, agrees with `metrics_test`
-    (manifest.metrics.test) on size and accuracy, and is the policy's best among the rows that passed those.
+    (manifest.metrics.test) on size and accuracy, and is the policy's best among the rows that passed those
+    (or, as packages built before latency stopped deciding chose, among the rows that passed every gate).
     """
     problems: list[str] = []
     names = [r.get("variant") for r in rows]
@@ -200,7 +201,10 @@ def choice_problems(policy: str, chosen: str, rows: list[dict], metrics_test: di
         return problems + [(f"policy {policy} ranks by {', '.join(fields)}, which candidate(s) {', '.join(lacking)} "
                             "do not list")]
     best = min(passing, key=lambda r: rank_key(policy, r))
-    if best["variant"] != chosen:
+    # Packages built before 2026-12-08 chose among the rows passing every gate, latency too: still a right choice
+    earlier = [r for r in rows if r.get("passed")]
+    if best["variant"] != chosen and not (row.get("passed") and min(earlier, key=lambda r: rank_key(policy, r))
+                                          ["variant"] == chosen):
         shown = ", ".join(f"{f} {best[f]} vs {row[f]}" for f, _ in RANKS[policy] if f != "variant")
         problems.append(f"policy {policy} ({rank_rule(policy)}) picks {best['variant']} among the {len(passing)} "
                         f"passing candidates, not {chosen} ({shown})")

@@ -109,7 +109,12 @@ def test_select_lets_no_latency_measured_here_decide_which_variant_ships():
     assert select([cand("bad", 100, 0.1, acc=0.5, gates=gates)]) is None  # the other gates still decide
     rows = [selection_row(c) for c in (slow_small, fast_big)]  # as manifest.selection lists them; verify reads them
     assert choice_problems("smallest", "slow_small", rows) == []
-    assert "picks slow_small" in " ".join(choice_problems("smallest", "fast_big", rows))
+    # ... unless latency decided, as before 2026-12-08: fast_big was the best of the rows passing every gate then,
+    # and a package an auditor holds from that time must still verify
+    earlier = [{**r, "passed": True, "failed": []} if r["variant"] == "fast_big" else r for r in rows]
+    assert choice_problems("smallest", "fast_big", earlier) == []
+    assert "picks small_ok" in " ".join(choice_problems("smallest", "fast_big", [*earlier, selection_row(
+        cand("small_ok", 50, 0.1, gates=gates))]))  # a smaller variant passing every gate: wrong by either rule
 
 
 def test_select_fastest_ranks_by_p50_then_size_then_accuracy_then_name():
