@@ -83,7 +83,8 @@ NOT_IDENTITY = ("package_id", "build")  # build: time, flow run id, machine
 
 def identity_view(manifest: dict) -> dict:
     """The manifest without what is not its identity: NOT_IDENTITY, the measured values, what follows from
-    them (a candidate's verdict on a measured gate, whether it passed every gate) and the model card's hash
+    them (a candidate's verdict on a measured gate, the chosen one's too, whether it passed every gate) and the
+    model card's hash
     (its last section is measured; everything above it renders identity fields, and a rebuild compares
     that text byte for byte). The same models rebuilt on another machine have the same identity view."""
     body = copy.deepcopy({k: v for k, v in manifest.items() if k not in NOT_IDENTITY})
@@ -96,6 +97,11 @@ def identity_view(manifest: dict) -> dict:
     for gate in body.get("gates") or []:
         if isinstance(gate, dict) and gate.get("gate") in MEASURED_GATES:
             gate.pop("value", None)
+            # The chosen variant's verdict on it is a measurement too (since 2026-12-08 a variant missing the
+            # latency gate on the build machine can ship). Held at true rather than dropped: before then the chosen
+            # variant always passed it, so the ids of packages built earlier stay what they were.
+            if "passed" in gate:
+                gate["passed"] = True
     for row in body.get("selection") or []:
         if isinstance(row, dict):
             row.pop("latency_p50_ms", None)

@@ -221,6 +221,22 @@ def test_package_id_ignores_build_and_itself():
     assert pid != package_id_of({**m, "variant": "w"})
 
 
+def test_package_id_is_the_same_whether_the_chosen_variant_met_the_latency_gate_on_this_machine_or_not():
+    """Measured on two AMD EPYCs (families 25 and 23): qat/student 0.418 ms (pass) and 0.797 ms (FAIL) against 0.5 ms,
+    the same variant chosen from the same commit; the two ids differed until the chosen verdict left the identity."""
+    def manifest(p50: float) -> dict:
+        gate = {"gate": "max_latency_p50_ms", "limit": 0.5, "value": p50, "passed": p50 <= 0.5}
+        row = {"variant": "qat/student", "size_bytes": 142611, "accuracy": 0.758, "latency_p50_ms": p50,
+               "passed": p50 <= 0.5, "failed": [] if p50 <= 0.5 else ["max_latency_p50_ms"]}
+        return {"schema": "s", "variant": "qat/student", "gates": [gate], "selection": [row]}
+
+    fast, slow = manifest(0.418), manifest(0.797)
+    assert package_id_of(fast) == package_id_of(slow)
+    # held at true, not dropped: a package built before 2026-12-08 (its chosen variant always passed) keeps its id
+    assert package_id_of(fast) == package_id_of({**fast, "gates": [{**fast["gates"][0], "passed": True}]})
+    assert package_id_of(fast) != package_id_of({**fast, "gates": [{**fast["gates"][0], "limit": 0.6}]})
+
+
 def test_selftest_indices_take_per_class_lowest_ids_in_id_order():
     labels = np.array([0, 1, 0, 2, 1, 0])
     ids = np.array([50, 40, 30, 20, 10, 0])
